@@ -1,0 +1,420 @@
+"""The ``p2pfs`` command line: parse, call one layer, print; user errors are one quiet line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import __version__, control
+from .chunker import ChunkParams
+from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError, UsageError
+from .home import Home, default_home
+
+log = logging.getLogger("p2pfs")
+
+MOUNT_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 30.0
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64K, 1M)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="p2pfs", description="A peer-to-peer, content-addressed FUSE cache."
+    )
+    p.add_argument("--home", type=Path, help="node home (default: $P2PFS_HOME or ~/.local/share/p2pfs)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--version", action="version", version=f"p2pfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create this node's identity and home")
+
+    vol = sub.add_parser("volume", help="create and list volumes")
+    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="ACTION")
+    vc = vsub.add_parser("create", help="create a volume published by this node; prints its id")
+    vc.add_argument("name")
+    defaults = ChunkParams()
+    vc.add_argument("--min-chunk", type=_size, default=defaults.min_size, metavar="SIZE")
+    vc.add_argument("--avg-chunk", type=_size, default=defaults.avg_size, metavar="SIZE")
+    vc.add_argument("--max-chunk", type=_size, default=defaults.max_size, metavar="SIZE")
+    vl = vsub.add_parser("list", help="list the volumes of this node")
+    vl.add_argument("--json", action="store_true")
+
+    im = sub.add_parser("import", help="import a directory tree as the volume's next snapshot")
+    im.add_argument("source", type=Path)
+    im.add_argument("volume")
+    im.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    mo = sub.add_parser("mount", help="start the node's daemon, mounted; returns once usable")
+    mo.add_argument("mountpoint", type=Path)
+
+    um = sub.add_parser("umount", help="unmount and stop the node's daemon")
+    um.add_argument("mountpoint", type=Path)
+
+    da = sub.add_parser("daemon", help="run the node in the foreground (for systemd)")
+    da.add_argument("--mount", type=Path, dest="mountpoint", metavar="MOUNTPOINT")
+    da.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    da.add_argument("--debug-faults", action="store_true", help=argparse.SUPPRESS)
+
+    st = sub.add_parser("status", help="what this node holds, serves and has seen go wrong")
+    st.add_argument("--json", action="store_true")
+
+    sub.add_parser("scrub", help="verify every stored chunk; quarantine the bad ones")
+    return p
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home((args.home or default_home()).absolute())
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = _home(args)
+    node_id, created = home.init()
+    word = "initialized" if created else "already initialized"
+    print(f"{word} node {node_id.hex()} at {home.root}")
+    return 0
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    from .volumes import VolumeRegistry
+
+    home = _home(args).require()
+    registry = VolumeRegistry(home)
+    if args.volume_command == "create":
+        params = ChunkParams(args.min_chunk, args.avg_chunk, args.max_chunk)
+        record = registry.create(args.name, params)
+        print(record.id.hex())
+        return 0
+    rows = [registry.get(n) for n in registry.names()]
+    if args.json:
+        _print_json(
+            [
+                {"name": r.name, "id": r.id.hex(), "seq": r.seq, "head": r.head.hex() if r.head else None}
+                for r in rows
+            ]
+        )
+    else:
+        for r in rows:
+            print(f"{r.name}\t{r.id.hex()}\tseq {r.seq}")
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    files = 0
+    with Progress(
+        TextColumn("[bold]importing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[files]} files"),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("import", total=total or None, files=0)
+
+        def advance(nfiles: int, nbytes: int) -> None:
+            nonlocal files
+            files += nfiles
+            bar.update(task, advance=nbytes, files=files)
+
+        yield advance
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import Importer
+    from .store import Store
+    from .volumes import VolumeRegistry
+
+    home = _home(args).require()
+    registry = VolumeRegistry(home)
+    registry.get(args.volume)  # unknown volume: fail before touching the source
+    if not args.source.exists():
+        raise NotFound(f"cannot import {args.source}: no such directory")
+    store = Store(home.store_dir)
+    try:
+        importer = Importer(store, registry, args.volume)
+        root = importer.scan(args.source)
+        with _progress(sys.stderr.isatty() and not args.json, importer.total_bytes) as progress:
+            importer.progress = progress
+            importer.scan = lambda source: root  # type: ignore[method-assign]
+            report = importer.run(args.source)
+    finally:
+        store.close()
+    with contextlib.suppress(NotRunning):
+        control.call(home.control_socket, "reload")
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in report.errors:
+        print(f"error: {e}", file=sys.stderr)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"snapshot {report.snapshot_id.hex()} (volume {report.volume}, seq {report.seq})")
+        print(f"files: {report.files} ({report.reused_files} unchanged), dirs: {report.dirs}, symlinks: {report.symlinks}")
+        print(f"bytes: {report.bytes}")
+        print(f"new chunks: {report.new_chunks} ({report.new_bytes} bytes)")
+        print(f"dedup ratio: {report.dedup_ratio:.2f}")
+    return EXIT_ERROR if report.errors else 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    home = _home(args)
+    mp = args.mountpoint.absolute() if args.mountpoint else None
+    return Daemon(home, mp, ready_fd=args.ready_fd, debug_faults=args.debug_faults).run()
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import check_mountpoint
+
+    home = _home(args).require()
+    mp = args.mountpoint.absolute()
+    check_mountpoint(mp)
+    with contextlib.suppress(NotRunning):
+        st = control.call(home.control_socket, "status", timeout=5)
+        raise P2pfsError(
+            f"the daemon of {home.root} is already running (pid {st['daemon']['pid']}, "
+            f"mounted on {st['daemon']['mountpoint']}): one node has one mount"
+        )
+    home.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = home.log_dir / "daemon.log"
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "p2pfs", "--home", str(home.root)]
+    cmd += ["-v"] * args.verbose
+    cmd += ["daemon", "--mount", str(mp), "--ready-fd", str(w)]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            start_new_session=True,
+        )
+    os.close(w)
+    line = _read_line(r, MOUNT_TIMEOUT)
+    os.close(r)
+    if line == "ok":
+        print(f"mounted {home.root} on {mp} (daemon pid {proc.pid}, log {log_path})")
+        return 0
+    if line.startswith("error "):
+        _, code, msg = line.split(" ", 2)
+        err = P2pfsError(msg)
+        err.exit_code = int(code)
+        raise err
+    rc = proc.poll()
+    if rc is None:
+        proc.terminate()
+        raise P2pfsError(f"the daemon did not become ready within {MOUNT_TIMEOUT:.0f} s; see {log_path}")
+    raise P2pfsError(f"the daemon exited with code {rc} before mounting; see {log_path}")
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        buf += data
+    return buf.decode(errors="replace").strip()
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    home = _home(args)
+    mp = args.mountpoint.absolute()
+    try:
+        st = control.call(home.control_socket, "status", timeout=10)
+    except NotRunning:
+        if os.path.ismount(mp) and _is_p2pfs_mount(mp):
+            # The daemon died and left its mount behind: clear it.
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+            print(f"removed a stale p2pfs mount from {mp}")
+            return 0
+        raise NotFound(f"nothing of {home.root} is mounted on {mp}") from None
+    mounted = st["daemon"]["mountpoint"]
+    if mounted is None or Path(mounted) != mp:
+        raise NotFound(f"the daemon of {home.root} is not mounted on {mp} (mounted on: {mounted})")
+    pid = int(st["daemon"]["pid"])
+    control.call(home.control_socket, "stop", timeout=10)
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        if not _alive(pid) and not os.path.ismount(mp):
+            print(f"unmounted {mp}")
+            return 0
+        time.sleep(0.05)
+    raise P2pfsError(f"the daemon (pid {pid}) did not stop within {UMOUNT_TIMEOUT:.0f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_p2pfs_mount(mp: Path) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(
+                line.split()[1] == str(mp) and line.split()[2] == "fuse.p2pfs" for line in f
+            )
+    except OSError:
+        return False
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    try:
+        st = control.call(home.control_socket, "status", timeout=10)
+    except NotRunning:
+        st = _offline_status(home)
+    if args.json:
+        _print_json(st)
+        return 0
+    d = st["daemon"]
+    print(f"node {st['node_id']} at {st['home']}")
+    if d is None:
+        print("daemon: not running")
+    else:
+        print(f"daemon: pid {d['pid']}, mounted on {d['mountpoint'] or 'nothing'}")
+    for v in st["volumes"]:
+        print(f"volume {v['name']}: seq {v['seq']} snapshot {v['snapshot'][:16]}")
+    s = st["store"]
+    print(f"store: {s['chunks']} chunks, {s['bytes']} bytes; corrupt chunks found: {s['corrupt_chunks']}")
+    b = st["bytes_from"]
+    print(f"bytes from: local {b['local']}, peers {b['peers']}, origin {b['origin']}")
+    return 0
+
+
+def _offline_status(home: Home) -> dict[str, Any]:
+    from .store import Store
+    from .volumes import VolumeRegistry
+
+    registry = VolumeRegistry(home)
+    store = Store(home.store_dir)
+    try:
+        stats = store.statistics()
+    finally:
+        store.close()
+    volumes = []
+    for name in registry.names():
+        r = registry.get(name)
+        if r.head is not None:
+            volumes.append({"name": name, "id": r.id.hex(), "seq": r.seq, "snapshot": r.head.hex()})
+    return {
+        "node_id": home.node_id().hex(),
+        "home": str(home.root),
+        "daemon": None,
+        "volumes": volumes,
+        "store": {
+            "chunks": stats.chunks,
+            "bytes": stats.bytes,
+            "corrupt_chunks": stats.corrupt_chunks,
+            "quarantined": stats.quarantined,
+        },
+        "peers": [],
+        "bytes_from": {"local": 0, "peers": 0, "origin": 0},
+        "bytes_served": 0,
+        "corrupt_chunks_rejected": 0,
+        "quarantined_peers": [],
+    }
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    home = _home(args).require()
+    store = Store(home.store_dir)
+    try:
+        good, bad = store.scrub()
+    finally:
+        store.close()
+    print(f"verified {good} chunks; {len(bad)} corrupt (quarantined)")
+    for cid in bad:
+        print(f"corrupt: {cid.hex()}")
+    return EXIT_ERROR if bad else 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "init": cmd_init,
+    "volume": cmd_volume,
+    "import": cmd_import,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "daemon": cmd_daemon,
+    "status": cmd_status,
+    "scrub": cmd_scrub,
+}
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    daemon = args.command == "daemon"
+    level = logging.INFO if daemon else logging.WARNING
+    if args.verbose:
+        level = logging.DEBUG if args.verbose > 1 or daemon else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "p2pfs: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except P2pfsError as e:
+        print(f"p2pfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("p2pfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

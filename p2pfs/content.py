@@ -1,0 +1,208 @@
+"""Verified content in memory: chunks, decoded trees and file layouts.
+
+Every chunk is verified once, when it enters memory (the store hashes what it
+reads from disk; a network loader will hash what it receives), and is then
+served from memory without hashing again: that is how integrity and speed go
+together. Loads run in worker threads; concurrent misses on one chunk share one
+load.
+
+Atomicity under trio: the LRU dicts are only touched from the event loop
+thread, between checkpoints, so they need no lock; worker threads only see the
+store and the ids they are given.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from itertools import accumulate
+
+import trio
+
+from .errors import IntegrityError, P2pfsError
+from .objects import Blob, Tree, decode_blob, decode_tree
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+ChunkLoader = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loaded_bytes: int = 0
+    evictions: int = 0
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkCache:
+    """A byte-bounded LRU of verified chunks with shared in-flight loads."""
+
+    def __init__(self, loader: ChunkLoader, *, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.loader = loader
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lru: OrderedDict[bytes, bytes] = OrderedDict()
+        self._pending: dict[bytes, _Pending] = {}
+        self.stats = CacheStats()
+
+    def get_cached(self, cid: bytes) -> bytes | None:
+        data = self._lru.get(cid)
+        if data is not None:
+            self._lru.move_to_end(cid)
+            self.stats.hits += 1
+        return data
+
+    def is_loading(self, cid: bytes) -> bool:
+        return cid in self._pending
+
+    async def get(self, cid: bytes) -> bytes:
+        data = self.get_cached(cid)
+        if data is not None:
+            return data
+        pending = self._pending.get(cid)
+        if pending is None:
+            return await self._load(cid)
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def _load(self, cid: bytes) -> bytes:
+        pending = self._pending[cid] = _Pending()
+        self.stats.misses += 1
+        try:
+            data = await self.loader(cid)
+        except BaseException as e:
+            pending.error = e
+            raise
+        else:
+            pending.result = data
+            self._insert(cid, data)
+            return data
+        finally:
+            del self._pending[cid]
+            pending.done.set()
+
+    def _insert(self, cid: bytes, data: bytes) -> None:
+        self.stats.loaded_bytes += len(data)
+        if cid in self._lru:
+            return
+        self._lru[cid] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self.bytes -= len(old)
+            self.stats.evictions += 1
+
+    async def prefetch(self, cid: bytes) -> None:
+        """Load a chunk in the background; failures are left for the real read to report."""
+        if cid in self._lru or cid in self._pending:
+            return
+        try:
+            await self._load(cid)
+        except P2pfsError as e:
+            log.debug("prefetch of %s failed: %s", cid.hex(), e)
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where each chunk of a file starts and ends: offset lookups by bisection."""
+
+    size: int
+    ids: tuple[bytes, ...]
+    ends: tuple[int, ...]  # cumulative end offset of each chunk
+
+    def index_of(self, offset: int) -> int:
+        return bisect_right(self.ends, offset)
+
+    def start_of(self, index: int) -> int:
+        return self.ends[index - 1] if index else 0
+
+
+class Content:
+    """Loads verified objects and chunks for the filesystem layer."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        chunk_cache_bytes: int = 256 * 1024 * 1024,
+        max_trees: int = 256,
+        max_layouts: int = 1024,
+        disk_threads: int = 4,
+    ) -> None:
+        self.store = store
+        self.limiter = trio.CapacityLimiter(disk_threads)
+        self.chunks = ChunkCache(self.load_local_chunk, max_bytes=chunk_cache_bytes)
+        self._trees: OrderedDict[bytes, tuple[Tree, list[bytes]]] = OrderedDict()
+        self._layouts: OrderedDict[bytes, FileLayout] = OrderedDict()
+        self.max_trees = max_trees
+        self.max_layouts = max_layouts
+        self.bytes_from_local = 0
+
+    async def load_local_chunk(self, cid: bytes) -> bytes:
+        # Store.get hashes what it read and quarantines a mismatch.
+        data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
+        self.bytes_from_local += len(data)
+        return data
+
+    async def object_bytes(self, oid: bytes) -> bytes:
+        return await trio.to_thread.run_sync(self.store.get_object, oid, limiter=self.limiter)
+
+    async def tree(self, tid: bytes) -> tuple[Tree, list[bytes]]:
+        """A decoded tree and its sorted names (for bisection)."""
+        hit = self._trees.get(tid)
+        if hit is not None:
+            self._trees.move_to_end(tid)
+            return hit
+        data = await self.object_bytes(tid)
+        tree = await trio.to_thread.run_sync(decode_tree, data, limiter=self.limiter)
+        value = (tree, [e.name for e in tree.entries])
+        self._trees[tid] = value
+        if len(self._trees) > self.max_trees:
+            self._trees.popitem(last=False)
+        return value
+
+    async def layout(self, blob_id: bytes) -> FileLayout:
+        hit = self._layouts.get(blob_id)
+        if hit is not None:
+            self._layouts.move_to_end(blob_id)
+            return hit
+        root = decode_blob(await self.object_bytes(blob_id))
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        await self._flatten(root, ids, lengths)
+        layout = FileLayout(root.size, tuple(ids), tuple(accumulate(lengths)))
+        if (layout.ends[-1] if layout.ends else 0) != root.size:
+            raise IntegrityError(f"blob {blob_id.hex()} covers a different size than it claims")
+        self._layouts[blob_id] = layout
+        if len(self._layouts) > self.max_layouts:
+            self._layouts.popitem(last=False)
+        return layout
+
+    async def _flatten(self, blob: Blob, ids: list[bytes], lengths: list[int]) -> None:
+        if blob.level == 0:
+            for ref in blob.refs:
+                ids.append(ref.id)
+                lengths.append(ref.length)
+            return
+        for ref in blob.refs:
+            child = decode_blob(await self.object_bytes(ref.id))
+            if child.level != blob.level - 1 or child.size != ref.length:
+                raise IntegrityError(f"blob index node {ref.id.hex()} does not fit its parent")
+            await self._flatten(child, ids, lengths)

@@ -1,0 +1,174 @@
+"""A protocol adapter only: pyfuse3 calls in, one FileSystem method each, answers out.
+
+What the volumes look like as a filesystem is defined in ``vfs.py``. The one
+rule here: only ``FUSEError`` may leave a handler. pyfuse3 lets any other
+exception end ``pyfuse3.main()``, which would leave every process using the
+mount with "Transport endpoint is not connected"; so anything unexpected is
+logged with its traceback and answered with EIO, and the mount stays alive.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from .vfs import Attr, FileSystem, errno_of
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _failsafe(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = errno_of(e)
+            if code is None:
+                ops = args[0]
+                assert isinstance(ops, Operations)
+                ops.fs.errors += 1
+                log.exception("unexpected error in %s; answering EIO", fn.__name__)
+                code = errno.EIO
+            elif code == errno.EIO:
+                log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_size = attr.size
+    e.st_blksize = 128 * 1024
+    e.st_blocks = attr.blocks
+    e.st_atime_ns = attr.mtime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.mtime_ns
+    e.generation = 0
+    e.entry_timeout = attr.entry_timeout
+    e.attr_timeout = attr.attr_timeout
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    @_failsafe
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.lookup(parent_inode, name))
+
+    @_failsafe
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @_failsafe
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.getattr(inode))
+
+    @_failsafe
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @_failsafe
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self.fs.opendir(inode)
+
+    @_failsafe
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attr, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, _entry(attr), next_id):
+                self.fs.forget(attr.ino, 1)  # the kernel did not take it
+                break
+
+    @_failsafe
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @_failsafe
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        # Content under an inode never changes: let the kernel keep its pages.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_failsafe
+    async def read(self, fh: int, off: int, size: int) -> Any:
+        return await self.fs.read(fh, off, size)
+
+    @_failsafe
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @_failsafe
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        for key, value in self.fs.statfs().items():
+            setattr(out, key, value)
+        return out
+
+    @_failsafe
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @_failsafe
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self.fs.listxattr(inode)
+
+    @_failsafe
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # default_permissions makes the kernel check modes; only writes are refused here.
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+
+def mount_options(*, allow_other: bool) -> set[str]:
+    opts = set(pyfuse3.default_options) | {"fsname=p2pfs", "subtype=p2pfs", "ro"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def init(fs: FileSystem, mountpoint: str, *, allow_other: bool) -> None:
+    pyfuse3.init(Operations(fs), mountpoint, mount_options(allow_other=allow_other))
+
+
+async def serve() -> None:
+    await pyfuse3.main(min_tasks=4, max_tasks=64)
+
+
+def invalidate_entry(parent: int, name: bytes) -> None:
+    """Tell the kernel a name now points elsewhere (a volume moved to a new snapshot)."""
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(*, unmount: bool = True) -> None:
+    pyfuse3.close(unmount=unmount)

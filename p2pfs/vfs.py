@@ -1,0 +1,409 @@
+"""What the volumes look like as a filesystem, free of FUSE.
+
+The FUSE adapter (``fuse.py``) only unpacks arguments and calls one method
+here. Inode numbers, lookup counts, open-file tables and errno choices live in
+this module and are tested without a mount.
+
+The root directory lists the volumes; each volume's directory is the root tree
+of its head snapshot. When a volume's head changes, its name resolves to a new
+inode: files opened before keep reading the version they opened.
+
+Atomicity: every table here is touched only from the trio thread; each handler
+mutates tables either before its first await or after its last one, so a
+concurrent handler never sees a half-made node.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .content import Content, FileLayout
+from .errors import P2pfsError
+from .objects import Entry, Kind, Snapshot
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+XATTR_ID = b"user.p2pfs.id"
+XATTR_SNAPSHOT = b"user.p2pfs.snapshot"
+# Content under a snapshot never changes, so the kernel may keep it long.
+IMMUTABLE_TIMEOUT = 3600.0
+# The root's entries move to new snapshots: keep them short.
+ROOT_TIMEOUT = 1.0
+# Chunks fetched ahead of a sequential reader.
+READAHEAD_CHUNKS = 4
+BLOCK_SIZE = 128 * 1024
+
+
+class FsError(Exception):
+    """An errno for the caller; the adapter turns it into FUSEError."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class Head:
+    snapshot_id: bytes
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int  # type and permission bits
+    size: int
+    mtime_ns: int
+    nlink: int
+    uid: int
+    gid: int
+    entry_timeout: float
+    attr_timeout: float
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+class Node:
+    __slots__ = ("entry", "ino", "key", "lookups", "opens", "parent", "snapshot_id", "volume")
+
+    def __init__(
+        self,
+        ino: int,
+        parent: int,
+        entry: Entry,
+        volume: str,
+        snapshot_id: bytes,
+        key: tuple[int, bytes] | None,
+    ) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.entry = entry
+        self.volume = volume
+        self.snapshot_id = snapshot_id
+        self.key = key
+        self.lookups = 0
+        self.opens = 0
+
+
+@dataclass
+class OpenFile:
+    node: Node
+    layout: FileLayout
+    next_offset: int = 0  # where a sequential reader will read next
+
+
+@dataclass
+class OpenDir:
+    ino: int
+    names: list[bytes]
+    entries: Sequence[Entry] | None  # None for the root (volumes)
+
+
+class FileSystem:
+    def __init__(
+        self,
+        content: Content,
+        heads: Callable[[], Mapping[str, Head]],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        self.content = content
+        self.heads = heads
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[int, bytes], int] = {}
+        self._next_ino = ROOT_INO + 1
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None
+        self.errors = 0  # unexpected failures turned into EIO (counted by the adapter)
+        # Handlers armed to fail once with an unexpected exception: a test hook, reachable only
+        # through the admin control operation of a daemon started with --debug-faults.
+        self.faults: set[str] = set()
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the filesystem a nursery for background read-ahead."""
+        self._nursery = nursery
+
+    # -- nodes --------------------------------------------------------------
+
+    def _root_attr(self) -> Attr:
+        return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, self.uid, self.gid, ROOT_TIMEOUT, ROOT_TIMEOUT)
+
+    def _attr(self, node: Node) -> Attr:
+        e = node.entry
+        timeout = ROOT_TIMEOUT if node.parent == ROOT_INO else IMMUTABLE_TIMEOUT
+        if e.kind is Kind.DIR:
+            mode, nlink = stat.S_IFDIR, 1  # 1: "unknown", so find(1) does not guess leaves
+        elif e.kind is Kind.SYMLINK:
+            mode, nlink = stat.S_IFLNK, 1
+        else:
+            mode, nlink = stat.S_IFREG, 1
+        return Attr(
+            node.ino, mode | e.mode, e.size, e.mtime_ns, nlink, self.uid, self.gid, timeout,
+            IMMUTABLE_TIMEOUT if node.parent != ROOT_INO else ROOT_TIMEOUT,
+        )
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def _remember(self, parent: int, entry: Entry, volume: str, snapshot_id: bytes) -> Node:
+        """The node for (parent, name), created on first sight; counts one lookup."""
+        key = (parent, entry.name)
+        ino = self._by_key.get(key)
+        node = self._nodes.get(ino) if ino is not None else None
+        if node is None or node.snapshot_id != snapshot_id:
+            if node is not None:  # the name moved to a newer snapshot
+                node.key = None
+            ino = self._next_ino
+            self._next_ino += 1
+            node = Node(ino, parent, entry, volume, snapshot_id, key)
+            self._nodes[ino] = node
+            self._by_key[key] = ino
+        node.lookups += 1
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.opens == 0:
+            del self._nodes[node.ino]
+            if node.key is not None and self._by_key.get(node.key) == node.ino:
+                del self._by_key[node.key]
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
+    def _volume_entry(self, name: str, head: Head) -> Entry:
+        snap = head.snapshot
+        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, snap.root, None)
+
+    async def _dir_listing(self, ino: int) -> tuple[list[bytes], Sequence[Entry] | None]:
+        if ino == ROOT_INO:
+            names = sorted(n.encode() for n in self.heads())
+            return names, None
+        node = self._node(ino)
+        if node.entry.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        assert node.entry.id is not None
+        tree, names = await self.content.tree(node.entry.id)
+        return names, tree.entries
+
+    # -- handlers -----------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if name == b".":
+            return await self._lookup_self(parent)
+        if name == b"..":
+            p = ROOT_INO if parent == ROOT_INO else self._node(parent).parent
+            return await self._lookup_self(p)
+        if parent == ROOT_INO:
+            heads = self.heads()
+            head = heads.get(name.decode(errors="surrogateescape"))
+            if head is None:
+                raise FsError(errno.ENOENT)
+            vol = name.decode()
+            node = self._remember(ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id)
+            return self._attr(node)
+        pnode = self._node(parent)
+        if pnode.entry.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        assert pnode.entry.id is not None
+        tree, names = await self.content.tree(pnode.entry.id)
+        i = _find(names, name)
+        if i < 0:
+            raise FsError(errno.ENOENT)
+        node = self._remember(parent, tree.entries[i], pnode.volume, pnode.snapshot_id)
+        return self._attr(node)
+
+    async def _lookup_self(self, ino: int) -> Attr:
+        if ino == ROOT_INO:
+            return self._root_attr()
+        node = self._node(ino)
+        node.lookups += 1
+        return self._attr(node)
+
+    def _fault(self, handler: str) -> None:
+        if handler in self.faults:
+            self.faults.discard(handler)
+            raise RuntimeError(f"injected fault in {handler}")
+
+    async def getattr(self, ino: int) -> Attr:
+        self._fault("getattr")
+        if ino == ROOT_INO:
+            return self._root_attr()
+        return self._attr(self._node(ino))
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if node.entry.kind is not Kind.SYMLINK or node.entry.target is None:
+            raise FsError(errno.EINVAL)
+        return node.entry.target
+
+    async def opendir(self, ino: int) -> int:
+        names, entries = await self._dir_listing(ino)
+        fh = self._new_fh()
+        self._dirs[fh] = OpenDir(ino, names, entries)
+        return fh
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries from offset ``start``; each yielded entry counts one lookup.
+
+        The adapter must call ``forget(ino, 1)`` for an entry the kernel did not take.
+        """
+        d = self._dirs.get(fh)
+        if d is None:
+            raise FsError(errno.EBADF)
+        if d.entries is None:
+            heads = self.heads()
+            for i in range(start, len(d.names)):
+                vol = d.names[i].decode()
+                head = heads.get(vol)
+                if head is None:  # removed since opendir
+                    continue
+                node = self._remember(ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id)
+                yield d.names[i], self._attr(node), i + 1
+            return
+        parent = self._nodes.get(d.ino)
+        if parent is None:
+            return
+        for i in range(start, len(d.entries)):
+            node = self._remember(d.ino, d.entries[i], parent.volume, parent.snapshot_id)
+            yield d.names[i], self._attr(node), i + 1
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self._node(ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS)
+        if node.entry.kind is Kind.DIR:
+            raise FsError(errno.EISDIR)
+        if node.entry.kind is not Kind.FILE or node.entry.id is None:
+            raise FsError(errno.EINVAL)
+        layout = await self.content.layout(node.entry.id)
+        if layout.size != node.entry.size:
+            log.error("blob %s size %d != entry size %d", node.entry.id.hex(), layout.size, node.entry.size)
+            raise FsError(errno.EIO)
+        fh = self._new_fh()
+        node.opens += 1
+        self._files[fh] = OpenFile(node, layout)
+        return fh
+
+    def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None:
+            f.node.opens -= 1
+            self._maybe_drop(f.node)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        self._fault("read")
+        f = self._files.get(fh)
+        if f is None:
+            raise FsError(errno.EBADF)
+        layout = f.layout
+        end = min(offset + size, layout.size)
+        if offset >= end:
+            return b""
+        chunks = self.content.chunks
+        i = layout.index_of(offset)
+        sequential = offset == f.next_offset
+        f.next_offset = end
+        parts: list[memoryview] = []
+        pos = offset
+        while pos < end:
+            cid = layout.ids[i]
+            data = chunks.get_cached(cid)
+            if data is None:
+                data = await chunks.get(cid)
+            start = layout.start_of(i)
+            stop = min(end, layout.ends[i])
+            parts.append(memoryview(data)[pos - start : stop - start])
+            pos = stop
+            if pos < end:
+                i += 1
+        if sequential and self._nursery is not None:
+            last = layout.index_of(end - 1)
+            for j in range(last + 1, min(last + 1 + READAHEAD_CHUNKS, len(layout.ids))):
+                cid = layout.ids[j]
+                if chunks.get_cached(cid) is None and not chunks.is_loading(cid):
+                    self._nursery.start_soon(chunks.prefetch, cid)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def statfs(self) -> dict[str, int]:
+        st = os.statvfs(self.content.store.root)
+        return {
+            "f_bsize": BLOCK_SIZE,
+            "f_frsize": BLOCK_SIZE,
+            "f_blocks": st.f_blocks * st.f_frsize // BLOCK_SIZE,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": self.inode_count,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == ROOT_INO:
+            raise FsError(errno.ENODATA)
+        node = self._node(ino)
+        if name == XATTR_ID and node.entry.id is not None:
+            return node.entry.id.hex().encode()
+        if name == XATTR_SNAPSHOT:
+            return node.snapshot_id.hex().encode()
+        raise FsError(errno.ENODATA)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        if ino == ROOT_INO:
+            return []
+        node = self._node(ino)
+        names = [XATTR_SNAPSHOT]
+        if node.entry.id is not None:
+            names.insert(0, XATTR_ID)
+        return names
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+
+def _find(names: list[bytes], name: bytes) -> int:
+    i = bisect_left(names, name)
+    return i if i < len(names) and names[i] == name else -1
+
+
+def errno_of(e: BaseException) -> int | None:
+    """The errno a known failure maps to, or None for a bug."""
+    if isinstance(e, FsError):
+        return e.errno
+    if isinstance(e, P2pfsError):
+        return e.errno
+    return None

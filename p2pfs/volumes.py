@@ -1,0 +1,148 @@
+"""The volumes a node holds: their names, ids, chunking parameters and head snapshots.
+
+Each volume lives in ``HOME/volumes/NAME/``: ``volume.json`` (name, id, params,
+head snapshot id and sequence) and, on the publisher, ``publisher.key``. The
+head snapshot itself is an object in the store; it is verified (signature,
+volume id, sequence) every time it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .chunker import ChunkParams
+from .errors import DecodeError, IntegrityError, NotFound, UsageError
+from .home import Home, write_atomic
+from .ids import VolumeId
+from .keys import SigningKey
+from .objects import Snapshot, decode_snapshot
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_volume_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-'"
+        )
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    name: str
+    id: VolumeId
+    params: ChunkParams
+    head: bytes | None  # id of the newest accepted snapshot
+    seq: int  # its sequence number (0: no snapshot yet)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "name": self.name,
+            "id": self.id.hex(),
+            "params": self.params.to_dict(),
+            "head": self.head.hex() if self.head else None,
+            "seq": self.seq,
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: Path) -> VolumeRecord:
+        try:
+            doc = json.loads(data)
+            head = doc["head"]
+            return cls(
+                name=str(doc["name"]),
+                id=VolumeId(bytes.fromhex(doc["id"])),
+                params=ChunkParams.from_dict(doc["params"]),
+                head=bytes.fromhex(head) if head else None,
+                seq=int(doc["seq"]),
+            )
+        except (ValueError, KeyError, TypeError, DecodeError) as e:
+            raise UsageError(f"{where} is damaged ({e})") from None
+
+
+class VolumeRegistry:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    def _dir(self, name: str) -> Path:
+        validate_volume_name(name)
+        return self.home.volumes_dir / name
+
+    def names(self) -> list[str]:
+        if not self.home.volumes_dir.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.home.volumes_dir.iterdir() if (p / "volume.json").is_file()
+        )
+
+    def create(self, name: str, params: ChunkParams | None = None) -> VolumeRecord:
+        params = params or ChunkParams()
+        params.validate()
+        d = self._dir(name)
+        if (d / "volume.json").exists():
+            raise UsageError(f"volume {name!r} already exists")
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_path = d / "publisher.key"
+        if not key_path.exists():
+            SigningKey.generate().save(key_path)
+        key = SigningKey.load(key_path)
+        record = VolumeRecord(name, VolumeId(key.public_bytes()), params, None, 0)
+        write_atomic(d / "volume.json", record.to_json())
+        log.info("created volume %s id %s", name, record.id.hex())
+        return record
+
+    def get(self, name: str) -> VolumeRecord:
+        path = self._dir(name) / "volume.json"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            known = ", ".join(self.names()) or "none"
+            raise NotFound(f"unknown volume {name!r} (volumes here: {known})") from None
+        record = VolumeRecord.from_json(data, path)
+        if record.name != name:
+            raise UsageError(f"{path} names volume {record.name!r}, expected {name!r}")
+        return record
+
+    def publisher_key(self, name: str) -> SigningKey:
+        path = self._dir(name) / "publisher.key"
+        if not path.exists():
+            raise NotFound(f"this node does not hold the publisher key of volume {name!r}")
+        key = SigningKey.load(path)
+        if key.public_bytes() != self.get(name).id:
+            raise IntegrityError(f"{path} does not match the id of volume {name!r}")
+        return key
+
+    def advance(self, record: VolumeRecord, snapshot: Snapshot, snapshot_id: bytes) -> VolumeRecord:
+        """Make ``snapshot`` the head: only a verified, newer snapshot of this volume."""
+        current = self.get(record.name)
+        snapshot.verify()
+        if snapshot.volume_id != current.id:
+            raise IntegrityError(f"snapshot belongs to another volume than {record.name!r}")
+        if snapshot.seq <= current.seq:
+            raise IntegrityError(
+                f"snapshot {snapshot.seq} of {record.name!r} is not newer than {current.seq}"
+            )
+        new = replace(current, head=snapshot_id, seq=snapshot.seq)
+        write_atomic(self._dir(record.name) / "volume.json", new.to_json())
+        return new
+
+    def load_head(self, store: Store, record: VolumeRecord) -> Snapshot | None:
+        """The verified head snapshot of a volume, or None before its first import."""
+        if record.head is None:
+            return None
+        snapshot = decode_snapshot(store.get_object(record.head))
+        if snapshot.volume_id != record.id or snapshot.seq != record.seq:
+            raise IntegrityError(
+                f"head snapshot of {record.name!r} does not match its record "
+                f"(seq {snapshot.seq}, expected {record.seq})"
+            )
+        return snapshot

@@ -55,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         t_reimport = time.perf_counter() - t0
     print(f"  {args.files} small files, {total / 1e6:.1f} MB")
     print(f"  reference tar -c > /dev/null: {args.files / t_tar:,.0f} files/s")
-    print(f"  import: {t_import:.2f} s, {args.files / t_import:,.0f} files/s "
-          f"(ratio to tar {t_tar / t_import:.2f}); new chunks {first['new_chunks']}")
-    print(f"  reimport unchanged: {t_reimport:.2f} s, {again['reused_files']} files skipped by stat, "
-          f"{again['new_chunks']} new chunks")
+    print(
+        f"  import: {t_import:.2f} s, {args.files / t_import:,.0f} files/s "
+        f"(ratio to tar {t_tar / t_import:.2f}); new chunks {first['new_chunks']}"
+    )
+    print(
+        f"  reimport unchanged: {t_reimport:.2f} s, {again['reused_files']} files skipped by stat, "
+        f"{again['new_chunks']} new chunks"
+    )
     return 0
 
 

@@ -33,10 +33,25 @@ def read_all(path: Path, bs: int = MIB) -> float:
 
 def fio_randread(path: Path, jobs: int, seconds: int) -> float:
     proc = subprocess.run(
-        ["fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", "--ioengine=psync",
-         "--iodepth=1", f"--numjobs={jobs}", "--group_reporting", "--time_based",
-         f"--runtime={seconds}", "--invalidate=1", "--readonly", "--output-format=json"],
-        capture_output=True, text=True, check=True,
+        [
+            "fio",
+            "--name=rr",
+            f"--filename={path}",
+            "--rw=randread",
+            "--bs=4k",
+            "--ioengine=psync",
+            "--iodepth=1",
+            f"--numjobs={jobs}",
+            "--group_reporting",
+            "--time_based",
+            f"--runtime={seconds}",
+            "--invalidate=1",
+            "--readonly",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(json.loads(proc.stdout)["jobs"][0]["read"]["iops"])
 
@@ -89,13 +104,25 @@ def main(argv: list[str] | None = None) -> int:
             t_bind_ra = read_all(theirs)
             t_native = min(read_all(big) for _ in range(3))
             t_reread = min(read_all(ours) for _ in range(3))
-            print(f"  file {args.size_mib} MiB; readahead p2pfs {ra_ours} KiB, bindfs {ra_bind} KiB; "
-                  f"caches dropped: {cold}")
+            print(
+                f"  file {args.size_mib} MiB; readahead p2pfs {ra_ours} KiB, bindfs {ra_bind} KiB; "
+                f"caches dropped: {cold}"
+            )
             gbs = lambda t: size / t / 1e9  # noqa: E731
-            print(f"  reference bindfs first read: {gbs(t_bind):.2f} GB/s "
-                  f"(with 1 MiB readahead: {gbs(t_bind_ra):.2f} GB/s)")
-            print(ratio_line("p2pfs first sequential read vs bindfs", gbs(t_ours), gbs(t_bind), "GB/s", 0.9))
-            print(ratio_line("  ... vs bindfs with 1 MiB readahead", gbs(t_ours), gbs(t_bind_ra), "GB/s"))
+            print(
+                f"  reference bindfs first read: {gbs(t_bind):.2f} GB/s "
+                f"(with 1 MiB readahead: {gbs(t_bind_ra):.2f} GB/s)"
+            )
+            print(
+                ratio_line(
+                    "p2pfs first sequential read vs bindfs", gbs(t_ours), gbs(t_bind), "GB/s", 0.9
+                )
+            )
+            print(
+                ratio_line(
+                    "  ... vs bindfs with 1 MiB readahead", gbs(t_ours), gbs(t_bind_ra), "GB/s"
+                )
+            )
             print(f"  reference native re-read: {gbs(t_native):.2f} GB/s")
             print(ratio_line("p2pfs re-read vs native", gbs(t_reread), gbs(t_native), "GB/s", 0.9))
             bdi_readahead(bmnt, int(ra_bind) if ra_bind.isdigit() else 128)
@@ -104,11 +131,18 @@ def main(argv: list[str] | None = None) -> int:
                 iops_ours = fio_randread(ours, jobs, args.seconds)
                 goal = 0.85 if jobs == 1 else None
                 print(f"  reference bindfs 4 KiB random reads x{jobs}: {iops_bind:,.0f} IOPS")
-                print(ratio_line(f"p2pfs 4 KiB random reads x{jobs}", iops_ours, iops_bind, "IOPS", goal))
+                print(
+                    ratio_line(
+                        f"p2pfs 4 KiB random reads x{jobs}", iops_ours, iops_bind, "IOPS", goal
+                    )
+                )
         finally:
             subprocess.run(["fusermount3", "-u", "-z", str(bmnt)], check=False)
-            subprocess.run([sys.executable, "-m", "p2pfs", "--home", str(home), "umount", str(mnt)],
-                           check=False, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "p2pfs", "--home", str(home), "umount", str(mnt)],
+                check=False,
+                capture_output=True,
+            )
             if os.path.ismount(mnt):
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
     return 0

@@ -28,8 +28,9 @@ def best_of(n: int, fn: Callable[[], object]) -> float:
 
 
 def p2pfs(home: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "p2pfs", "--home", str(home), *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2pfs", "--home", str(home), *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"p2pfs {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout
@@ -45,7 +46,9 @@ def drop_caches() -> bool:
         return False
 
 
-def ratio_line(label: str, value: float, reference: float, unit: str, goal: float | None = None) -> str:
+def ratio_line(
+    label: str, value: float, reference: float, unit: str, goal: float | None = None
+) -> str:
     r = value / reference if reference else float("nan")
     g = f" (goal >= {goal:.2f}: {'met' if r >= goal else 'MISSED'})" if goal is not None else ""
     return f"  {label}: {value:.3f} {unit}, ratio {r:.2f}{g}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, control
 from .chunker import ChunkParams
-from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError, UsageError
+from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError
 from .home import Home, default_home
 
 log = logging.getLogger("p2pfs")
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="p2pfs", description="A peer-to-peer, content-addressed FUSE cache."
     )
-    p.add_argument("--home", type=Path, help="node home (default: $P2PFS_HOME or ~/.local/share/p2pfs)")
+    p.add_argument(
+        "--home", type=Path, help="node home (default: $P2PFS_HOME or ~/.local/share/p2pfs)"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("--version", action="version", version=f"p2pfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -114,7 +116,12 @@ def cmd_volume(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             [
-                {"name": r.name, "id": r.id.hex(), "seq": r.seq, "head": r.head.hex() if r.head else None}
+                {
+                    "name": r.name,
+                    "id": r.id.hex(),
+                    "seq": r.seq,
+                    "head": r.head.hex() if r.head else None,
+                }
                 for r in rows
             ]
         )
@@ -188,7 +195,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         _print_json(report.as_dict())
     else:
         print(f"snapshot {report.snapshot_id.hex()} (volume {report.volume}, seq {report.seq})")
-        print(f"files: {report.files} ({report.reused_files} unchanged), dirs: {report.dirs}, symlinks: {report.symlinks}")
+        print(
+            f"files: {report.files} ({report.reused_files} unchanged), dirs: {report.dirs}, symlinks: {report.symlinks}"
+        )
         print(f"bytes: {report.bytes}")
         print(f"new chunks: {report.new_chunks} ({report.new_bytes} bytes)")
         print(f"dedup ratio: {report.dedup_ratio:.2f}")
@@ -223,7 +232,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cmd += ["daemon", "--mount", str(mp), "--ready-fd", str(w)]
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=(w,),
             start_new_session=True,
         )
     os.close(w)
@@ -240,7 +253,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     rc = proc.poll()
     if rc is None:
         proc.terminate()
-        raise P2pfsError(f"the daemon did not become ready within {MOUNT_TIMEOUT:.0f} s; see {log_path}")
+        raise P2pfsError(
+            f"the daemon did not become ready within {MOUNT_TIMEOUT:.0f} s; see {log_path}"
+        )
     raise P2pfsError(f"the daemon exited with code {rc} before mounting; see {log_path}")
 
 
@@ -301,9 +316,7 @@ def _alive(pid: int) -> bool:
 def _is_p2pfs_mount(mp: Path) -> bool:
     try:
         with open("/proc/self/mounts") as f:
-            return any(
-                line.split()[1] == str(mp) and line.split()[2] == "fuse.p2pfs" for line in f
-            )
+            return any(line.split()[1] == str(mp) and line.split()[2] == "fuse.p2pfs" for line in f)
     except OSError:
         return False
 
@@ -326,7 +339,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for v in st["volumes"]:
         print(f"volume {v['name']}: seq {v['seq']} snapshot {v['snapshot'][:16]}")
     s = st["store"]
-    print(f"store: {s['chunks']} chunks, {s['bytes']} bytes; corrupt chunks found: {s['corrupt_chunks']}")
+    print(
+        f"store: {s['chunks']} chunks, {s['bytes']} bytes; corrupt chunks found: {s['corrupt_chunks']}"
+    )
     b = st["bytes_from"]
     print(f"bytes from: local {b['local']}, peers {b['peers']}, origin {b['origin']}")
     return 0

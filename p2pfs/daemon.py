@@ -68,7 +68,9 @@ def set_readahead(mountpoint: Path, kb: int = READAHEAD_KB) -> bool:
     try:
         path.write_text(str(kb))
     except OSError as e:
-        log.info("could not set readahead of %s (%s): sequential reads will be slower", mountpoint, e)
+        log.info(
+            "could not set readahead of %s (%s): sequential reads will be slower", mountpoint, e
+        )
         return False
     return True
 
@@ -260,4 +262,3 @@ class Daemon:
             "corrupt_chunks_rejected": 0,
             "quarantined_peers": [],
         }
-

@@ -42,7 +42,11 @@ def make_tree(root: Path, seed: int = 2026) -> None:
             d.mkdir(parents=True)
             for i in range(rng.randint(5, 20)):
                 f = d / f"file-{i:03d}.dat"
-                data = rng.choice(shared) if rng.random() < 0.3 else rng.randbytes(rng.randint(0, 300_000))
+                data = (
+                    rng.choice(shared)
+                    if rng.random() < 0.3
+                    else rng.randbytes(rng.randint(0, 300_000))
+                )
                 f.write_bytes(data)
                 os.chmod(f, rng.choice([0o644, 0o755, 0o600, 0o444]))
         (root / app / "bin" / "run").symlink_to("file-000.dat")
@@ -72,7 +76,9 @@ def compare(src: Path, mnt: Path) -> tuple[int, int, list[str]]:
         rel = s.relative_to(src)
         m = mnt / rel
         ss, ms = os.lstat(s), os.lstat(m)
-        if stat.S_IFMT(ss.st_mode) != stat.S_IFMT(ms.st_mode) or stat.S_IMODE(ss.st_mode) != stat.S_IMODE(ms.st_mode):
+        if stat.S_IFMT(ss.st_mode) != stat.S_IFMT(ms.st_mode) or stat.S_IMODE(
+            ss.st_mode
+        ) != stat.S_IMODE(ms.st_mode):
             problems.append(f"{rel}: mode {oct(ss.st_mode)} came out as {oct(ms.st_mode)}")
         if stat.S_ISLNK(ss.st_mode):
             if os.readlink(s) != os.readlink(m):
@@ -95,8 +101,10 @@ def mounted(home: Path, mnt: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run([sys.executable, "-m", "p2pfs", "--home", str(home), "umount", str(mnt)],
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "p2pfs", "--home", str(home), "umount", str(mnt)],
+            capture_output=True,
+        )
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
@@ -104,8 +112,10 @@ def mounted(home: Path, mnt: Path) -> Iterator[None]:
 def cleanup() -> None:
     mnt = WORK / "mnt"
     if os.path.ismount(mnt):
-        subprocess.run([sys.executable, "-m", "p2pfs", "--home", str(WORK / "admin"), "umount", str(mnt)],
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "p2pfs", "--home", str(WORK / "admin"), "umount", str(mnt)],
+            capture_output=True,
+        )
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     shutil.rmtree(WORK, ignore_errors=True)
 
@@ -122,21 +132,29 @@ def main() -> int:
     t0 = time.perf_counter()
     report = json.loads(p2pfs(home, "import", str(src), "tools", "--json"))
     dt = time.perf_counter() - t0
-    print(f"imported {report['files']} files, {report['bytes'] / 1e6:.1f} MB in {dt:.2f} s: "
-          f"{report['new_chunks']} new chunks, dedup ratio {report['dedup_ratio']:.2f}")
+    print(
+        f"imported {report['files']} files, {report['bytes'] / 1e6:.1f} MB in {dt:.2f} s: "
+        f"{report['new_chunks']} new chunks, dedup ratio {report['dedup_ratio']:.2f}"
+    )
     again = json.loads(p2pfs(home, "import", str(src), "tools", "--json"))
-    print(f"reimport of the unchanged tree: {again['reused_files']} files skipped by stat, "
-          f"{again['new_chunks']} new chunks")
+    print(
+        f"reimport of the unchanged tree: {again['reused_files']} files skipped by stat, "
+        f"{again['new_chunks']} new chunks"
+    )
     with mounted(home, mnt):
         t0 = time.perf_counter()
         files, nbytes, problems = compare(src, mnt / "tools")
         dt = time.perf_counter() - t0
         status = json.loads(p2pfs(home, "status", "--json"))
-    print(f"read back {files} files, {nbytes / 1e6:.1f} MB through the mount in {dt:.2f} s "
-          "(both trees hashed)")
-    print(f"status: {status['store']['chunks']} chunks stored, "
-          f"{status['bytes_from']['local'] / 1e6:.1f} MB verified from the local store, "
-          f"corrupt chunks: {status['store']['corrupt_chunks']}")
+    print(
+        f"read back {files} files, {nbytes / 1e6:.1f} MB through the mount in {dt:.2f} s "
+        "(both trees hashed)"
+    )
+    print(
+        f"status: {status['store']['chunks']} chunks stored, "
+        f"{status['bytes_from']['local'] / 1e6:.1f} MB verified from the local store, "
+        f"corrupt chunks: {status['store']['corrupt_chunks']}"
+    )
     if problems:
         print("MISMATCHES:")
         for p in problems:

@@ -273,7 +273,9 @@ class Importer:
                 if stored is None:
                     continue
                 blob_id, size = stored
-                entries.append(Entry(item.name, Kind.FILE, mode, st.st_mtime_ns, size, blob_id, None))
+                entries.append(
+                    Entry(item.name, Kind.FILE, mode, st.st_mtime_ns, size, blob_id, None)
+                )
         return self.store.put_object(Tree(tuple(entries)).encode())
 
     def _store_file(self, path: bytes, item: _Scanned) -> tuple[bytes, int] | None:
@@ -347,4 +349,3 @@ def _special_kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "fifo"
     return "unsupported file type"
-

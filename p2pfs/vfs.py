@@ -142,7 +142,9 @@ class FileSystem:
     # -- nodes --------------------------------------------------------------
 
     def _root_attr(self) -> Attr:
-        return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, self.uid, self.gid, ROOT_TIMEOUT, ROOT_TIMEOUT)
+        return Attr(
+            ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, self.uid, self.gid, ROOT_TIMEOUT, ROOT_TIMEOUT
+        )
 
     def _attr(self, node: Node) -> Attr:
         e = node.entry
@@ -154,7 +156,14 @@ class FileSystem:
         else:
             mode, nlink = stat.S_IFREG, 1
         return Attr(
-            node.ino, mode | e.mode, e.size, e.mtime_ns, nlink, self.uid, self.gid, timeout,
+            node.ino,
+            mode | e.mode,
+            e.size,
+            e.mtime_ns,
+            nlink,
+            self.uid,
+            self.gid,
+            timeout,
             IMMUTABLE_TIMEOUT if node.parent != ROOT_INO else ROOT_TIMEOUT,
         )
 
@@ -284,7 +293,9 @@ class FileSystem:
                 head = heads.get(vol)
                 if head is None:  # removed since opendir
                     continue
-                node = self._remember(ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id)
+                node = self._remember(
+                    ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id
+                )
                 yield d.names[i], self._attr(node), i + 1
             return
         parent = self._nodes.get(d.ino)
@@ -307,7 +318,12 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         layout = await self.content.layout(node.entry.id)
         if layout.size != node.entry.size:
-            log.error("blob %s size %d != entry size %d", node.entry.id.hex(), layout.size, node.entry.size)
+            log.error(
+                "blob %s size %d != entry size %d",
+                node.entry.id.hex(),
+                layout.size,
+                node.entry.size,
+            )
             raise FsError(errno.EIO)
         fh = self._new_fh()
         node.opens += 1

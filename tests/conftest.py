@@ -57,14 +57,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def run_cli(home: Path | None, *args: str, check: bool = False, timeout: float = CLI_TIMEOUT,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    home: Path | None,
+    *args: str,
+    check: bool = False,
+    timeout: float = CLI_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "p2pfs"]
     if home is not None:
         cmd += ["--home", str(home)]
     cmd += list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"p2pfs {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
@@ -118,8 +124,19 @@ def _daemon_mount(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
     """A foreground ``p2pfs daemon`` (for flags ``mount`` does not pass on)."""
     log = open(home / "log" / "test-daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2pfs", "--home", str(home), "daemon", "--mount", str(mountpoint), *extra],
-        stdout=log, stderr=log,
+        [
+            sys.executable,
+            "-m",
+            "p2pfs",
+            "--home",
+            str(home),
+            "daemon",
+            "--mount",
+            str(mountpoint),
+            *extra,
+        ],
+        stdout=log,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 60

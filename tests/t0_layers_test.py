@@ -41,7 +41,9 @@ def _imports(path: Path) -> set[tuple[str, bool]]:
                     out.update((a.name, True) for a in node.names)
             elif node.module:
                 internal = node.module.startswith("p2pfs")
-                out.add((node.module.split(".")[1 if internal and "." in node.module else 0], internal))
+                out.add(
+                    (node.module.split(".")[1 if internal and "." in node.module else 0], internal)
+                )
         elif isinstance(node, ast.Import):
             for a in node.names:
                 out.add((a.name.split(".")[0], False))

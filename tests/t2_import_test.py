@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from p2pfs.store import Store
 
 from p2pfs.home import Home
-from p2pfs.store import Store
 
 from .conftest import run_cli
 
@@ -65,7 +65,9 @@ def test_file_imported_twice_costs_its_chunks_once(home: Path, tmp_path: Path) -
     assert _stats(home).chunks - chunks_after_first <= 4
 
 
-def test_reimport_of_unchanged_tree_writes_no_chunk_and_skips_by_stat(home: Path, tmp_path: Path) -> None:
+def test_reimport_of_unchanged_tree_writes_no_chunk_and_skips_by_stat(
+    home: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(30):
@@ -105,7 +107,9 @@ def test_special_files_are_skipped_with_a_warning(home: Path, tmp_path: Path) ->
     assert "files: 1" in proc.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
 def test_unreadable_files_are_reported_not_fatal() -> None:
     base = Path(tempfile.mkdtemp(prefix="p2pfs-perm-"))
     try:
@@ -120,13 +124,23 @@ def test_unreadable_files_are_reported_not_fatal() -> None:
         os.chmod(src / "closed", 0o700)
         subprocess.run(["chown", "-R", "nobody:nogroup", str(base)], check=True)
         subprocess.run(["chown", "root:root", str(src / "secret"), str(src / "closed")], check=True)
-        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--reset-env"]
+        as_nobody = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--reset-env",
+        ]
         py = [os.path.realpath(os.sys.executable), "-m", "p2pfs", "--home", str(home)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*as_nobody, "env", *(f"{k}={v}" for k, v in env.items()), *py, *args],
-                                  capture_output=True, text=True, timeout=120)
+            return subprocess.run(
+                [*as_nobody, "env", *(f"{k}={v}" for k, v in env.items()), *py, *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
 
         assert run("init").returncode == 0
         assert run("volume", "create", "tools").returncode == 0

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from p2pfs.store import Store
 
 from p2pfs.content import Content
 from p2pfs.home import Home
 from p2pfs.importer import Importer
-from p2pfs.store import Store
 from p2pfs.vfs import ROOT_INO, FileSystem, FsError, Head
 from p2pfs.volumes import VolumeRegistry
 
@@ -112,7 +112,7 @@ async def test_readdir_offsets_resume_without_skips_or_repeats(world: World) -> 
     offset = 0
     while True:
         batch = []
-        for name, attr, nxt in fs.readdir(fh, offset):
+        for name, _attr, nxt in fs.readdir(fh, offset):
             batch.append(name)
             offset = nxt
             if len(batch) == 37:  # the kernel's buffer is full: stop mid-listing

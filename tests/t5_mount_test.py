@@ -12,11 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from p2pfs.objects import decode_blob, decode_tree
+from p2pfs.store import Store
 
 from p2pfs import control
 from p2pfs.home import Home
-from p2pfs.objects import decode_blob, decode_tree
-from p2pfs.store import Store
 from p2pfs.volumes import VolumeRegistry
 
 from .conftest import mounted, run_cli
@@ -30,8 +30,19 @@ BIG_MARK_AT = 4 * GIB + 4321  # bytes past 4 GiB must come out too
 def make_random_tree(root: Path, rng: random.Random) -> None:
     root.mkdir()
     names = ["plain", "ünïcødé-名前", "with space", "x" * 200, "-dash", ".hidden", "emoji-🙂"]
-    sizes = [0, 1, 64 * KIB - 1, 64 * KIB, 64 * KIB + 1, 256 * KIB, 256 * KIB + 7,
-             MIB - 1, MIB, MIB + 1, 3 * MIB + 17]
+    sizes = [
+        0,
+        1,
+        64 * KIB - 1,
+        64 * KIB,
+        64 * KIB + 1,
+        256 * KIB,
+        256 * KIB + 7,
+        MIB - 1,
+        MIB,
+        MIB + 1,
+        3 * MIB + 17,
+    ]
     dirs = [root]
     for depth in range(4):
         d = dirs[-1] / f"level{depth}-{rng.choice(names)[:20]}"
@@ -188,7 +199,9 @@ def test_corrupted_chunk_gives_eio_never_a_wrong_byte(home: Path, tmp_path: Path
         assert failed, "a corrupted chunk was read without error"
         assert bytes(got) == victim[: len(got)], "a wrong byte reached the application"
         for i in range(5):
-            assert (mp / "tools" / f"other{i}.bin").read_bytes() == (src / f"other{i}.bin").read_bytes()
+            assert (mp / "tools" / f"other{i}.bin").read_bytes() == (
+                src / f"other{i}.bin"
+            ).read_bytes()
         status = json.loads(run_cli(home, "status", "--json", check=True).stdout)
         assert status["store"]["corrupt_chunks"] >= 1
         assert status["store"]["quarantined"] >= 1
@@ -269,34 +282,53 @@ def test_damaged_index_and_objects_lose_nothing(home: Path, tmp_path: Path) -> N
         assert (mp / "tools" / "g").read_bytes() == (src / "g").read_bytes()
 
 
-def test_new_snapshot_switches_mount_and_open_files_keep_their_version(home: Path, tmp_path: Path) -> None:
+def test_new_snapshot_switches_mount_and_open_files_keep_their_version(
+    home: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"version one")
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(src), "tools", check=True)
-    with mounted(home, tmp_path / "mnt") as mp:
-        with open(mp / "tools" / "f", "rb") as old:
-            (src / "f").write_bytes(b"version two!")
-            run_cli(home, "import", str(src), "tools", check=True)
-            assert (mp / "tools" / "f").read_bytes() == b"version two!"
-            assert old.read() == b"version one"
+    with mounted(home, tmp_path / "mnt") as mp, open(mp / "tools" / "f", "rb") as old:
+        (src / "f").write_bytes(b"version two!")
+        run_cli(home, "import", str(src), "tools", check=True)
+        assert (mp / "tools" / "f").read_bytes() == b"version two!"
+        assert old.read() == b"version one"
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_fio_verify_reads_through_the_mount(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    common = ["--name=p2pfs", "--bs=4k", "--size=48M", "--verify=crc32c", "--ioengine=psync",
-              "--randrepeat=1", "--rw=randwrite", "--verify_state_save=0"]
-    subprocess.run(["fio", *common, f"--filename={src / 'fio.dat'}", "--do_verify=0"],
-                   check=True, capture_output=True)
+    common = [
+        "--name=p2pfs",
+        "--bs=4k",
+        "--size=48M",
+        "--verify=crc32c",
+        "--ioengine=psync",
+        "--randrepeat=1",
+        "--rw=randwrite",
+        "--verify_state_save=0",
+    ]
+    subprocess.run(
+        ["fio", *common, f"--filename={src / 'fio.dat'}", "--do_verify=0"],
+        check=True,
+        capture_output=True,
+    )
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(src), "tools", check=True)
     with mounted(home, tmp_path / "mnt") as mp:
         proc = subprocess.run(
-            ["fio", *common, f"--filename={mp / 'tools' / 'fio.dat'}", "--verify_only", "--readonly"],
-            capture_output=True, text=True,
+            [
+                "fio",
+                *common,
+                f"--filename={mp / 'tools' / 'fio.dat'}",
+                "--verify_only",
+                "--readonly",
+            ],
+            capture_output=True,
+            text=True,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "verify" not in proc.stderr.lower() or "error" not in proc.stderr.lower()

@@ -54,11 +54,14 @@ class ChunkParams:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UsageError(f"chunk {name} must be an integer, not {v!r}")
         mn, avg, mx = self.min_size, self.avg_size, self.max_size
-        if not MIN_LIMIT <= mn < avg < mx <= MAX_LIMIT:
-            raise UsageError(
-                f"chunk sizes must satisfy {MIN_LIMIT} <= min < avg < max <= 64 MiB "
-                f"({MAX_LIMIT}); got min={mn} avg={avg} max={mx}"
-            )
+        if mn < MIN_LIMIT:
+            raise UsageError(f"chunk min size must be at least {MIN_LIMIT} bytes; got {mn}")
+        if mn >= avg:
+            raise UsageError(f"chunk min size ({mn}) must be less than avg size ({avg})")
+        if avg >= mx:
+            raise UsageError(f"chunk avg size ({avg}) must be less than max size ({mx})")
+        if mx > MAX_LIMIT:
+            raise UsageError(f"chunk max size must be at most 64 MiB ({MAX_LIMIT}); got {mx}")
         if avg & (avg - 1):
             raise UsageError(f"chunk avg size must be a power of two; got {avg}")
 
@@ -102,10 +105,14 @@ class ChunkRecord:
     id: bytes  # BLAKE3-256 digest (32 bytes) of the chunk's bytes
 
 
-@functools.lru_cache(maxsize=32)
 def _cutter(params: ChunkParams) -> _fastcdc.Cutter:
-    params.validate()
-    return _fastcdc.Cutter(params.min_size, params.avg_size, params.max_size)
+    params.validate()  # before the cache: 256.0 == 256 would hit a valid entry
+    return _cached_cutter(params.min_size, params.avg_size, params.max_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_cutter(min_size: int, avg_size: int, max_size: int) -> _fastcdc.Cutter:
+    return _fastcdc.Cutter(min_size, avg_size, max_size)
 
 
 def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:

@@ -119,6 +119,16 @@ def test_native_matches_twin(case: int) -> None:
     assert cut_points(bytes(data), params) == cut_points(memoryview(data), params) == points
 
 
+@pytest.mark.parametrize("params", [MEDIUM, ChunkParams(2048, 65536, 131072)], ids=str)
+def test_two_lane_scan_matches_twin(params: ChunkParams) -> None:
+    # Spans of at least two lane blocks (2 KiB or more) take the native two-lane
+    # path; the twin scans one byte at a time.
+    data = prng("lanes", 1 << 20)
+    points = cut_points(data, params)
+    assert len(points) > 10
+    assert points == cut_points_py(data, params)
+
+
 def test_accepts_wider_memoryviews() -> None:
     data = prng("wide", 8192)
     wide = memoryview(data).cast("I")

@@ -15,7 +15,7 @@ stream of n remaining bytes:
   if h & mask == 0, where mask = MASK_S for i < m and MASK_L for i >= m;
 * if no cut is found, the chunk is e bytes long.
 
-Masks (normalized chunking, level 2, FastCDC 2016 section 3.3): with
+Masks (normalized chunking, level 2 of the FastCDC paper): with
 b = log2(avg_size) (avg_size is a power of two), MASK_S has b + 2 one bits and
 MASK_L has b - 2, each one contiguous run ending at bit 62:
 mask(k) = ((1 << k) - 1) << (63 - k). High bits are used because bit j of h
@@ -26,6 +26,9 @@ The gear table is the first 2048 bytes of the BLAKE3 extendable output of
 b"p2pfs fastcdc-gear-v1", read as 256 little-endian uint64 values; it is
 written out below and checked against that derivation by the tests and by
 p2pfs.chunker.self_test().
+
+Speed-ups that keep the cut points exact: two bytes per loop step (_scan1) and
+two interleaved lanes over adjacent blocks (_scan); see docs/chunking.md.
 """
 
 from libc.stdint cimport uint8_t, uint64_t

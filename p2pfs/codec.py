@@ -130,6 +130,8 @@ def unpack(
     except UnicodeDecodeError:
         raise DecodeError("msgpack string is not valid UTF-8") from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+        if "max_ext_len" in str(e):
+            raise DecodeError("msgpack ext types are not allowed") from None
         raise DecodeError(f"malformed msgpack: {e or type(e).__name__}") from None
     except Exception as e:  # msgpack may raise other things for hostile input
         raise DecodeError(f"malformed msgpack ({type(e).__name__}): {e}") from None

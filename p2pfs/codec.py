@@ -15,12 +15,14 @@ integers or strings, floats), by re-packing the result and comparing bytes.
 
 msgpack's C unpacker has a fixed stack of 1024 containers and raises StackError
 beyond it (10,000 nested arrays fail cleanly, they do not crash); ``MAX_DEPTH``
-is then checked by an iterative walk of the (already bounded) result.
+is then checked by an iterative walk of the (already bounded) result, the same
+walk that refuses floats and checks map key order.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -30,8 +32,10 @@ from .errors import DecodeError
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 32  # containers inside containers; the objects need 4
-_INT_MIN = -(1 << 63)
-_INT_MAX = (1 << 64) - 1
+
+
+_SCALARS = frozenset({type(None), bool, int, str, bytes})
+_PACKABLE_LEAVES = (bool, int, str, bytes, bytearray, memoryview)
 
 
 def _sort_key(key: str | bytes) -> tuple[int, bytes]:
@@ -40,55 +44,75 @@ def _sort_key(key: str | bytes) -> tuple[int, bytes]:
     return (1, key)
 
 
-def _normalize(obj: Any, depth: int) -> Any:
-    """A copy of ``obj`` with its maps' keys in canonical order; TypeError if not packable."""
-    if depth > MAX_DEPTH:
-        raise ValueError(f"value nests deeper than {MAX_DEPTH} containers")
-    if obj is None or isinstance(obj, bool | str | bytes):
-        return obj
-    if isinstance(obj, int):
-        if not _INT_MIN <= obj <= _INT_MAX:
-            raise ValueError(f"integer {obj} does not fit in 64 bits")
-        return obj
-    if isinstance(obj, list | tuple):
-        return [_normalize(x, depth + 1) for x in obj]
+def _scan(obj: object, max_depth: int, *, decoded: bool) -> bool:
+    """Check types and nesting; return whether every map's keys are in canonical order.
+
+    Raises TypeError for a type with no canonical encoding (float, set, ext, ...)
+    and ValueError for nesting deeper than ``max_depth``. With ``decoded``, only
+    the exact types the unpacker produces are allowed. Lists of scalars (most of
+    the data) are checked with one C-level pass over their element types.
+    """
+    ordered = True
+    stack: list[tuple[object, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+            keys = list(item)
+            for k in keys:
+                if type(k) is not str and type(k) is not bytes:
+                    raise TypeError(f"map keys must be str or bytes, not {type(k).__name__}")
+            if ordered and keys != sorted(keys, key=_sort_key):
+                ordered = False
+        elif isinstance(item, list | tuple):
+            if decoded and type(item) is not list:
+                raise TypeError(f"unexpected {type(item).__name__}")
+            children = item
+        else:
+            if item is None or type(item) in _SCALARS:
+                continue
+            if not decoded and isinstance(item, _PACKABLE_LEAVES) and not isinstance(item, float):
+                continue
+            raise TypeError(f"{type(item).__name__} has no canonical encoding")
+        if depth >= max_depth:
+            raise ValueError(f"value nests deeper than {max_depth} containers")
+        types = set(map(type, children))
+        if types <= _SCALARS:
+            continue
+        stack.extend((x, depth + 1) for x in children)
+    return ordered
+
+
+def _normalize(obj: Any) -> Any:
+    """A copy of ``obj`` with every map's keys in canonical order."""
     if isinstance(obj, dict):
-        for k in obj:
-            if not isinstance(k, str | bytes):
-                raise TypeError(f"map keys must be str or bytes, not {type(k).__name__}")
-        return {k: _normalize(obj[k], depth + 1) for k in sorted(obj, key=_sort_key)}
-    if isinstance(obj, bytearray | memoryview):
-        return bytes(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__} canonically")
+        return {k: _normalize(obj[k]) for k in sorted(obj, key=_sort_key)}
+    if isinstance(obj, list | tuple):
+        return [_normalize(x) for x in obj]
+    return obj
+
+
+def _packb(obj: object) -> bytes:
+    try:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+    except OverflowError as e:
+        raise ValueError(f"integer out of the 64-bit range: {e}") from None
+    return data
 
 
 def pack(obj: object) -> bytes:
-    """The canonical msgpack encoding of ``obj``; TypeError for an unsupported type."""
-    data: bytes = msgpack.packb(_normalize(obj, 0), use_bin_type=True)
-    return data
+    """The canonical msgpack encoding of ``obj``.
+
+    TypeError for a type with no canonical encoding (float, set, ...), ValueError
+    for an integer outside -2**63..2**64-1 or nesting deeper than ``MAX_DEPTH``.
+    """
+    if not _scan(obj, MAX_DEPTH, decoded=False):
+        obj = _normalize(obj)
+    return _packb(obj)
 
 
 def _refuse_ext(code: int, data: bytes) -> object:
     raise DecodeError(f"msgpack ext type {code} is not allowed")
-
-
-def _check_depth(obj: object, max_depth: int) -> None:
-    """Refuse nesting beyond ``max_depth`` and any type ``pack`` does not produce."""
-    stack: list[tuple[object, int]] = [(obj, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, list):
-            if depth >= max_depth:
-                raise DecodeError(f"msgpack value nests deeper than {max_depth} containers")
-            stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, dict):
-            if depth >= max_depth:
-                raise DecodeError(f"msgpack value nests deeper than {max_depth} containers")
-            stack.extend((v, depth + 1) for v in item.values())
-        elif item is None or isinstance(item, bool | int | str | bytes):
-            pass
-        else:
-            raise DecodeError(f"msgpack value of type {type(item).__name__} is not allowed")
 
 
 def unpack(
@@ -135,14 +159,20 @@ def unpack(
         raise DecodeError(f"malformed msgpack: {e or type(e).__name__}") from None
     except Exception as e:  # msgpack may raise other things for hostile input
         raise DecodeError(f"malformed msgpack ({type(e).__name__}): {e}") from None
-    _check_depth(obj, max_depth)
+    try:
+        ordered = _scan(obj, max_depth, decoded=True)
+    except ValueError as e:
+        raise DecodeError(f"msgpack {e}") from None
+    except TypeError as e:
+        raise DecodeError(f"msgpack value not allowed: {e}") from None
     if canonical:
-        try:
-            again = pack(obj)
-        except (TypeError, ValueError) as e:
-            raise DecodeError(f"encoding is not canonical: {e}") from None
-        if again != data:
+        # Decoded maps keep their encoded key order, so with the order checked,
+        # re-packing as is gives back ``data`` exactly when it was canonical
+        # (duplicate keys and long forms of ints, strings and lengths differ).
+        if not ordered:
+            raise DecodeError("encoding is not canonical: map keys are not sorted")
+        if _packb(obj) != data:
             raise DecodeError(
-                "encoding is not canonical (unsorted or duplicate keys, or a long form)"
+                "encoding is not canonical (duplicate keys, or a long form of a value)"
             )
     return obj

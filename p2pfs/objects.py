@@ -204,12 +204,12 @@ class Blob:
 
     def encode(self) -> bytes:
         return codec.pack(
-            {
-                "v": FORMAT_VERSION,
-                "t": "blob",
-                "s": self.size,
+            {  # keys in canonical order: pack need not copy to sort them
                 "l": self.level,
                 "r": [[r.id, r.length] for r in self.refs],
+                "s": self.size,
+                "t": "blob",
+                "v": FORMAT_VERSION,
             }
         )
 
@@ -294,13 +294,13 @@ class Tree:
 
     def encode(self) -> bytes:
         return codec.pack(
-            {
-                "v": FORMAT_VERSION,
-                "t": "tree",
+            {  # keys in canonical order
                 "e": [
                     [e.name, int(e.kind), e.mode, e.mtime_ns, e.size, e.id, e.target]
                     for e in self.entries
                 ],
+                "t": "tree",
+                "v": FORMAT_VERSION,
             }
         )
 

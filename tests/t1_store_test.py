@@ -270,3 +270,67 @@ def test_files_cache_replace_is_one_transaction(store: Store) -> None:
         fc.replace("vol", rows())
     assert fc.lookup("vol", b"keep") == row
     assert fc.lookup("vol", b"x") is None
+
+
+def test_failed_write_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid, data = chunk(1)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        store.put(cid, data)
+    with pytest.raises(OSError):
+        _put_many_fsync(store)
+    monkeypatch.undo()
+    assert not store.has(cid)
+    assert list((store.root / "tmp").iterdir()) == []
+    assert store.statistics().chunks == 0
+
+
+def _put_many_fsync(store: Store) -> int:
+    import p2pfs.store
+
+    old = p2pfs.store.BATCH_BARRIER
+    p2pfs.store.BATCH_BARRIER = "fsync"
+    try:
+        return store.put_many([chunk(2), chunk(3)])
+    finally:
+        p2pfs.store.BATCH_BARRIER = old
+
+
+def test_concurrent_reads_of_a_corrupt_chunk_count_it_once(store: Store) -> None:
+    cid, data = chunk(1, 200_000)
+    store.put(cid, data)
+    store.path_of(cid).write_bytes(data[:-1] + b"!")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def reader() -> None:
+        barrier.wait()
+        try:
+            store.get(cid)
+            outcomes.append("data")
+        except CorruptChunk:
+            outcomes.append("corrupt")
+        except MissingChunk:
+            outcomes.append("missing")
+
+    threads = [threading.Thread(target=reader) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "data" not in outcomes and "corrupt" in outcomes
+    st = store.statistics()
+    assert (st.corrupt_chunks, st.quarantined, st.chunks) == (1, 1, 0)
+
+
+def test_vanished_file_drops_its_index_row(store: Store) -> None:
+    cid, data = chunk(1)
+    store.put(cid, data)
+    store.path_of(cid).unlink()
+    with pytest.raises(MissingChunk):
+        store.get(cid)
+    assert store.statistics().chunks == 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from .errors import NotRunning, P2pfsError, UsageError
+from .errors import NotRunning, P2pfsError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ async def _read_message(stream: trio.abc.ReceiveStream) -> object:
             break
         buf += data
         if len(buf) > MAX_MESSAGE:
-            raise UsageError("control message too large")
+            raise P2pfsError("control message too large")
     try:
         return json.loads(bytes(buf).split(b"\n", 1)[0])
     except ValueError:

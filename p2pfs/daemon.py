@@ -22,7 +22,7 @@ import trio
 from . import chunker, fuse
 from .content import Content
 from .control import ControlServer
-from .errors import Busy, NotFound, P2pfsError, UsageError
+from .errors import Busy, NotFound, P2pfsError
 from .home import Home
 from .store import Store
 from .vfs import ROOT_INO, FileSystem, Head
@@ -37,7 +37,7 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.exists():
         raise NotFound(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
-        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+        raise P2pfsError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise Busy(f"mountpoint {mountpoint} is busy: something is already mounted there")
 

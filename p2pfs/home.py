@@ -20,7 +20,7 @@ from pathlib import Path
 
 import blake3
 
-from .errors import NotFound, UsageError
+from .errors import NotFound, P2pfsError
 from .ids import NodeId
 from .keys import SigningKey
 
@@ -113,7 +113,7 @@ class Home:
         if self.is_initialized():
             return self.node_id(), False
         if self.root.exists() and not self.root.is_dir():
-            raise UsageError(f"{self.root} exists and is not a directory")
+            raise P2pfsError(f"{self.root} exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for d in (self.volumes_dir, self.store_dir, self.run_dir, self.log_dir):
             d.mkdir(exist_ok=True, mode=0o700)
@@ -132,4 +132,4 @@ class Home:
         except FileNotFoundError:
             raise NotFound(f"{self.root} is not an initialized p2pfs node") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{self.node_json} is damaged ({e}): restore it or re-init") from None
+            raise P2pfsError(f"{self.node_json} is damaged ({e}): restore it or re-init") from None

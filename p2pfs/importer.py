@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chunker import ChunkParams, iter_chunks
-from .errors import NotFound, UsageError
+from .errors import NotFound, P2pfsError
 from .index import CachedFile
 from .objects import MAX_BLOB_REFS, Blob, ChunkRef, Entry, Kind, Snapshot, Tree, decode_blob
 from .store import Store
@@ -176,13 +176,13 @@ class Importer:
         except FileNotFoundError:
             raise NotFound(f"cannot import {source}: no such directory") from None
         except OSError as e:
-            raise UsageError(f"cannot import {source}: {e.strerror}") from None
+            raise P2pfsError(f"cannot import {source}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"cannot import {source}: not a directory")
+            raise P2pfsError(f"cannot import {source}: not a directory")
         root = _Scanned(b"", b"", st)
         root.children = self._scan_dir(os.fsencode(source), b"")
         if root.children is None:
-            raise UsageError(f"cannot import {source}: directory is not readable")
+            raise P2pfsError(f"cannot import {source}: directory is not readable")
         return root
 
     def _scan_dir(self, path: bytes, rel: bytes) -> list[_Scanned] | None:

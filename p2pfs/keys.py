@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .errors import NotFound, SignatureError, UsageError
+from .errors import NotFound, P2pfsError, SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ class SigningKey:
         except FileNotFoundError:
             raise NotFound(f"key file {path} does not exist") from None
         except IsADirectoryError:
-            raise UsageError(f"key file {path} is a directory") from None
+            raise P2pfsError(f"key file {path} is a directory") from None
         except PermissionError:
-            raise UsageError(f"key file {path} is not readable (permission denied)") from None
+            raise P2pfsError(f"key file {path} is not readable (permission denied)") from None
         if len(pem) > _MAX_KEY_FILE:
-            raise UsageError(f"key file {path} is too large to be a key")
+            raise P2pfsError(f"key file {path} is too large to be a key")
         if st.st_mode & 0o077:
             log.warning(
                 "key file %s is readable by others (mode %o); it should be 0600",
@@ -62,13 +62,13 @@ class SigningKey:
         try:
             key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError, UnicodeError) as e:
-            raise UsageError(f"key file {path} is not a valid Ed25519 key: {e}") from None
+            raise P2pfsError(f"key file {path} is not a valid Ed25519 key: {e}") from None
         except Exception as e:  # the backend may raise its own types for garbage
-            raise UsageError(
+            raise P2pfsError(
                 f"key file {path} is not a valid Ed25519 key ({type(e).__name__})"
             ) from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise UsageError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+            raise P2pfsError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
         return cls(key)
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
@@ -79,7 +79,7 @@ class SigningKey:
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            raise UsageError(f"key file {path} already exists; not overwriting it")
+            raise P2pfsError(f"key file {path} already exists; not overwriting it")
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

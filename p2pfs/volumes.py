@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .chunker import ChunkParams
-from .errors import DecodeError, IntegrityError, NotFound, UsageError
+from .errors import DecodeError, IntegrityError, NotFound, P2pfsError, UsageError
 from .home import Home, write_atomic
 from .ids import VolumeId
 from .keys import SigningKey
@@ -66,7 +66,7 @@ class VolumeRecord:
                 seq=int(doc["seq"]),
             )
         except (ValueError, KeyError, TypeError, DecodeError) as e:
-            raise UsageError(f"{where} is damaged ({e})") from None
+            raise P2pfsError(f"{where} is damaged ({e})") from None
 
 
 class VolumeRegistry:
@@ -89,7 +89,7 @@ class VolumeRegistry:
         params.validate()
         d = self._dir(name)
         if (d / "volume.json").exists():
-            raise UsageError(f"volume {name!r} already exists")
+            raise P2pfsError(f"volume {name!r} already exists")
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path = d / "publisher.key"
         if not key_path.exists():
@@ -109,7 +109,7 @@ class VolumeRegistry:
             raise NotFound(f"unknown volume {name!r} (volumes here: {known})") from None
         record = VolumeRecord.from_json(data, path)
         if record.name != name:
-            raise UsageError(f"{path} names volume {record.name!r}, expected {name!r}")
+            raise P2pfsError(f"{path} names volume {record.name!r}, expected {name!r}")
         return record
 
     def publisher_key(self, name: str) -> SigningKey:

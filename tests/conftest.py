@@ -7,19 +7,13 @@ the run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-CLI_TIMEOUT = 600
+from harness import mounted, run_cli
 
 
 def fuse_unavailable() -> str | None:
@@ -57,101 +51,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def run_cli(
-    home: Path | None,
-    *args: str,
-    check: bool = False,
-    timeout: float = CLI_TIMEOUT,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "p2pfs"]
-    if home is not None:
-        cmd += ["--home", str(home)]
-    cmd += list(args)
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"p2pfs {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
-        )
-    return proc
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     h = tmp_path / "home"
     run_cli(h, "init", check=True)
     return h
-
-
-def force_unmount(mountpoint: Path, home: Path | None = None) -> None:
-    """Teardown that works whatever state the daemon is in."""
-    pid = None
-    if home is not None:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int((home / "run" / "daemon.pid").read_text().strip())
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-    if pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def mounted(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
-    """``p2pfs mount`` in a subprocess; always unmounted and stopped afterwards."""
-    mountpoint.mkdir(exist_ok=True)
-    try:
-        if extra:
-            yield from _daemon_mount(home, mountpoint, *extra)
-            return
-        run_cli(home, "mount", str(mountpoint), check=True, timeout=120)
-        assert os.path.ismount(mountpoint)
-        yield mountpoint
-        proc = run_cli(home, "umount", str(mountpoint), timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert not os.path.ismount(mountpoint)
-    finally:
-        force_unmount(mountpoint, home)
-
-
-def _daemon_mount(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
-    """A foreground ``p2pfs daemon`` (for flags ``mount`` does not pass on)."""
-    log = open(home / "log" / "test-daemon.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pfs",
-            "--home",
-            str(home),
-            "daemon",
-            "--mount",
-            str(mountpoint),
-            *extra,
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mountpoint):
-            assert proc.poll() is None, (home / "log" / "test-daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon did not mount"
-            time.sleep(0.05)
-        yield mountpoint
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture

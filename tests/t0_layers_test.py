@@ -38,7 +38,11 @@ def _imports(path: Path) -> set[tuple[str, bool]]:
                 if node.module:
                     out.add((node.module.split(".")[0], True))
                 else:
-                    out.update((a.name, True) for a in node.names)
+                    # `from . import x`: x is a module, or a name from __init__.py
+                    out.update(
+                        (a.name if any(PKG.glob(f"{a.name}.*")) else "__init__", True)
+                        for a in node.names
+                    )
             elif node.module:
                 internal = node.module.startswith("p2pfs")
                 out.add(

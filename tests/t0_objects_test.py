@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2pfs import codec
-from p2pfs.errors import DecodeError, NotFound, SignatureError, UsageError
+from p2pfs.errors import DecodeError, NotFound, P2pfsError, SignatureError
 from p2pfs.keys import SigningKey, verify
 from p2pfs.objects import (
     FORMAT_VERSION,
@@ -447,7 +447,7 @@ def test_key_save_load_sign_verify(tmp_path: Path) -> None:
         verify(b"short", sig, b"hello")
     with pytest.raises(SignatureError):
         verify(k.public_bytes(), sig[:10], b"hello")
-    with pytest.raises(UsageError, match="exists"):
+    with pytest.raises(P2pfsError, match="exists"):
         SigningKey.generate().save(path)
     assert SigningKey.load(path).public_bytes() == k.public_bytes()
 
@@ -457,11 +457,11 @@ def test_key_load_errors(tmp_path: Path) -> None:
         SigningKey.load(tmp_path / "nope")
     bad = tmp_path / "bad"
     bad.write_bytes(b"garbage\n")
-    with pytest.raises(UsageError, match="not a valid"):
+    with pytest.raises(P2pfsError, match="not a valid"):
         SigningKey.load(bad)
-    with pytest.raises(UsageError, match="directory"):
+    with pytest.raises(P2pfsError, match="directory"):
         SigningKey.load(tmp_path)
     huge = tmp_path / "huge"
     huge.write_bytes(b"x" * 100_000)
-    with pytest.raises(UsageError, match="too large"):
+    with pytest.raises(P2pfsError, match="too large"):
         SigningKey.load(huge)

@@ -7,15 +7,14 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
+import sys
 from pathlib import Path
 
 import pytest
-from p2pfs.store import Store
+from harness import run_cli
 
 from p2pfs.home import Home
-
-from .conftest import run_cli
+from p2pfs.store import Store
 
 
 def _import(home: Path, src: Path, volume: str = "tools") -> dict:
@@ -110,48 +109,43 @@ def test_special_files_are_skipped_with_a_warning(home: Path, tmp_path: Path) ->
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
 )
-def test_unreadable_files_are_reported_not_fatal() -> None:
-    base = Path(tempfile.mkdtemp(prefix="p2pfs-perm-"))
+def test_unreadable_files_are_reported_not_fatal(home: Path, tmp_path: Path) -> None:
+    # Root reads anything; without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH in its
+    # bounding set it obeys file modes like any user.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readable").write_text("yes")
+    (src / "secret").write_text("no")
+    os.chmod(src / "secret", 0o000)
+    (src / "closed").mkdir()
+    (src / "closed" / "x").write_text("x")
+    os.chmod(src / "closed", 0o000)
+    run_cli(home, "volume", "create", "tools", check=True)
     try:
-        os.chmod(base, 0o755)
-        home, src = base / "home", base / "src"
-        src.mkdir()
-        (src / "readable").write_text("yes")
-        (src / "secret").write_text("no")
-        os.chmod(src / "secret", 0o600)
-        (src / "closed").mkdir()
-        (src / "closed" / "x").write_text("x")
-        os.chmod(src / "closed", 0o700)
-        subprocess.run(["chown", "-R", "nobody:nogroup", str(base)], check=True)
-        subprocess.run(["chown", "root:root", str(src / "secret"), str(src / "closed")], check=True)
-        as_nobody = [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--reset-env",
-        ]
-        py = [os.path.realpath(os.sys.executable), "-m", "p2pfs", "--home", str(home)]
-        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*as_nobody, "env", *(f"{k}={v}" for k, v in env.items()), *py, *args],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-
-        assert run("init").returncode == 0
-        assert run("volume", "create", "tools").returncode == 0
-        proc = run("import", str(src), "tools")
-        assert proc.returncode == 1
-        assert "cannot read secret" in proc.stderr
-        assert "cannot read closed" in proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert "files: 1" in proc.stdout  # the readable file was stored and a snapshot made
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set=-dac_override,-dac_read_search",
+                sys.executable,
+                "-m",
+                "p2pfs",
+                "--home",
+                str(home),
+                "import",
+                str(src),
+                "tools",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        os.chmod(src / "closed", 0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot read secret" in proc.stderr
+    assert "cannot read closed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "files: 1" in proc.stdout  # the readable file was stored and a snapshot made
 
 
 def test_bad_input_gives_one_clear_line(home: Path, tmp_path: Path) -> None:

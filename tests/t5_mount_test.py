@@ -12,14 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from p2pfs.objects import decode_blob, decode_tree
-from p2pfs.store import Store
+from harness import mounted, run_cli
 
 from p2pfs import control
 from p2pfs.home import Home
+from p2pfs.objects import decode_blob, decode_tree
+from p2pfs.store import Store
 from p2pfs.volumes import VolumeRegistry
-
-from .conftest import mounted, run_cli
 
 pytestmark = pytest.mark.fuse
 

@@ -68,6 +68,10 @@ class ControlServer:
                     request = await _read_message(stream)
                     answer = await self._answer(request)
                     await stream.send_all(json.dumps(answer).encode() + b"\n")
+                # An operation that ends the daemon (stop) acts only once its
+                # answer is on the wire, or the caller would see a dropped line.
+                if isinstance(request, dict) and callable(request.get(AFTER_REPLY)):
+                    request[AFTER_REPLY]()
             except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:
@@ -98,6 +102,11 @@ async def _read_message(stream: trio.abc.ReceiveStream) -> object:
         return json.loads(bytes(buf).split(b"\n", 1)[0])
     except ValueError:
         return None
+
+
+# A handler may put a callable under this key of its request: it runs once the
+# answer has been sent.
+AFTER_REPLY = "__after_reply__"
 
 
 def call(path: Path, op: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> Any:

@@ -21,7 +21,7 @@ import trio
 
 from . import chunker, fuse
 from .content import Content
-from .control import ControlServer
+from .control import AFTER_REPLY, ControlServer
 from .errors import Busy, NotFound, P2pfsError
 from .home import Home
 from .store import Store
@@ -214,11 +214,14 @@ class Daemon:
         return {"changed": self.reload_heads()}
 
     async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.stop()
+        request[AFTER_REPLY] = self.stop
         return {"stopping": True}
 
     async def _op_fault(self, request: dict[str, Any]) -> dict[str, Any]:
         handler = str(request.get("handler", ""))
+        if request.get("clear"):
+            self.fs.faults.discard(handler)
+            return {"disarmed": handler}
         self.fs.faults.add(handler)
         return {"armed": handler}
 

@@ -131,7 +131,8 @@ class FileSystem:
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
         self.errors = 0  # unexpected failures turned into EIO (counted by the adapter)
-        # Handlers armed to fail once with an unexpected exception: a test hook, reachable only
+        # Handlers armed to fail with an unexpected exception until disarmed (the kernel
+        # retries a failed readahead with a second read): a test hook, reachable only
         # through the admin control operation of a daemon started with --debug-faults.
         self.faults: set[str] = set()
 
@@ -257,7 +258,6 @@ class FileSystem:
 
     def _fault(self, handler: str) -> None:
         if handler in self.faults:
-            self.faults.discard(handler)
             raise RuntimeError(f"injected fault in {handler}")
 
     async def getattr(self, ino: int) -> Attr:

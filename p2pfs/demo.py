@@ -60,6 +60,11 @@ def make_tree(root: Path, seed: int = 2026) -> None:
     data = bytearray(big.read_bytes())
     data[10_000_000] ^= 0xFF
     (root / "images" / "disk-patched.img").write_bytes(data)
+    # Released software has old mtimes; files changed in the last moments before an
+    # import are re-read every time (they may still be being written).
+    for i, path in enumerate(sorted(root.rglob("*"), reverse=True)):
+        t = 1_700_000_000 + i * 3_600
+        os.utime(path, (t, t), follow_symlinks=False)
 
 
 def walk(root: Path) -> Iterator[Path]:

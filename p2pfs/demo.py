@@ -52,14 +52,13 @@ def make_tree(root: Path, seed: int = 2026) -> None:
         (root / app / "bin" / "run").symlink_to("file-000.dat")
     (root / "empty").write_bytes(b"")
     (root / "images").mkdir()
-    big = root / "images" / "disk.img"
-    with open(big, "wb") as f:
-        for _ in range(48):
-            f.write(rng.randbytes(1 << 20))
+    image = bytearray()
+    for _ in range(48):
+        image += rng.randbytes(1 << 20)
+    (root / "images" / "disk.img").write_bytes(image)
     # A copy with one byte changed: content-defined chunking shares all but a chunk or two.
-    data = bytearray(big.read_bytes())
-    data[10_000_000] ^= 0xFF
-    (root / "images" / "disk-patched.img").write_bytes(data)
+    image[10_000_000] ^= 0xFF
+    (root / "images" / "disk-patched.img").write_bytes(image)
     # Released software has old mtimes; files changed in the last moments before an
     # import are re-read every time (they may still be being written).
     for i, path in enumerate(sorted(root.rglob("*"), reverse=True)):

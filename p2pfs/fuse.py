@@ -13,7 +13,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -26,7 +26,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _failsafe(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _failsafe(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -50,8 +52,8 @@ def _failsafe(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
-    e.st_ino = attr.ino
-    e.st_mode = attr.mode
+    e.st_ino = pyfuse3.InodeT(attr.ino)
+    e.st_mode = pyfuse3.ModeT(attr.mode)
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
     e.st_gid = attr.gid
@@ -77,50 +79,60 @@ class Operations(pyfuse3.Operations):
 
     @_failsafe
     async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         return _entry(await self.fs.lookup(parent_inode, name))
 
     @_failsafe
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, count in inode_list:
             self.fs.forget(ino, count)
 
     @_failsafe
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return _entry(await self.fs.getattr(inode))
 
     @_failsafe
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self.fs.readlink(inode)
+    async def readlink(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileNameT:
+        return pyfuse3.FileNameT(await self.fs.readlink(inode))
 
     @_failsafe
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return await self.fs.opendir(inode)
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        return pyfuse3.FileHandleT(await self.fs.opendir(inode))
 
     @_failsafe
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
         for name, attr, next_id in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, _entry(attr), next_id):
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), _entry(attr), next_id):
                 self.fs.forget(attr.ino, 1)  # the kernel did not take it
                 break
 
     @_failsafe
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self.fs.releasedir(fh)
 
     @_failsafe
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         fh = await self.fs.open(inode, flags)
         # Content under an inode never changes: let the kernel keep its pages.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_failsafe
-    async def read(self, fh: int, off: int, size: int) -> Any:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Any:
         return await self.fs.read(fh, off, size)
 
     @_failsafe
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.fs.release(fh)
 
     @_failsafe
@@ -131,15 +143,19 @@ class Operations(pyfuse3.Operations):
         return out
 
     @_failsafe
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
         return await self.fs.getxattr(inode, name)
 
     @_failsafe
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return await self.fs.listxattr(inode)
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(n) for n in await self.fs.listxattr(inode)]
 
     @_failsafe
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # default_permissions makes the kernel check modes; only writes are refused here.
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -163,7 +179,9 @@ async def serve() -> None:
 
 def invalidate_entry(parent: int, name: bytes) -> None:
     """Tell the kernel a name now points elsewhere (a volume moved to a new snapshot)."""
-    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+    pyfuse3.invalidate_entry_async(
+        pyfuse3.InodeT(parent), pyfuse3.FileNameT(name), ignore_enoent=True
+    )
 
 
 def terminate() -> None:

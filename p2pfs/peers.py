@@ -1,0 +1,119 @@
+"""What a node knows of each peer: where it is, how the link is, what it holds.
+
+States, as ``status`` shows them:
+
+* ``candidate``: an address from mDNS or the config; not tried yet
+* ``connecting``: TLS handshake and hello under way
+* ``connected``: authenticated; requests flow
+* ``unreachable``: the last attempt failed (retried with backoff)
+* ``rejected``: the TLS handshake failed or the certificate was refused
+* ``quarantined``: it served bytes that did not match their hash; never asked again
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .connection import Connection
+from .digest import Bloom
+from .messages import Hello
+
+
+@dataclass
+class Peer:
+    node_id: bytes
+    address: str | None = None
+    port: int | None = None
+    state: str = "candidate"
+    conns: list[Connection] = field(default_factory=list)
+    hello: Hello | None = None
+    digest: Bloom | None = None
+    digest_generation: int = -1
+    quarantine_reason: str = ""
+    last_error: str = ""
+    bytes_from: int = 0
+    chunks_from: int = 0
+    bad_chunks: int = 0
+    failures: int = 0
+    inflight: int = 0
+    latency_s: float = 0.05  # smoothed time to a chunk answer, for ranking
+    next_attempt: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def conn(self) -> Connection | None:
+        for c in reversed(self.conns):
+            if not c.closed.is_set():
+                return c
+        return None
+
+    @property
+    def quarantined(self) -> bool:
+        return self.state == "quarantined"
+
+    @property
+    def usable(self) -> bool:
+        return not self.quarantined and self.conn is not None
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_s = 0.8 * self.latency_s + 0.2 * seconds
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id.hex(),
+            "address": f"{self.address}:{self.port}" if self.address else None,
+            "state": self.state,
+            "connections": sum(1 for c in self.conns if not c.closed.is_set()),
+            "bytes_from": self.bytes_from,
+            "chunks_from": self.chunks_from,
+            "bad_chunks": self.bad_chunks,
+            "latency_ms": round(self.latency_s * 1000, 1),
+            "volumes": [v.name for v in self.hello.volumes] if self.hello else [],
+            "digest_ids": None if self.digest is None else self.digest_generation,
+            "last_error": self.last_error or None,
+            "quarantine_reason": self.quarantine_reason or None,
+        }
+
+
+class PeerTable:
+    def __init__(self) -> None:
+        self.peers: dict[bytes, Peer] = {}
+
+    def get(self, node_id: bytes) -> Peer:
+        peer = self.peers.get(node_id)
+        if peer is None:
+            peer = self.peers[node_id] = Peer(node_id)
+        return peer
+
+    def connected(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.usable]
+
+    def quarantined(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.quarantined]
+
+    def ranked_for(self, cid: bytes, *, others: int, origin: bytes | None) -> list[Peer]:
+        """Whom to ask for a chunk, best first.
+
+        Peers whose digest says yes (least loaded, fastest first), then up to
+        ``others`` other peers, then the origin.
+        """
+        usable = [p for p in self.connected() if p.node_id != origin]
+
+        def key(p: Peer) -> tuple[int, float]:
+            return (p.inflight, p.latency_s)
+
+        yes = sorted((p for p in usable if p.digest is not None and cid in p.digest), key=key)
+        # A digest may lag behind what a peer just stored: ask a few others too,
+        # those without any digest first.
+        rest = sorted(
+            (p for p in usable if p not in yes), key=lambda p: (p.digest is not None, *key(p))
+        )
+        maybe = rest[:others]
+        order = yes + maybe
+        if origin is not None:
+            o = self.peers.get(origin)
+            if o is not None and o.usable:
+                order.append(o)
+        return order

@@ -1,0 +1,183 @@
+"""Frames, messages, connections and digests, over trio's in-memory stream pairs."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from p2pfs import messages, wire
+from p2pfs.codec import pack
+from p2pfs.connection import Connection, PeerUnavailable
+from p2pfs.digest import Bloom, size_for
+
+
+def test_frames_roundtrip_in_any_fragmentation() -> None:
+    frames = [
+        ({"t": "get", "id": i, "cid": os.urandom(32)}, os.urandom(i * 1000)) for i in range(20)
+    ]
+    data = b"".join(wire.encode(h, p) for h, p in frames)
+    rng = random.Random(1)
+    for _ in range(20):
+        dec = wire.Decoder()
+        out = []
+        pos = 0
+        while pos < len(data):
+            n = rng.randint(1, 9000)
+            out += dec.feed(data[pos : pos + n])
+            pos += n
+        assert out == frames
+        assert dec.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "data, text",
+    [
+        (struct.pack(">I", wire.MAX_FRAME + 1), "out of bounds"),
+        (struct.pack(">I", 1) + b"x", "out of bounds"),
+        (struct.pack(">IH", 10, 9000) + b"x" * 8, "header length"),
+        (struct.pack(">IH", 5, 3) + b"\xc1\xc1\xc1", "malformed"),
+        (struct.pack(">IH", 4, 2) + pack([1]), "map"),
+        (struct.pack(">IH", 6, 4) + pack({"x": 1}), "'t'"),
+    ],
+)
+def test_bad_frames_are_protocol_errors(data: bytes, text: str) -> None:
+    with pytest.raises(wire.ProtocolError, match=text):
+        wire.Decoder().feed(data)
+
+
+def test_oversized_length_refused_before_buffering() -> None:
+    dec = wire.Decoder(max_payload=1024)
+    with pytest.raises(wire.ProtocolError):
+        dec.feed(struct.pack(">I", 2 + wire.MAX_HEADER + 1025))
+
+
+def test_hello_validation() -> None:
+    head = messages.VolumeHead("tools", os.urandom(32), 3, os.urandom(32), os.urandom(64), None)
+    hello = messages.Hello(os.urandom(16), os.urandom(16), 1, (head,), 0)
+    assert messages.Hello.from_wire(hello.to_wire()) == hello
+    bad = hello.to_wire()
+    bad["vols"] = [["../x", os.urandom(32), 1, os.urandom(32), None, None]]
+    with pytest.raises(wire.ProtocolError, match="volume name"):
+        messages.Hello.from_wire(bad)
+    bad = hello.to_wire()
+    bad["node"] = b"short"
+    with pytest.raises(wire.ProtocolError, match="node"):
+        messages.Hello.from_wire(bad)
+    bad = hello.to_wire()
+    bad["vols"] = [head.to_wire()] * (messages.MAX_VOLUMES + 1)
+    with pytest.raises(wire.ProtocolError, match="too many"):
+        messages.Hello.from_wire(bad)
+
+
+def test_bloom_has_no_false_negatives_and_few_false_positives() -> None:
+    ids = [os.urandom(32) for _ in range(20_000)]
+    bloom = Bloom.of(ids, len(ids))
+    assert all(i in bloom for i in ids)
+    others = [os.urandom(32) for _ in range(20_000)]
+    fp = sum(i in bloom for i in others) / len(others)
+    assert fp < 0.03
+    again = Bloom(bloom.to_bytes(), bloom.hashes)
+    assert all(i in again for i in ids[:100])
+    assert size_for(0) == 64 and size_for(10**9) == 16 * 1024 * 1024
+    with pytest.raises(ValueError):
+        Bloom(b"x" * 100)
+
+
+async def _echo_request(conn: Connection, header: dict[str, Any], payload: bytes) -> Any:
+    if header["t"] == "get":
+        await trio.sleep(random.random() / 100)
+        return messages.answer(header["id"]), header["cid"] * 1000
+    if header["t"] == "have":
+        await trio.sleep_forever()
+    raise wire.ProtocolError("no")
+
+
+async def _ignore(conn: Connection, header: dict[str, Any], payload: bytes) -> None:
+    return None
+
+
+def _pair() -> tuple[Connection, Connection, Any, Any]:
+    a_stream, b_stream = trio.testing.memory_stream_pair()
+    a = Connection(a_stream, b"B" * 16, on_request=_echo_request, on_notice=_ignore)
+    b = Connection(b_stream, b"A" * 16, on_request=_echo_request, on_notice=_ignore)
+    return a, b, a_stream, b_stream
+
+
+async def test_many_requests_in_flight_both_ways() -> None:
+    a, b, _, _ = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        nursery.start_soon(b.run)
+        results: dict[tuple[str, int], bytes] = {}
+
+        async def ask(side: Connection, name: str, i: int) -> None:
+            cid = i.to_bytes(32, "big")
+            header, payload = await side.request(messages.get(cid), within=10)
+            assert messages.answer_error(header) is None
+            results[(name, i)] = payload
+
+        async with trio.open_nursery() as inner:
+            for i in range(100):
+                inner.start_soon(ask, a, "a", i)
+                inner.start_soon(ask, b, "b", i)
+        assert len(results) == 200
+        assert all(v == i.to_bytes(32, "big") * 1000 for (_, i), v in results.items())
+        with pytest.raises(PeerUnavailable, match="no answer"):
+            await a.request(messages.have([b"x" * 32]), within=0.2)
+        # The connection survives a timed-out request.
+        header, _ = await a.request(messages.get(b"y" * 32), within=10)
+        assert messages.answer_error(header) is None
+        await a.aclose()
+        with pytest.raises(PeerUnavailable):
+            await a.request(messages.get(b"y" * 32), within=10)
+        nursery.cancel_scope.cancel()
+
+
+async def test_garbage_closes_only_that_connection() -> None:
+    _a, b, a_stream, _ = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.run)
+        await a_stream.send_all(b"\xff\xff\xff\xff garbage")
+        with trio.fail_after(5):
+            await b.closed.wait()
+        assert "out of bounds" in b.close_reason
+        nursery.cancel_scope.cancel()
+
+
+async def test_unknown_request_closes_connection() -> None:
+    a, b, _, _ = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        nursery.start_soon(b.run)
+        with pytest.raises(PeerUnavailable):
+            await a.request({"t": "revocations"}, within=5)
+        assert b.closed.is_set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_trickling_frame_is_cut_off() -> None:
+    a_stream, b_stream = trio.testing.memory_stream_pair()
+    b = Connection(
+        b_stream, b"A" * 16, on_request=_echo_request, on_notice=_ignore, frame_timeout=0.5
+    )
+    frame = wire.encode(messages.get(b"z" * 32))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.run)
+        for byte in frame[:-1]:
+            if b.closed.is_set():
+                break
+            try:
+                await a_stream.send_all(bytes([byte]))
+            except trio.BrokenResourceError:
+                break
+            await trio.sleep(0.1)
+        with trio.fail_after(5):
+            await b.closed.wait()
+        assert "did not complete" in b.close_reason
+        nursery.cancel_scope.cancel()

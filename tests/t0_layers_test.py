@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [
     {"chunker", "chunker_ref", "_fastcdc", "codec", "keys", "index"},
     {"objects"},
     {"store"},
-    {"home", "volumes", "importer", "estate"},
+    {"home", "config", "volumes", "importer", "estate"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
     {"wire", "messages", "connection", "peers", "server", "discovery", "fetcher", "digest"},

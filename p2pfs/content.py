@@ -22,13 +22,15 @@ from itertools import accumulate
 
 import trio
 
-from .errors import IntegrityError, P2pfsError
+from .errors import CorruptChunk, IntegrityError, MissingChunk, P2pfsError
 from .objects import Blob, Tree, decode_blob, decode_tree
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 ChunkLoader = Callable[[bytes], Awaitable[bytes]]
+# Fetches verified bytes the local store lacks (from peers or the origin).
+RemoteLoader = Callable[[bytes], Awaitable[bytes]]
 
 
 @dataclass
@@ -145,24 +147,35 @@ class Content:
         max_trees: int = 256,
         max_layouts: int = 1024,
         disk_threads: int = 4,
+        remote: RemoteLoader | None = None,
     ) -> None:
         self.store = store
+        self.remote = remote
         self.limiter = trio.CapacityLimiter(disk_threads)
-        self.chunks = ChunkCache(self.load_local_chunk, max_bytes=chunk_cache_bytes)
+        self.chunks = ChunkCache(self.load_chunk, max_bytes=chunk_cache_bytes)
+        self._objects = ChunkCache(self.load_chunk, max_bytes=32 * 1024 * 1024)
         self._trees: OrderedDict[bytes, tuple[Tree, list[bytes]]] = OrderedDict()
         self._layouts: OrderedDict[bytes, FileLayout] = OrderedDict()
         self.max_trees = max_trees
         self.max_layouts = max_layouts
         self.bytes_from_local = 0
 
-    async def load_local_chunk(self, cid: bytes) -> bytes:
-        # Store.get hashes what it read and quarantines a mismatch.
-        data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
+    async def load_chunk(self, cid: bytes) -> bytes:
+        """Verified bytes: from the local store, else (missing or corrupt here) from the network."""
+        try:
+            # Store.get hashes what it read and quarantines a mismatch.
+            data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
+        except (MissingChunk, CorruptChunk):
+            if self.remote is None:
+                raise
+            return await self.remote(cid)
         self.bytes_from_local += len(data)
         return data
 
     async def object_bytes(self, oid: bytes) -> bytes:
-        return await trio.to_thread.run_sync(self.store.get_object, oid, limiter=self.limiter)
+        # Through a small cache of its own, so concurrent lookups of one missing
+        # object share one fetch, and objects never push file data out.
+        return await self._objects.get(oid)
 
     async def tree(self, tid: bytes) -> tuple[Tree, list[bytes]]:
         """A decoded tree and its sorted names (for bisection)."""

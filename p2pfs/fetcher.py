@@ -63,26 +63,27 @@ class Fetcher:
         self.others = others
         self.peer_fetch = peer_fetch
         self.stats = FetchStats()
+        self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
 
-    def candidates(self, cid: bytes, origin: bytes | None) -> list[Peer]:
+    def candidates(self, cid: bytes) -> list[Peer]:
         if not self.peer_fetch:
-            o = self.table.peers.get(origin) if origin else None
-            return [o] if o is not None and o.usable else []
-        return self.table.ranked_for(cid, others=self.others, origin=origin)
+            found = (self.table.peers.get(o) for o in sorted(self.origins))
+            return [p for p in found if p is not None and p.usable]
+        return self.table.ranked_for(cid, others=self.others, origins=self.origins)
 
-    async def fetch(self, cid: bytes, origin: bytes | None) -> tuple[bytes, Peer]:
+    async def fetch(self, cid: bytes) -> tuple[bytes, Peer]:
         """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) past the deadline."""
         tried: set[bytes] = set()
         errors: list[str] = []
         with trio.move_on_after(self.deadline_s):
             while True:
-                order = [p for p in self.candidates(cid, origin) if p.node_id not in tried]
+                order = [p for p in self.candidates(cid) if p.node_id not in tried]
                 if order:
                     got = await self._race(cid, order, tried, errors)
                     if got is not None:
                         data, peer = got
                         self.stats.chunks_fetched += 1
-                        if peer.node_id == origin:
+                        if peer.node_id in self.origins:
                             self.stats.bytes_from_origin += len(data)
                         else:
                             self.stats.bytes_from_peers += len(data)
@@ -90,7 +91,7 @@ class Fetcher:
                 # Nobody had it (or nobody is connected yet): wait a moment for peers to
                 # appear or reconnect, then ask again the ones not asked yet or all anew.
                 await trio.sleep(0.2)
-                if not [p for p in self.candidates(cid, origin) if p.node_id not in tried]:
+                if not [p for p in self.candidates(cid) if p.node_id not in tried]:
                     tried.clear()
         self.stats.failed_fetches += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"

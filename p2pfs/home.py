@@ -8,6 +8,7 @@ Layout::
     HOME/store/             the content-addressed store (chunk files + index)
     HOME/run/               control socket and pid file of a running daemon
     HOME/log/               daemon logs
+    HOME/config.toml        settings (optional; see config.py)
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class Home:
     @property
     def pid_file(self) -> Path:
         return self.run_dir / "daemon.pid"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
 
     @property
     def log_dir(self) -> Path:

@@ -154,6 +154,9 @@ class Index:
     def has_chunk(self, cid: bytes) -> bool:
         return bool(self._query("SELECT 1 FROM chunks WHERE id = ?", (cid,)))
 
+    def chunk_ids(self) -> list[bytes]:
+        return [row[0] for row in self._query("SELECT id FROM chunks") if isinstance(row[0], bytes)]
+
     def remove_chunk(self, cid: bytes) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM chunks WHERE id = ?", (cid,))

@@ -93,13 +93,13 @@ class PeerTable:
     def quarantined(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.quarantined]
 
-    def ranked_for(self, cid: bytes, *, others: int, origin: bytes | None) -> list[Peer]:
+    def ranked_for(self, cid: bytes, *, others: int, origins: set[bytes]) -> list[Peer]:
         """Whom to ask for a chunk, best first.
 
         Peers whose digest says yes (least loaded, fastest first), then up to
-        ``others`` other peers, then the origin.
+        ``others`` other peers, then the origins (publishers, which hold everything).
         """
-        usable = [p for p in self.connected() if p.node_id != origin]
+        usable = [p for p in self.connected() if p.node_id not in origins]
 
         def key(p: Peer) -> tuple[int, float]:
             return (p.inflight, p.latency_s)
@@ -112,7 +112,7 @@ class PeerTable:
         )
         maybe = rest[:others]
         order = yes + maybe
-        if origin is not None:
+        for origin in sorted(origins):
             o = self.peers.get(origin)
             if o is not None and o.usable:
                 order.append(o)

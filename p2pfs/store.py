@@ -223,6 +223,10 @@ class Store:
 
     # -- writing -------------------------------------------------------------------
 
+    def chunk_ids(self) -> list[bytes]:
+        """Every id the index lists (chunks and objects): what this node can serve."""
+        return self.index.chunk_ids()
+
     def has(self, cid: bytes) -> bool:
         return self.path_of(cid).exists()
 

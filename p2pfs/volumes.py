@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .chunker import ChunkParams
-from .errors import DecodeError, IntegrityError, NotFound, P2pfsError, UsageError
+from .errors import DecodeError, IntegrityError, NotFound, P2pfsError, SignatureError, UsageError
 from .home import Home, write_atomic
 from .ids import VolumeId
 from .keys import SigningKey
@@ -42,6 +43,10 @@ class VolumeRecord:
     params: ChunkParams
     head: bytes | None  # id of the newest accepted snapshot
     seq: int  # its sequence number (0: no snapshot yet)
+    # The estate CA's signature saying this volume key belongs to the estate
+    # (None for a volume made outside an estate: peers will not follow it).
+    endorsement: bytes | None = None
+    origin: bytes | None = None  # node id of the publisher; None when this node is it
 
     def to_json(self) -> bytes:
         doc = {
@@ -50,6 +55,8 @@ class VolumeRecord:
             "params": self.params.to_dict(),
             "head": self.head.hex() if self.head else None,
             "seq": self.seq,
+            "endorsement": self.endorsement.hex() if self.endorsement else None,
+            "origin": self.origin.hex() if self.origin else None,
         }
         return json.dumps(doc, indent=2).encode() + b"\n"
 
@@ -58,12 +65,16 @@ class VolumeRecord:
         try:
             doc = json.loads(data)
             head = doc["head"]
+            endorsement = doc.get("endorsement")
+            origin = doc.get("origin")
             return cls(
                 name=str(doc["name"]),
                 id=VolumeId(bytes.fromhex(doc["id"])),
                 params=ChunkParams.from_dict(doc["params"]),
                 head=bytes.fromhex(head) if head else None,
                 seq=int(doc["seq"]),
+                endorsement=bytes.fromhex(endorsement) if endorsement else None,
+                origin=bytes.fromhex(origin) if origin else None,
             )
         except (ValueError, KeyError, TypeError, DecodeError) as e:
             raise P2pfsError(f"{where} is damaged ({e})") from None
@@ -84,7 +95,12 @@ class VolumeRegistry:
             p.name for p in self.home.volumes_dir.iterdir() if (p / "volume.json").is_file()
         )
 
-    def create(self, name: str, params: ChunkParams | None = None) -> VolumeRecord:
+    def create(
+        self,
+        name: str,
+        params: ChunkParams | None = None,
+        endorse: Callable[[bytes, str], bytes] | None = None,
+    ) -> VolumeRecord:
         params = params or ChunkParams()
         params.validate()
         d = self._dir(name)
@@ -95,7 +111,9 @@ class VolumeRegistry:
         if not key_path.exists():
             SigningKey.generate().save(key_path)
         key = SigningKey.load(key_path)
-        record = VolumeRecord(name, VolumeId(key.public_bytes()), params, None, 0)
+        vid = VolumeId(key.public_bytes())
+        endorsement = endorse(vid, name) if endorse is not None else None
+        record = VolumeRecord(name, vid, params, None, 0, endorsement)
         write_atomic(d / "volume.json", record.to_json())
         log.info("created volume %s id %s", name, record.id.hex())
         return record
@@ -134,6 +152,62 @@ class VolumeRegistry:
         new = replace(current, head=snapshot_id, seq=snapshot.seq)
         write_atomic(self._dir(record.name) / "volume.json", new.to_json())
         return new
+
+    def set_endorsement(self, name: str, endorsement: bytes) -> VolumeRecord:
+        record = replace(self.get(name), endorsement=endorsement)
+        write_atomic(self._dir(name) / "volume.json", record.to_json())
+        return record
+
+    def is_publisher(self, name: str) -> bool:
+        return (self._dir(name) / "publisher.key").exists()
+
+    def follow(
+        self,
+        snapshot: Snapshot,
+        snapshot_id: bytes,
+        endorsement: bytes,
+        origin: bytes | None,
+    ) -> VolumeRecord:
+        """Accept a verified, endorsed snapshot from a peer as this volume's new head.
+
+        The caller has checked the endorsement; here the signature is checked again,
+        the volume must be the one known under this name, and the sequence number
+        must rise: a replayed older snapshot is refused (SignatureError).
+        """
+        snapshot.verify()
+        name = snapshot.name
+        d = self._dir(name)
+        path = d / "volume.json"
+        if path.exists():
+            current = self.get(name)
+            if current.id != snapshot.volume_id:
+                raise SignatureError(
+                    f"volume {name!r} here has another key than the snapshot offered"
+                )
+            if snapshot.seq <= current.seq:
+                raise SignatureError(
+                    f"snapshot {snapshot.seq} of {name!r} is not newer than {current.seq}"
+                )
+            record = replace(
+                current,
+                head=snapshot_id,
+                seq=snapshot.seq,
+                endorsement=endorsement,
+                origin=origin or current.origin,
+            )
+        else:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = VolumeRecord(
+                name,
+                VolumeId(snapshot.volume_id),
+                ChunkParams.from_dict(snapshot.params),
+                snapshot_id,
+                snapshot.seq,
+                endorsement,
+                origin,
+            )
+        write_atomic(path, record.to_json())
+        return record
 
     def load_head(self, store: Store, record: VolumeRecord) -> Snapshot | None:
         """The verified head snapshot of a volume, or None before its first import."""

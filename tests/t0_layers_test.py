@@ -16,7 +16,8 @@ LAYERS: list[set[str]] = [
     {"home", "config", "volumes", "importer", "estate"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
-    {"wire", "messages", "connection", "peers", "server", "discovery", "fetcher", "digest"},
+    {"wire", "messages", "connection", "peers", "discovery", "fetcher", "digest"},
+    {"server", "volume_sync"},
     {"vfs"},
     {"fuse"},
     {"control", "daemon", "cli", "estate_cli", "demo", "lab", "__main__", "__init__"},

@@ -181,11 +181,19 @@ def cut_points_py(data: bytes | bytearray | memoryview, params: ChunkParams) -> 
 
 
 def _chunks(
-    read: Callable[[memoryview], int], base: int, params: ChunkParams, buffer_size: int
+    read: Callable[[memoryview], int],
+    base: int,
+    params: ChunkParams,
+    buffer_size: int,
+    size_hint: int | None = None,
 ) -> Iterator[tuple[ChunkRecord, memoryview]]:
     """Chunk the stream ``read`` fills, whose first byte is at file offset ``base``."""
     cutter = _cutter(params)
-    size = max(buffer_size, 2 * params.max_size)
+    full = max(buffer_size, 2 * params.max_size)
+    # A small file gets a buffer its size (+1 to see EOF): allocating the full
+    # buffer per file dominated imports of many small files. It grows if the file
+    # turns out larger, since cutting away from EOF needs max_size bytes in view.
+    size = full if size_hint is None else min(full, max(size_hint + 1, 4096))
     buf = bytearray(size)
     mv = memoryview(buf)
     start = filled = 0
@@ -209,13 +217,23 @@ def _chunks(
             return
         # Fewer than max_size bytes are left: carry them to the front and refill.
         tail = filled - start
-        mv[:tail] = mv[start:filled]
+        if size < full:
+            grown = bytearray(full)
+            grown[:tail] = mv[start:filled]
+            buf, size = grown, full
+            mv = memoryview(buf)
+        else:
+            mv[:tail] = mv[start:filled]
         base += start
         start, filled = 0, tail
 
 
 def iter_chunks(
-    fd: int, params: ChunkParams, *, buffer_size: int = 8 * 1024 * 1024
+    fd: int,
+    params: ChunkParams,
+    *,
+    buffer_size: int = 8 * 1024 * 1024,
+    size_hint: int | None = None,
 ) -> Iterator[tuple[ChunkRecord, memoryview]]:
     """Chunk ``fd`` from its current position to EOF, yielding (record, bytes).
 
@@ -233,7 +251,7 @@ def iter_chunks(
     def read(mv: memoryview) -> int:
         return os.readv(fd, [mv])
 
-    return _chunks(read, base, params, buffer_size)
+    return _chunks(read, base, params, buffer_size, size_hint)
 
 
 def _range_reader(fd: int, offset: int) -> Callable[[memoryview], int]:

@@ -20,7 +20,17 @@ from pathlib import Path
 from .chunker import ChunkParams, iter_chunks
 from .errors import NotFound, P2pfsError
 from .index import CachedFile
-from .objects import MAX_BLOB_REFS, Blob, ChunkRef, Entry, Kind, Snapshot, Tree, decode_blob
+from .objects import (
+    MAX_BLOB_REFS,
+    Blob,
+    ChunkRef,
+    Entry,
+    Kind,
+    Snapshot,
+    Tree,
+    decode_blob,
+    object_id,
+)
 from .store import Store
 from .volumes import VolumeRecord, VolumeRegistry
 
@@ -94,6 +104,10 @@ class _ChunkWriter:
         self.pending: dict[bytes, bytes] = {}
         self.pending_bytes = 0
         self.seen: dict[bytes, int] = {}  # chunk ids of this snapshot -> length
+        # Blob and tree objects ride in the same batches: one fsync per small file's
+        # blob made imports of many small files fsync-bound (3.3 of 12 s for 10,000).
+        self.objects: dict[bytes, bytes] = {}
+        self.objects_bytes = 0
 
     def add(self, cid: bytes, data: memoryview) -> None:
         if cid not in self.seen:
@@ -111,7 +125,20 @@ class _ChunkWriter:
                 self.seen[ref.id] = ref.length
                 self.report.unique_bytes += ref.length
 
+    def put_object(self, data: bytes) -> bytes:
+        oid = object_id(data)
+        if oid not in self.objects and not self.store.has(oid):
+            self.objects[oid] = data
+            self.objects_bytes += len(data)
+            if self.objects_bytes >= BATCH_BYTES or len(self.objects) >= BATCH_COUNT:
+                self.flush()
+        return oid
+
     def flush(self) -> None:
+        if self.objects:
+            self.store.put_many(self.objects.items(), source="object")
+            self.objects.clear()
+            self.objects_bytes = 0
         if self.pending:
             new = self.store.put_many(self.pending.items(), source="import")
             self.report.new_chunks += new
@@ -132,7 +159,7 @@ def _leaf_refs(store: Store, blob_id: bytes) -> list[ChunkRef]:
     return out
 
 
-def store_blob(store: Store, size: int, refs: list[ChunkRef]) -> bytes:
+def store_blob(put: Callable[[bytes], bytes], size: int, refs: list[ChunkRef]) -> bytes:
     """Store a file's chunk list as a blob, as a tree of index nodes when it is long."""
     level = 0
     while len(refs) > MAX_BLOB_REFS:
@@ -140,11 +167,11 @@ def store_blob(store: Store, size: int, refs: list[ChunkRef]) -> bytes:
         for i in range(0, len(refs), MAX_BLOB_REFS):
             group = tuple(refs[i : i + MAX_BLOB_REFS])
             covered = sum(r.length for r in group)
-            oid = store.put_object(Blob(size=covered, level=level, refs=group).encode())
+            oid = put(Blob(size=covered, level=level, refs=group).encode())
             parents.append(ChunkRef(oid, covered))
         refs = parents
         level += 1
-    return store.put_object(Blob(size=size, level=level, refs=tuple(refs)).encode())
+    return put(Blob(size=size, level=level, refs=tuple(refs)).encode())
 
 
 class Importer:
@@ -276,7 +303,7 @@ class Importer:
                 entries.append(
                     Entry(item.name, Kind.FILE, mode, st.st_mtime_ns, size, blob_id, None)
                 )
-        return self.store.put_object(Tree(tuple(entries)).encode())
+        return self.writer.put_object(Tree(tuple(entries)).encode())
 
     def _store_file(self, path: bytes, item: _Scanned) -> tuple[bytes, int] | None:
         st = item.st
@@ -305,7 +332,7 @@ class Importer:
         try:
             refs = []
             size = 0
-            for record, data in iter_chunks(fd, self.params):
+            for record, data in iter_chunks(fd, self.params, size_hint=st.st_size):
                 self.writer.add(record.id, data)
                 refs.append(ChunkRef(record.id, record.length))
                 size += record.length
@@ -317,7 +344,7 @@ class Importer:
             return None
         finally:
             os.close(fd)
-        blob_id = store_blob(self.store, size, refs)
+        blob_id = store_blob(self.writer.put_object, size, refs)
         # A file that changed while it was read is stored as read, but not cached.
         changed = opened.st_mtime_ns != st.st_mtime_ns or opened.st_size != size
         self._done_file(item, blob_id, size, reused=False, cacheable=not changed)

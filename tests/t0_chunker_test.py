@@ -216,6 +216,20 @@ def test_iter_chunks_across_buffer_boundaries(tmp_path: Path, buffer_size: int) 
     assert records == chunk_file(path, SMALL)
 
 
+@pytest.mark.parametrize("hint", [0, 1, 100, 5000, 49_999, 50_000, 50_001, 10**9], ids=str)
+def test_iter_chunks_size_hint_never_changes_the_cuts(tmp_path: Path, hint: int) -> None:
+    # A wrong hint (the file grew or shrank since its stat) only costs a regrow.
+    data = prng("hint", 50_000)
+    path = _write(tmp_path / "f", data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        records = [rec for rec, _ in iter_chunks(fd, SMALL, size_hint=hint)]
+    finally:
+        os.close(fd)
+    check_records(records, data)
+    assert records == chunk_file(path, SMALL)
+
+
 def test_iter_chunks_starts_at_current_position(tmp_path: Path) -> None:
     data = prng("pos", 50_000)
     path = _write(tmp_path / "f", data)

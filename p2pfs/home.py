@@ -9,6 +9,7 @@ Layout::
     HOME/run/               control socket and pid file of a running daemon
     HOME/log/               daemon logs
     HOME/config.toml        settings (optional; see config.py)
+    HOME/estate/            estate membership: CA cert, node cert, revocations (see estate.py)
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class Home:
     @property
     def log_dir(self) -> Path:
         return self.root / "log"
+
+    @property
+    def estate_dir(self) -> Path:
+        return self.root / "estate"
 
     def is_initialized(self) -> bool:
         return self.node_json.is_file() and self.node_key.is_file()

@@ -107,6 +107,11 @@ class SigningKey:
         finally:
             os.close(dfd)
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The underlying key, for the estate module to sign certificates and CSRs with."""
+        return self._key
+
     def public_bytes(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw

@@ -38,6 +38,7 @@ import fcntl
 import logging
 import ssl
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ _BUNDLE_FORMAT = "p2pfs-join-bundle"
 _BUNDLE_VERSION = 1
 _REVOCATION_VERSION = 1
 _NODE_URI = "p2pfs://node/"
+_SIGNATURE_BITS = b"\x03\x41\x00"  # DER: BIT STRING, 65 bytes, 0 unused bits
 
 
 class PeerRejected(P2pfsError):
@@ -115,17 +117,38 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
 # -- certificates --------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _warnings_are_errors() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
 def _parse_cert(data: bytes, what: str, *, pem: bool) -> x509.Certificate:
     if not isinstance(data, bytes) or not data:
         raise DecodeError(f"{what} is empty")
     if len(data) > MAX_CERT:
         raise DecodeError(f"{what} is {len(data)} bytes, more than the limit of {MAX_CERT}")
     try:
-        if pem:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+        # A warning from the parser (e.g. "a negative serial number will not load in a
+        # future release") refuses the certificate: what is dubious now may break later.
+        # (catch_warnings is process-wide: a warning from another thread during the
+        # parse may be lost; the CLI and the event loop parse, no worker thread does.)
+        with _warnings_are_errors():
+            if pem:
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+        der = cert.public_bytes(serialization.Encoding.DER)  # the bytes as received
+        signature = cert.signature
     except Exception as e:  # the Rust parser raises ValueError, others for odd input
         raise DecodeError(f"{what} is not an X.509 certificate ({e or type(e).__name__})") from None
+    # An Ed25519 signature is a BIT STRING of 64 bytes with no unused bits. The
+    # verifiers ignore the unused-bits count, so without this check one certificate
+    # would have two encodings (a flipped bit that still verifies).
+    if len(signature) != 64 or not der.endswith(_SIGNATURE_BITS + signature):
+        raise DecodeError(f"{what} is not an Ed25519-signed certificate in canonical encoding")
+    return cert
 
 
 def _cert_public(cert: x509.Certificate, what: str) -> bytes:
@@ -656,7 +679,8 @@ def parse_request(request: bytes) -> tuple[NodeId, Ed25519PublicKey]:
             f"the join request is {len(request)} bytes, more than the limit of {MAX_REQUEST}"
         )
     try:
-        csr = x509.load_pem_x509_csr(request)
+        with _warnings_are_errors():
+            csr = x509.load_pem_x509_csr(request)
     except Exception:  # the message of the PEM loader is a paragraph with a URL
         raise DecodeError("the join request is not a PEM certificate signing request") from None
     try:

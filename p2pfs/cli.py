@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, control
+from . import __version__, control, estate_cli
 from .chunker import ChunkParams
 from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError
+from .estate import Estate
 from .home import Home, default_home
 
 log = logging.getLogger("p2pfs")
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     sub.add_parser("scrub", help="verify every stored chunk; quarantine the bad ones")
+
+    pe = sub.add_parser("peers", help="the peers this node knows and how it reaches them")
+    pe.add_argument("--json", action="store_true")
+
+    COMMANDS.update(estate_cli.add_commands(sub))
     return p
 
 
@@ -109,8 +115,18 @@ def cmd_volume(args: argparse.Namespace) -> int:
     registry = VolumeRegistry(home)
     if args.volume_command == "create":
         params = ChunkParams(args.min_chunk, args.avg_chunk, args.max_chunk)
-        record = registry.create(args.name, params)
+        # On the admin node, the estate endorses the new volume's key at once, so every
+        # member will follow it; elsewhere the volume stays local to this node.
+        estate = Estate.load(home)
+        endorse = estate.endorse if estate is not None and estate.is_admin else None
+        record = registry.create(args.name, params, endorse=endorse)
         print(record.id.hex())
+        if endorse is None:
+            print(
+                f"note: volume {args.name!r} is not endorsed by an estate: peers will not follow it",
+                file=sys.stderr,
+            )
+        _tell_daemon(home)
         return 0
     rows = [registry.get(n) for n in registry.names()]
     if args.json:
@@ -279,7 +295,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     try:
         st = control.call(home.control_socket, "status", timeout=10)
     except NotRunning:
-        if os.path.ismount(mp) and _is_p2pfs_mount(mp):
+        # A dead daemon's mount fails stat (ENOTCONN), so ask the mount table.
+        if _is_p2pfs_mount(mp):
             # The daemon died and left its mount behind: clear it.
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
             print(f"removed a stale p2pfs mount from {mp}")
@@ -316,7 +333,13 @@ def _alive(pid: int) -> bool:
 def _is_p2pfs_mount(mp: Path) -> bool:
     try:
         with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == str(mp) and line.split()[2] == "fuse.p2pfs" for line in f)
+            for line in f:
+                fields = line.split()
+                # The mount table escapes spaces and such as octal (\040).
+                where = fields[1].encode().decode("unicode_escape").encode("latin-1")
+                if where == os.fsencode(mp) and fields[2] == "fuse.p2pfs":
+                    return True
+            return False
     except OSError:
         return False
 
@@ -344,7 +367,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     b = st["bytes_from"]
     print(f"bytes from: local {b['local']}, peers {b['peers']}, origin {b['origin']}")
+    if st.get("estate"):
+        up = sum(1 for p in st["peers"] if p["state"] == "connected")
+        print(
+            f"estate {st['estate']}: {up} of {len(st['peers'])} peers connected; "
+            f"served {st['bytes_served']} bytes; corrupt chunks rejected "
+            f"{st['corrupt_chunks_rejected']}; quarantined peers {st['quarantined_peers']}"
+        )
     return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    answer = control.call(home.control_socket, "peers", timeout=10)
+    if args.json:
+        _print_json(answer["peers"])
+        return 0
+    if answer["estate"] is None:
+        print("this node has joined no estate")
+        return 0
+    for p in sorted(answer["peers"], key=lambda p: p["node_id"]):
+        vols = ",".join(p["volumes"]) or "-"
+        print(f"{p['node_id']}  {p['address'] or '-':<22} {p['state']:<12} volumes {vols}")
+    return 0
+
+
+def _tell_daemon(home: Home) -> None:
+    """Ask a running daemon to pick up what a command changed on disk."""
+    with contextlib.suppress(NotRunning):
+        control.call(home.control_socket, "reload", timeout=30)
 
 
 def _offline_status(home: Home) -> dict[str, Any]:
@@ -377,7 +428,7 @@ def _offline_status(home: Home) -> dict[str, Any]:
         "bytes_from": {"local": 0, "peers": 0, "origin": 0},
         "bytes_served": 0,
         "corrupt_chunks_rejected": 0,
-        "quarantined_peers": [],
+        "quarantined_peers": 0,
     }
 
 
@@ -405,6 +456,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "daemon": cmd_daemon,
     "status": cmd_status,
     "scrub": cmd_scrub,
+    "peers": cmd_peers,
 }
 
 

@@ -7,6 +7,7 @@ listen = "0.0.0.0"
 static_peers = ["10.0.0.5:7420"]   # peers mDNS does not reach
 discovery = true            # mDNS on the local segment
 peer_fetch = true           # false: fetch only from the origin (a baseline for benchmarks)
+frame_timeout_s = 30.0      # a frame that has begun must arrive within this
 
 [fetch]
 deadline_s = 10.0           # a read that cannot get its chunk by then fails with EIO
@@ -34,6 +35,7 @@ class Config:
     static_peers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     discovery: bool = True
     peer_fetch: bool = True
+    frame_timeout_s: float = 30.0
     fetch_deadline_s: float = 10.0
     hedge_after_s: float = 0.5
     peers_without_digest: int = 3
@@ -84,11 +86,13 @@ def load(path: Path) -> Config:
         values["listen"] = net["listen"]
     peers = net.get("static_peers", [])
     if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-        raise P2pfsError(f"{where}: static_peers must be a list of \"HOST:PORT\" strings")
+        raise P2pfsError(f'{where}: static_peers must be a list of "HOST:PORT" strings')
     values["static_peers"] = tuple(parse_peer(p, where) for p in peers)
     for key in ("discovery", "peer_fetch"):
         if (b := _bool(net, key, where)) is not None:
             values[key] = b
+    if (ft := _num(net, "frame_timeout_s", 0.1, 3600, where)) is not None:
+        values["frame_timeout_s"] = ft
     if (d := _num(fetch, "deadline_s", 0.1, 3600, where)) is not None:
         values["fetch_deadline_s"] = d
     if (h := _num(fetch, "hedge_after_s", 0.01, 600, where)) is not None:

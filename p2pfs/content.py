@@ -29,6 +29,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 ChunkLoader = Callable[[bytes], Awaitable[bytes]]
+# Loads several chunks in one go: a result per id, bytes or the error it raised.
+BatchLoader = Callable[[list[bytes]], Awaitable[list[bytes | BaseException]]]
 # Fetches verified bytes the local store lacks (from peers or the origin).
 RemoteLoader = Callable[[bytes], Awaitable[bytes]]
 
@@ -39,6 +41,10 @@ class CacheStats:
     misses: int = 0
     loaded_bytes: int = 0
     evictions: int = 0
+
+
+class _Abandoned(Exception):
+    """A background load was cancelled: whoever waits on it loads the chunk itself."""
 
 
 class _Pending:
@@ -53,8 +59,15 @@ class _Pending:
 class ChunkCache:
     """A byte-bounded LRU of verified chunks with shared in-flight loads."""
 
-    def __init__(self, loader: ChunkLoader, *, max_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        loader: ChunkLoader,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        batch_loader: BatchLoader | None = None,
+    ) -> None:
         self.loader = loader
+        self.batch_loader = batch_loader
         self.max_bytes = max_bytes
         self.bytes = 0
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
@@ -72,17 +85,20 @@ class ChunkCache:
         return cid in self._pending
 
     async def get(self, cid: bytes) -> bytes:
-        data = self.get_cached(cid)
-        if data is not None:
-            return data
-        pending = self._pending.get(cid)
-        if pending is None:
-            return await self._load(cid)
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        while True:
+            data = self.get_cached(cid)
+            if data is not None:
+                return data
+            pending = self._pending.get(cid)
+            if pending is None:
+                return await self._load(cid)
+            await pending.done.wait()
+            if isinstance(pending.error, _Abandoned):
+                continue
+            if pending.error is not None:
+                raise pending.error
+            assert pending.result is not None
+            return pending.result
 
     async def _load(self, cid: bytes) -> bytes:
         pending = self._pending[cid] = _Pending()
@@ -120,6 +136,40 @@ class ChunkCache:
         except P2pfsError as e:
             log.debug("prefetch of %s failed: %s", cid.hex(), e)
 
+    async def prefetch_run(self, cids: list[bytes]) -> None:
+        """Load several chunks in the background with one batch (one worker-thread trip).
+
+        Handing each chunk to a thread on its own made the thread handoffs and the
+        GIL traffic they cause cost more than reading and hashing the chunk.
+        """
+        todo = [c for c in dict.fromkeys(cids) if c not in self._lru and c not in self._pending]
+        if not todo:
+            return
+        if self.batch_loader is None:
+            for cid in todo:
+                await self.prefetch(cid)
+            return
+        pendings = {cid: _Pending() for cid in todo}
+        self._pending.update(pendings)
+        self.stats.misses += len(todo)
+        results: list[bytes | BaseException] = []
+        try:
+            results = await self.batch_loader(todo)
+        except Exception as e:
+            results = [e] * len(todo)
+        finally:
+            # Cancelled: the waiters retry the load themselves.
+            results += [_Abandoned()] * (len(todo) - len(results))
+            for cid, result in zip(todo, results, strict=True):
+                pending = pendings[cid]
+                if isinstance(result, BaseException):
+                    pending.error = result
+                else:
+                    pending.result = result
+                    self._insert(cid, result)
+                del self._pending[cid]
+                pending.done.set()
+
 
 @dataclass(frozen=True)
 class FileLayout:
@@ -152,7 +202,9 @@ class Content:
         self.store = store
         self.remote = remote
         self.limiter = trio.CapacityLimiter(disk_threads)
-        self.chunks = ChunkCache(self.load_chunk, max_bytes=chunk_cache_bytes)
+        self.chunks = ChunkCache(
+            self.load_chunk, max_bytes=chunk_cache_bytes, batch_loader=self.load_chunks
+        )
         self._objects = ChunkCache(self.load_chunk, max_bytes=32 * 1024 * 1024)
         self._trees: OrderedDict[bytes, tuple[Tree, list[bytes]]] = OrderedDict()
         self._layouts: OrderedDict[bytes, FileLayout] = OrderedDict()
@@ -171,6 +223,37 @@ class Content:
             return await self.remote(cid)
         self.bytes_from_local += len(data)
         return data
+
+    async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
+        """Several chunks with one worker-thread trip; missing ones fetched concurrently."""
+
+        def read_all() -> list[bytes | BaseException]:
+            out: list[bytes | BaseException] = []
+            for cid in cids:
+                try:
+                    out.append(self.store.get(cid))
+                except P2pfsError as e:
+                    out.append(e)
+            return out
+
+        results = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
+        for r in results:
+            if isinstance(r, bytes):
+                self.bytes_from_local += len(r)
+        if self.remote is not None:
+            remote = self.remote
+
+            async def fetch(i: int) -> None:
+                try:
+                    results[i] = await remote(cids[i])
+                except P2pfsError as e:
+                    results[i] = e
+
+            async with trio.open_nursery() as nursery:
+                for i, r in enumerate(results):
+                    if isinstance(r, MissingChunk | CorruptChunk):
+                        nursery.start_soon(fetch, i)
+        return results
 
     async def object_bytes(self, oid: bytes) -> bytes:
         # Through a small cache of its own, so concurrent lookups of one missing

@@ -8,7 +8,9 @@ detached and waits for the readiness line it writes to ``ready_fd``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -20,12 +22,16 @@ from typing import Any
 import trio
 
 from . import chunker, fuse
+from . import config as config_mod
 from .content import Content
 from .control import AFTER_REPLY, ControlServer
 from .errors import Busy, NotFound, P2pfsError
+from .estate import Estate
 from .home import Home
+from .server import Network
 from .store import Store
 from .vfs import ROOT_INO, FileSystem, Head
+from .volume_sync import VolumeSync
 from .volumes import VolumeRegistry
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,16 @@ READAHEAD_KB = 1024
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise Busy(
+                f"mountpoint {mountpoint} holds a stale mount (its daemon died): "
+                f"clear it with 'p2pfs umount {mountpoint}' or 'fusermount3 -u {mountpoint}'"
+            ) from None
+        if e.errno != errno.ENOENT:
+            raise P2pfsError(f"mountpoint {mountpoint}: {e.strerror}") from None
     if not mountpoint.exists():
         raise NotFound(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
@@ -89,6 +105,8 @@ class Daemon:
         self.ready_fd = ready_fd
         self.debug_faults = debug_faults
         self.heads: dict[str, Head] = {}
+        self.network: Network | None = None
+        self.sync: VolumeSync | None = None
         self.started = time.time()
         self.mounted = False
 
@@ -121,8 +139,19 @@ class Daemon:
     async def _serve(self, store: Store) -> int:
         self.store = store
         self.registry = VolumeRegistry(self.home)
-        self.content = Content(store)
+        self.config = config_mod.load(self.home.config_file)
+        self.estate = Estate.load(self.home)
+        self.content = Content(store, remote=self._fetch if self.estate else None)
         self.fs = FileSystem(self.content, lambda: self.heads)
+        if self.estate is not None:
+            self.sync = VolumeSync(
+                self.registry,
+                store,
+                self.estate,
+                on_change=self._heads_changed,
+                announce=lambda head: self.network.announce(head) if self.network else None,
+            )
+            self.network = Network(self.estate, store, self.sync, self.config)
         self.reload_heads()
         control = ControlServer(self.home.control_socket)
         self._register(control)
@@ -131,6 +160,10 @@ class Daemon:
             self.fs.attach(nursery)
             await nursery.start(control.run)
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            if self.network is not None:
+                await nursery.start(self.network.run)
+            else:
+                log.info("this node has joined no estate: serving local volumes only")
             if self.mountpoint is not None:
                 await self._mount(nursery)
             log.info("node %s ready (pid %d)", self.home.node_id().hex(), os.getpid())
@@ -140,6 +173,17 @@ class Daemon:
             self.mounted = False
             log.info("unmounted %s", self.mountpoint)
         return 0
+
+    async def _fetch(self, cid: bytes) -> bytes:
+        """A chunk or object the store lacks: fetched verified, stored, then returned."""
+        assert self.network is not None
+        data, _peer = await self.network.fetcher.fetch(cid)
+        await trio.to_thread.run_sync(
+            functools.partial(self.store.put, cid, data, verify=False, source="peer"),
+            limiter=self.content.limiter,
+        )
+        self.network.store_changed()
+        return data
 
     async def _mount(self, nursery: trio.Nursery) -> None:
         assert self.mountpoint is not None
@@ -171,6 +215,9 @@ class Daemon:
             fuse.terminate()
         (scope or self.nursery.cancel_scope).cancel()
 
+    def _heads_changed(self, names: list[str]) -> None:
+        self.reload_heads()
+
     def reload_heads(self) -> list[str]:
         """Load every volume's verified head; returns the names whose head changed."""
         changed = []
@@ -193,6 +240,14 @@ class Daemon:
                 changed.append(name)
         gone = [n for n in self.heads if n not in fresh]
         self.heads = fresh
+        if self.network is not None and self.sync is not None:
+            self.network.fetcher.origins = self.sync.origins()
+            for name in changed:
+                # A new snapshot made here (an import): tell the peers.
+                if self.registry.is_publisher(name):
+                    head = self.sync.head_of(self.registry.get(name))
+                    if head is not None and head.endorsement is not None:
+                        self.network.announce(head)
         if self.mounted:
             for name in changed + gone:
                 fuse.invalidate_entry(ROOT_INO, name.encode())
@@ -202,6 +257,7 @@ class Daemon:
 
     def _register(self, control: ControlServer) -> None:
         control.register("status", "user", self._op_status)
+        control.register("peers", "user", self._op_peers)
         control.register("reload", "admin", self._op_reload)
         control.register("stop", "admin", self._op_stop)
         if self.debug_faults:
@@ -210,7 +266,22 @@ class Daemon:
     async def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    async def _op_peers(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.network is None:
+            return {"peers": [], "estate": None}
+        assert self.estate is not None
+        return {"peers": self.network.status()["peers"], "estate": self.estate.estate_id.hex()}
+
     async def _op_reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.estate is not None and self.network is not None:
+            # `estate revoke` on this node wrote a newer list: apply and spread it.
+            fresh = Estate.load(self.home)
+            if (
+                fresh is not None
+                and fresh.revocation_number > self.estate.revocation_number
+                and self.estate.accept_revocation_list(fresh.revocation_list())
+            ):
+                self.network.revocations_changed()
         return {"changed": self.reload_heads()}
 
     async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -219,10 +290,14 @@ class Daemon:
 
     async def _op_fault(self, request: dict[str, Any]) -> dict[str, Any]:
         handler = str(request.get("handler", ""))
+        # "net:NAME" arms a fault in the network layer, anything else a FUSE handler.
+        faults, key = self.fs.faults, handler
+        if handler.startswith("net:") and self.network is not None:
+            faults, key = self.network.faults, handler.removeprefix("net:")
         if request.get("clear"):
-            self.fs.faults.discard(handler)
+            faults.discard(key)
             return {"disarmed": handler}
-        self.fs.faults.add(handler)
+        faults.add(key)
         return {"armed": handler}
 
     def status(self) -> dict[str, Any]:
@@ -259,9 +334,40 @@ class Daemon:
             },
             "fuse_errors": self.fs.errors,
             "inodes": self.fs.inode_count,
-            "peers": [],
-            "bytes_from": {"local": self.content.bytes_from_local, "peers": 0, "origin": 0},
-            "bytes_served": 0,
-            "corrupt_chunks_rejected": 0,
-            "quarantined_peers": [],
+            **self._network_status(),
+        }
+
+    def _network_status(self) -> dict[str, Any]:
+        local = self.content.bytes_from_local
+        if self.network is None or self.estate is None or self.sync is None:
+            return {
+                "estate": None,
+                "peers": [],
+                "bytes_from": {"local": local, "peers": 0, "origin": 0},
+                "bytes_served": 0,
+                "corrupt_chunks_rejected": 0,
+                "quarantined_peers": 0,
+            }
+        net = self.network.status()
+        fetch = self.network.fetcher.stats
+        return {
+            "estate": self.estate.estate_id.hex(),
+            "port": net["port"],
+            "peers": net["peers"],
+            "bytes_from": {
+                "local": local,
+                "peers": fetch.bytes_from_peers,
+                "origin": fetch.bytes_from_origin,
+            },
+            "bytes_served": net["bytes_served"],
+            "chunks_served": net["chunks_served"],
+            "corrupt_chunks_rejected": fetch.corrupt_chunks_rejected,
+            "quarantined_peers": net["quarantined_peers"],
+            "fetch": {
+                "chunks": fetch.chunks_fetched,
+                "hedged": fetch.hedged_requests,
+                "failed": fetch.failed_fetches,
+            },
+            "connections_refused": net["connections_refused"],
+            "snapshots": self.sync.status(),
         }

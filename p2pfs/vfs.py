@@ -38,8 +38,11 @@ XATTR_SNAPSHOT = b"user.p2pfs.snapshot"
 IMMUTABLE_TIMEOUT = 3600.0
 # The root's entries move to new snapshots: keep them short.
 ROOT_TIMEOUT = 1.0
-# Chunks fetched ahead of a sequential reader.
-READAHEAD_CHUNKS = 4
+# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
+# worker-thread trip (or concurrently from peers).
+READAHEAD_CHUNKS = 32
+PREFETCH_BATCH = 4
+SEQUENTIAL_SLACK = 4 * 1024 * 1024
 BLOCK_SIZE = 128 * 1024
 
 
@@ -347,8 +350,10 @@ class FileSystem:
             return b""
         chunks = self.content.chunks
         i = layout.index_of(offset)
-        sequential = offset == f.next_offset
-        f.next_offset = end
+        # The kernel keeps several readahead requests in flight, so they may arrive
+        # slightly out of order: near the last end still counts as sequential.
+        sequential = abs(offset - f.next_offset) <= SEQUENTIAL_SLACK
+        f.next_offset = max(end, f.next_offset) if sequential else end
         parts: list[memoryview] = []
         pos = offset
         while pos < end:
@@ -364,10 +369,13 @@ class FileSystem:
                 i += 1
         if sequential and self._nursery is not None:
             last = layout.index_of(end - 1)
-            for j in range(last + 1, min(last + 1 + READAHEAD_CHUNKS, len(layout.ids))):
-                cid = layout.ids[j]
-                if chunks.get_cached(cid) is None and not chunks.is_loading(cid):
-                    self._nursery.start_soon(chunks.prefetch, cid)
+            ahead = [
+                cid
+                for cid in layout.ids[last + 1 : last + 1 + READAHEAD_CHUNKS]
+                if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
+            ]
+            for k in range(0, len(ahead), PREFETCH_BATCH):
+                self._nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)

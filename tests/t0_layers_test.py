@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"server", "volume_sync"},
     {"vfs"},
     {"fuse"},
-    {"control", "daemon", "cli", "estate_cli", "demo", "lab", "__main__", "__init__"},
+    {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"},
 ]
 # Heavy libraries live in one module each (so they can be swapped or stubbed in one place).
 HOMES = {

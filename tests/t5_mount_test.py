@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import mounted, run_cli
+from harness import force_unmount, mounted, run_cli
 
 from p2pfs import control
 from p2pfs.home import Home
@@ -344,3 +344,33 @@ def test_fio_verify_reads_through_the_mount(home: Path, tmp_path: Path) -> None:
             )
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "verify failed" not in proc.stdout + proc.stderr
+
+
+def test_stale_mount_of_a_killed_daemon_is_named_and_cleared(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    run_cli(home, "volume", "create", "tools", check=True)
+    run_cli(home, "import", str(src), "tools", check=True)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        run_cli(home, "mount", str(mp), check=True, timeout=120)
+        pid = int((home / "run" / "daemon.pid").read_text())
+        os.kill(pid, 9)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        again = run_cli(home, "mount", str(mp))
+        assert again.returncode == 5, again.stderr
+        assert "stale mount" in again.stderr and "Traceback" not in again.stderr
+        cleared = run_cli(home, "umount", str(mp))
+        assert cleared.returncode == 0 and "stale" in cleared.stdout, cleared.stderr
+        assert not os.path.ismount(mp)
+        with mounted(home, mp) as m:
+            assert (m / "tools" / "f").read_text() == "x"
+    finally:
+        force_unmount(mp, home)

@@ -212,7 +212,8 @@ def estate_demo(src: Path) -> int:
                 f"{st['bytes_served'] / 1e6:>14.1f}"
             )
         corrupt = sum(n.status()["corrupt_chunks_rejected"] for n in lab.nodes)
-        copies = lab.admin.status()["bytes_served"] / max(1, nbytes)
+        first = b.status()["bytes_from"]  # b started cold: all it fetched is one copy
+        copies = lab.admin.status()["bytes_served"] / max(1, first["origin"] + first["peers"])
         print(
             f"corrupt chunks rejected: {corrupt}; the origin served {copies:.2f} copies of the data"
         )

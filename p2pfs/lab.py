@@ -128,10 +128,30 @@ def _kill_netns_processes(netns: str, grace: float) -> None:
         time.sleep(0.05)
 
 
+def _mounted(path: str) -> bool:
+    """Whether something is mounted on ``path``, per the kernel's mount table.
+
+    ``os.path.ismount`` is no use here: a FUSE mount whose daemon died fails stat()
+    with ENOTCONN, and ismount then says False.
+    """
+    target = os.path.realpath(path) if os.path.isabs(path) else os.path.abspath(path)
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return os.path.ismount(path)
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point in (target, path):
+                return True
+    return False
+
+
 def _lazy_unmount(path: str) -> None:
-    if os.path.ismount(path) and shutil.which("fusermount3"):
+    if _mounted(path) and shutil.which("fusermount3"):
         _run(["fusermount3", "-u", "-z", path], check=False)
-    if os.path.ismount(path):
+    if _mounted(path):
         _run(["umount", "-l", path], check=False)
 
 
@@ -401,6 +421,7 @@ class Lab:
         self._mounts: list[str] = []
         self._started = False
         self._closed = False
+        self._owner = os.getpid()
 
     # -- lifecycle
 
@@ -430,6 +451,7 @@ class Lab:
         if reason:
             raise LabError(f"the lab cannot run here: {reason}")
         cleanup_stale(self.prefix)
+        self._owner = os.getpid()
         self._started = True
         atexit.register(self.close)
         try:
@@ -445,8 +467,8 @@ class Lab:
 
     def close(self) -> None:
         """Unmount, kill, delete: everything the lab made is gone afterwards. Idempotent."""
-        if not self._started or self._closed:
-            return
+        if not self._started or self._closed or os.getpid() != self._owner:
+            return  # (a forked child inherits atexit handlers: the lab is not its to remove)
         self._closed = True
         atexit.unregister(self.close)
         for mount in self._mounts:

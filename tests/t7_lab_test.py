@@ -286,3 +286,33 @@ def test_two_labs_at_once_get_different_subnets() -> None:
         with pytest.raises(LabError, match="in use"):
             clash.start()
         assert pings(three.hosts[0], three.hosts[0])
+
+
+def test_a_forked_child_does_not_remove_its_parents_lab() -> None:
+    require_lab()
+    with Lab(1) as lab:
+        pid = os.fork()
+        if pid == 0:  # the child: what its inherited atexit handler would do
+            try:
+                lab.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert len([ns for ns in netns_names() if ns.startswith(f"p2l{lab.id}-")]) == 2
+        assert pings(lab.hosts[0], lab.hosts[0])
+    assert_removed(lab.id)
+
+
+def test_tracked_mounts_are_unmounted_at_exit(tmp_path: Path) -> None:
+    require_lab()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Lab(1) as lab:
+        host = lab.hosts[0]
+        # A mount made from inside a host lands in this machine's mount namespace.
+        host.run(["mount", "-t", "tmpfs", "lab-test", str(mnt)], check=True)
+        host.track_mount(mnt)
+        assert os.path.ismount(mnt)
+        state = json.loads((STATE_DIR / f"{lab.id}.json").read_text())
+        assert state["mounts"] == [str(mnt)]  # so a dead lab's mounts can be found too
+    assert not os.path.ismount(mnt)

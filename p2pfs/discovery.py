@@ -125,8 +125,12 @@ def parse_candidate(
     name: str,
     properties: Mapping[bytes, bytes | None],
     addresses: Sequence[str],
+    near: Sequence[ipaddress.IPv4Network] = (),
 ) -> Candidate:
     """The candidate a resolved service describes; ValueError (with the reason) if malformed.
+
+    Of the peer's usable addresses, the first one inside one of the ``near``
+    networks (ours) is taken, else the first one.
 
     The port is the TXT record's (the SRV record's is not cross-checked: during a
     restart on a new port, zeroconf's cache briefly holds the old SRV beside the new).
@@ -141,7 +145,8 @@ def parse_candidate(
     usable = [a for a in addresses if usable_address(a)]
     if not usable:
         raise ValueError(f"no usable IPv4 address in {list(addresses)[:4]}")
-    return Candidate(node_id, estate_id, version, usable[0], port)
+    on_link = [a for a in usable if any(ipaddress.IPv4Address(a) in net for net in near)]
+    return Candidate(node_id, estate_id, version, (on_link or usable)[0], port)
 
 
 # -- local addresses ---------------------------------------------------------------------
@@ -172,11 +177,29 @@ def local_ipv4_addresses(interfaces: Sequence[str] | None = None) -> list[str]:
     return list(dict.fromkeys(outside or everything))
 
 
+def local_ipv4_networks() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks this machine is on (not loopback): peers there are preferred."""
+    nets = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4:
+                net = ipaddress.IPv4Network(f"{ip.ip}/{ip.network_prefix}", strict=False)
+                if not net.is_loopback:
+                    nets.append(net)
+    return list(dict.fromkeys(nets))
+
+
 # -- the service -------------------------------------------------------------------------
 
 
 class Discovery:
-    """Announce this node and report the peers of its estate seen by mDNS."""
+    """Announce this node and report the peers of its estate seen by mDNS.
+
+    ``interfaces``: interface names (``eth0``) or IPv4 addresses to listen, announce
+    and browse on; by default every IPv4 interface (the announcement leaves loopback
+    addresses out). ``candidates()`` is the current view; ``statistics()`` counts
+    events, ignored services and dropped events.
+    """
 
     def __init__(
         self,
@@ -196,6 +219,7 @@ class Discovery:
         self.interfaces = list(interfaces) if interfaces else None
         self.instance_name = f"{instance_label(node_id)}.{SERVICE_TYPE}"
         self.addresses: list[str] = []
+        self._networks: list[ipaddress.IPv4Network] = []
         # The view, touched only in the trio thread.
         self._view: dict[bytes, Candidate] = {}
         self._name_of: dict[bytes, str] = {}  # node id -> the service name it came from
@@ -240,6 +264,7 @@ class Discovery:
                 token.run_sync_soon(self._deliver, send, name, state_change)
 
         self.addresses = await trio.to_thread.run_sync(local_ipv4_addresses, self.interfaces)
+        self._networks = await trio.to_thread.run_sync(local_ipv4_networks)
         zc = await trio.to_thread.run_sync(self._open)
         browser: ServiceBrowser | None = None
         try:
@@ -386,7 +411,7 @@ class Discovery:
         on_candidate: Callable[[Candidate], None],
     ) -> None:
         try:
-            cand = parse_candidate(name, properties, addresses)
+            cand = parse_candidate(name, properties, addresses, self._networks)
         except ValueError as e:
             self._stats["ignored"] += 1
             log.debug("mDNS: ignoring %r: %s", name, e)

@@ -7,6 +7,7 @@ JSON line per event; waits have generous deadlines and nothing asserts timing.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -99,6 +100,11 @@ def test_names_and_addresses_are_checked() -> None:
         with pytest.raises(ValueError, match="no usable IPv4 address"):
             parse_candidate(NAME, good_txt(), bad)
     assert usable_address("192.168.1.20") and not usable_address("not an address")
+    # A multi-homed peer: the address on one of our networks is preferred.
+    near = [ipaddress.IPv4Network("192.168.7.0/24")]
+    two = ["10.1.2.3", "192.168.7.20"]
+    assert parse_candidate(NAME, good_txt(), two, near).address == "192.168.7.20"
+    assert parse_candidate(NAME, good_txt(), two).address == "10.1.2.3"
     # Unknown keys and valueless keys do no harm.
     txt = {**good_txt(), b"junk": None, b"x" * 200: b"y" * 200}
     assert parse_candidate(NAME, txt, ["10.1.2.3"]).port == 7420

@@ -45,8 +45,8 @@ def force_unmount(mountpoint: Path, home: Path | None = None) -> None:
     if home is not None:
         with contextlib.suppress(OSError, ValueError):
             pid = int((home / "run" / "daemon.pid").read_text().strip())
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    # Always: the mount of a killed daemon fails stat(), so ismount() cannot see it.
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

@@ -8,6 +8,7 @@ a faulty peer, an outsider, a revoked machine, hostile bytes and forged snapshot
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import random
@@ -417,6 +418,24 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
     for n in lab.nodes:
         if n.proc is not None and n.name != "d":
             store_is_clean(n)
+
+
+def test_read_fails_with_eio_when_no_peer_has_the_chunk(
+    estate: tuple[EstateLab, dict[str, str]],
+) -> None:
+    lab, _ = estate
+    d = node(lab, "d")
+    for n in lab.nodes:
+        if n is not d:
+            n.stop()
+    wait_for("d to lose its peers", lambda: not connected_peers(d))
+    # d never read this file and nobody is left to serve it: EIO within the deadline.
+    with pytest.raises(OSError) as e, open(d.mountpoint / "tools" / "big-1.img", "rb") as f:
+        f.read(MIB)
+    assert e.value.errno == errno.EIO
+    assert d.status()["fetch"]["failed"] >= 1
+    # What d holds still reads.
+    assert (d.mountpoint / "tools" / "big-3.img").stat().st_size == 24 * MIB
 
 
 def test_daemons_stop_cleanly(estate: tuple[EstateLab, dict[str, str]]) -> None:

@@ -46,8 +46,7 @@ class Bloom:
 
     def _positions(self, cid: bytes) -> list[int]:
         return [
-            int.from_bytes(cid[4 * i : 4 * i + 4], "little") & self.mask
-            for i in range(self.hashes)
+            int.from_bytes(cid[4 * i : 4 * i + 4], "little") & self.mask for i in range(self.hashes)
         ]
 
     def add(self, cid: bytes) -> None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["bench_chunking", "bench_import", "bench_mount", "bench_estate"]
+BENCHMARKS = ["bench_chunking", "bench_import", "bench_mount", "bench_estate", "bench_discovery"]
 
 
 def main(argv: list[str] | None = None) -> int:

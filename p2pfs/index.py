@@ -1,18 +1,30 @@
 """The store's SQLite index: the only module that imports ``sqlite3``.
 
-Tables:
+Tables (docs/objects.md, "Store layout"):
 
-- ``chunks``: one row per stored chunk or object (id, size, last access, pins,
-  where it came from). The chunk files are the truth; this index can always be
-  rebuilt from them (``Store.rebuild_index``).
-- ``stats``: named counters (``corrupt_chunks``: chunks ever found corrupt).
+- ``chunks``: one row per stored chunk or object (id, size, last access, pin
+  count, where it came from). The chunk files are the truth; this index can
+  always be rebuilt from them (``Store.rebuild_index``).
+- ``stats``: named counters: ``corrupt_chunks`` (ever found corrupt),
+  ``evictions`` (chunks ever evicted) and three totals kept by triggers in the
+  same transaction as every change to ``chunks``: ``stored_chunks``,
+  ``stored_bytes`` and ``pinned_bytes`` (bytes of stored chunks with pins > 0).
+- ``pin_sets`` and ``pinned``: named pin sets and the ids each holds (stored or
+  not). ``chunks.pins`` is the number of sets holding a chunk, kept by triggers;
+  a partial index on ``last_access WHERE pins = 0`` is the LRU eviction order.
+- ``intents``: what a writer is about to do to the files (``put``: a file may
+  appear under this id; ``evict``: the row is gone, the file is to be deleted),
+  with the writer's identity. A put intent also reserves its bytes against the
+  quota. Intents of a writer that died are finished on the next open.
 - ``files``: the importer's files cache (borg's model): per volume and path, the
   (size, mtime, ctime, inode) a file had when it was last imported and the blob
   that held its content then. A file whose stat still matches is not re-read.
 
 One connection, shared by all threads behind a lock (``check_same_thread=False``),
 in WAL mode with a busy timeout so that a second process (the CLI while the daemon
-runs) waits instead of failing. Every statement is short.
+runs) waits instead of failing. Writes are ``BEGIN IMMEDIATE`` transactions, so
+a quota decision (read the totals, pick victims, reserve) is atomic across
+processes too.
 
 Any ``sqlite3.DatabaseError`` on open or use becomes ``IndexCorrupt``: the store
 then moves the database aside and rebuilds it.
@@ -23,7 +35,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +44,18 @@ from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
+# Rows read per query when walking the LRU order or the whole table.
+BATCH_ROWS = 512
 
-_SCHEMA = """
+STORED_BYTES = "stored_bytes"
+STORED_CHUNKS = "stored_chunks"
+PINNED_BYTES = "pinned_bytes"
+EVICTIONS = "evictions"
+
+# Version 1: chunks, stats, files.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -59,6 +79,60 @@ CREATE TABLE IF NOT EXISTS files (
 ) WITHOUT ROWID;
 """
 
+# Version 1 -> 2: pin sets, intents, the LRU index, the totals and their triggers.
+# Version 1 never set chunks.pins, so it starts from zero.
+_MIGRATE_V2 = """
+UPDATE chunks SET pins = 0;
+CREATE TABLE pin_sets (
+    set_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created INTEGER NOT NULL
+);
+CREATE TABLE pinned (
+    set_id INTEGER NOT NULL REFERENCES pin_sets (set_id),
+    id BLOB NOT NULL,
+    PRIMARY KEY (set_id, id)
+) WITHOUT ROWID;
+CREATE INDEX pinned_by_id ON pinned (id);
+CREATE TABLE intents (
+    seq INTEGER PRIMARY KEY,
+    op TEXT NOT NULL CHECK (op IN ('put', 'evict')),
+    id BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    owner TEXT NOT NULL
+);
+CREATE INDEX chunks_lru ON chunks (last_access) WHERE pins = 0;
+INSERT OR REPLACE INTO stats (name, value) VALUES
+    ('stored_chunks', (SELECT count(*) FROM chunks)),
+    ('stored_bytes', (SELECT coalesce(sum(size), 0) FROM chunks)),
+    ('pinned_bytes', 0);
+CREATE TRIGGER chunks_insert AFTER INSERT ON chunks BEGIN
+    UPDATE stats SET value = value + 1 WHERE name = 'stored_chunks';
+    UPDATE stats SET value = value + new.size WHERE name = 'stored_bytes';
+    UPDATE stats SET value = value + new.size WHERE name = 'pinned_bytes' AND new.pins > 0;
+    UPDATE chunks SET pins = (SELECT count(*) FROM pinned WHERE pinned.id = new.id)
+        WHERE id = new.id AND pins != (SELECT count(*) FROM pinned WHERE pinned.id = new.id);
+END;
+CREATE TRIGGER chunks_delete AFTER DELETE ON chunks BEGIN
+    UPDATE stats SET value = value - 1 WHERE name = 'stored_chunks';
+    UPDATE stats SET value = value - old.size WHERE name = 'stored_bytes';
+    UPDATE stats SET value = value - old.size WHERE name = 'pinned_bytes' AND old.pins > 0;
+END;
+CREATE TRIGGER chunks_update AFTER UPDATE OF size, pins ON chunks BEGIN
+    UPDATE stats SET value = value - old.size + new.size WHERE name = 'stored_bytes';
+    UPDATE stats SET value = value
+        - (CASE WHEN old.pins > 0 THEN old.size ELSE 0 END)
+        + (CASE WHEN new.pins > 0 THEN new.size ELSE 0 END)
+        WHERE name = 'pinned_bytes';
+END;
+CREATE TRIGGER pinned_insert AFTER INSERT ON pinned BEGIN
+    UPDATE chunks SET pins = pins + 1 WHERE id = new.id;
+END;
+CREATE TRIGGER pinned_delete AFTER DELETE ON pinned BEGIN
+    UPDATE chunks SET pins = pins - 1 WHERE id = old.id;
+END;
+"""
+
 
 class IndexCorrupt(IntegrityError):
     """The index database is unreadable or malformed."""
@@ -73,8 +147,40 @@ class CachedFile:
     blob_id: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PinSet:
+    name: str
+    count: int  # ids in the set
+    present: int  # of those, how many are stored
+    present_bytes: int  # their bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    seq: int
+    op: str  # "put" or "evict"
+    id: bytes
+    size: int
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The outcome of ``Index.reserve``: intents written, or why there is no room."""
+
+    fits: bool
+    put_seqs: list[int]  # the put intents (empty unless fits)
+    victims: list[Intent]  # evict intents: rows already deleted, files to delete
+    limit: int | None  # the effective quota applied
+    stored: int  # stored bytes before any eviction
+    reserved: int  # bytes reserved by in-flight puts (all writers), before this one
+    pinned: int  # stored pinned bytes
+    protected: int | None  # stored unpinned bytes the protector held (None: not asked)
+    ask_protector: bool = False  # eviction is needed: call again with the protected ids
+
+
 class Index:
-    """The chunk index and counters of one store (``root/index.sqlite``)."""
+    """The chunk index, pins, intents and counters of one store (``root/index.sqlite``)."""
 
     def __init__(self, path: Path, *, check: bool = True) -> None:
         self.path = Path(path)
@@ -93,11 +199,7 @@ class Index:
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise IndexCorrupt(f"index {self.path} has unknown schema version {version}")
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._migrate()
             if check:
                 result = self.db.execute("PRAGMA quick_check").fetchall()
                 if result != [("ok",)]:
@@ -110,6 +212,29 @@ class Index:
             self.db.close()
             raise IndexCorrupt(f"index {self.path} is unreadable: {e}") from None
         self.files = FilesCache(self)
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, each step in one transaction."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, 1, SCHEMA_VERSION):
+            raise IndexCorrupt(f"index {self.path} has unknown schema version {version}")
+        if version == SCHEMA_VERSION:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:  # another process may have migrated meanwhile
+                for stmt in _statements(_SCHEMA_V1):
+                    self.db.execute(stmt)
+                for stmt in _statements(_MIGRATE_V2):
+                    self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if version == 1:
+                    log.info("index %s migrated from schema 1 to %d", self.path, SCHEMA_VERSION)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         with self.lock:
@@ -141,63 +266,229 @@ class Index:
 
     def add_chunks(self, rows: Iterable[tuple[bytes, int, str]], now: int) -> int:
         """Insert (id, size, source) rows not yet present; returns how many were new."""
-        new = 0
         with self.transaction() as db:
-            for cid, size, source in rows:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO chunks (id, size, last_access, source) VALUES (?, ?, ?, ?)",
-                    (cid, size, now, source),
-                )
-                new += cur.rowcount
-        return new
+            return _insert_chunks(db, rows, now)
 
     def has_chunk(self, cid: bytes) -> bool:
         return bool(self._query("SELECT 1 FROM chunks WHERE id = ?", (cid,)))
 
+    def chunk_size(self, cid: bytes) -> int | None:
+        rows = self._query("SELECT size FROM chunks WHERE id = ?", (cid,))
+        return _int(rows[0][0]) if rows else None
+
     def chunk_ids(self) -> list[bytes]:
         return [row[0] for row in self._query("SELECT id FROM chunks") if isinstance(row[0], bytes)]
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
+        """(id, size) of every row in id order, read in batches (never all at once)."""
+        after = b""
+        while True:
+            rows = self._query(
+                "SELECT id, size FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (after, BATCH_ROWS)
+            )
+            for cid, size in rows:
+                assert isinstance(cid, bytes)
+                yield cid, _int(size)
+            if len(rows) < BATCH_ROWS:
+                return
+            last = rows[-1][0]
+            assert isinstance(last, bytes)
+            after = last
 
     def remove_chunk(self, cid: bytes) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
 
-    def touch(self, cids: Iterable[bytes], now: int) -> None:
+    def set_size(self, cid: bytes, size: int) -> None:
         with self.transaction() as db:
-            db.executemany(
-                "UPDATE chunks SET last_access = ? WHERE id = ?", ((now, c) for c in cids)
-            )
+            db.execute("UPDATE chunks SET size = ? WHERE id = ?", (size, cid))
+
+    def touch(self, touched: Mapping[bytes, int]) -> None:
+        """Raise the last access of each stored id to the time given (ns)."""
+        with self.transaction() as db:
+            _touch(db, touched)
 
     def replace_chunks(self, rows: Iterable[tuple[bytes, int, str]], now: int) -> None:
-        """Replace the whole chunk table (after a rebuild), keeping pins of survivors."""
+        """Replace the whole chunk table (after a rebuild). Pin sets stay; intents go."""
         with self.transaction() as db:
-            pins = dict(db.execute("SELECT id, pins FROM chunks WHERE pins > 0").fetchall())
             db.execute("DELETE FROM chunks")
-            db.executemany(
-                "INSERT OR REPLACE INTO chunks (id, size, last_access, pins, source) VALUES (?, ?, ?, ?, ?)",
-                ((cid, size, now, pins.get(cid, 0), source) for cid, size, source in rows),
-            )
+            db.execute("DELETE FROM intents")
+            _insert_chunks(db, rows, now)
 
     def chunk_totals(self) -> tuple[int, int]:
-        """(number of chunks, their total bytes)."""
-        count, total = self._query("SELECT count(*), total(size) FROM chunks")[0]
-        assert isinstance(count, int) and isinstance(total, float | int)
-        return count, int(total)
+        """(number of chunks, their total bytes), kept by triggers."""
+        return self.counter(STORED_CHUNKS), self.counter(STORED_BYTES)
+
+    # -- quota: reservations and eviction ------------------------------------------
+
+    def reserve(
+        self,
+        owner: str,
+        items: Sequence[tuple[bytes, int]],
+        *,
+        max_bytes: int | None,
+        disk_room: int | None,
+        protected: Collection[bytes] | None,
+        touched: Mapping[bytes, int],
+    ) -> Reservation:
+        """Reserve room for ``items`` (id, size), evicting LRU chunks if needed.
+
+        The effective quota is ``min(max_bytes, stored + disk_room)`` (None: no
+        limit). In one transaction: apply ``touched``; if stored + reserved +
+        new bytes exceed the quota, pick victims in LRU order (never pinned,
+        never ``protected``), delete their rows and record evict intents; then
+        record a put intent per item. If the victims cannot free enough, nothing
+        is evicted or reserved and ``fits`` is False. With ``protected`` None,
+        a reservation that needs eviction (and might fit) changes nothing and
+        asks for the protected ids (``ask_protector``): the caller calls its
+        protector without holding its own locks and tries again.
+        """
+        need = sum(size for _, size in items)
+        with self.transaction() as db:
+            _touch(db, touched)
+            stored = _counter(db, STORED_BYTES)
+            reserved = _int(
+                db.execute("SELECT total(size) FROM intents WHERE op = 'put'").fetchone()[0]
+            )
+            pinned = _counter(db, PINNED_BYTES)
+            limit = _limit(max_bytes, disk_room, stored)
+            victims: list[tuple[bytes, int]] = []
+            over = 0 if limit is None else stored + reserved + need - limit
+            if over > 0:
+                if stored - pinned < over:
+                    known = None if protected is None else _protected(db, protected)
+                    return Reservation(False, [], [], limit, stored, reserved, pinned, known)
+                if protected is None:
+                    return Reservation(False, [], [], limit, stored, reserved, pinned, None, True)
+                victims = _pick_victims(db, over, protected)
+                if sum(size for _, size in victims) < over:
+                    return Reservation(
+                        False, [], [], limit, stored, reserved, pinned, _protected(db, protected)
+                    )
+            evicted = _record_evictions(db, owner, victims)
+            seqs = [_insert_intent(db, "put", cid, size, owner) for cid, size in items]
+        return Reservation(True, seqs, evicted, limit, stored, reserved, pinned, 0)
+
+    def evict(
+        self, owner: str, nbytes: int, protected: Collection[bytes], touched: Mapping[bytes, int]
+    ) -> list[Intent]:
+        """Delete the rows of LRU unpinned unprotected chunks worth at least
+        ``nbytes`` (or all there are) and record evict intents for their files."""
+        with self.transaction() as db:
+            _touch(db, touched)
+            return _record_evictions(db, owner, _pick_victims(db, nbytes, protected))
+
+    def commit_puts(
+        self, seqs: Iterable[int], rows: Iterable[tuple[bytes, int, str]], now: int
+    ) -> int:
+        """Index the files now in place and drop their put intents; returns rows new."""
+        with self.transaction() as db:
+            new = _insert_chunks(db, rows, now)
+            db.executemany("DELETE FROM intents WHERE seq = ?", ((s,) for s in seqs))
+        return new
+
+    def drop_intents(self, seqs: Iterable[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM intents WHERE seq = ?", ((s,) for s in seqs))
+
+    def has_intent(self, cid: bytes) -> bool:
+        return bool(self._query("SELECT 1 FROM intents WHERE id = ? LIMIT 1", (cid,)))
+
+    def intents(self) -> list[Intent]:
+        rows = self._query("SELECT seq, op, id, size, owner FROM intents ORDER BY seq")
+        out = []
+        for seq, op, cid, size, owner in rows:
+            assert isinstance(op, str) and isinstance(cid, bytes) and isinstance(owner, str)
+            out.append(Intent(_int(seq), op, cid, _int(size), owner))
+        return out
+
+    def pinned_names(self, limit: int) -> list[str]:
+        """Names of pin sets holding stored chunks, the biggest first."""
+        rows = self._query(
+            "SELECT s.name FROM pin_sets s JOIN pinned p ON p.set_id = s.set_id "
+            "JOIN chunks c ON c.id = p.id GROUP BY s.set_id ORDER BY total(c.size) DESC LIMIT ?",
+            (limit,),
+        )
+        return [str(r[0]) for r in rows]
+
+    # -- pins ----------------------------------------------------------------------
+
+    def pin(self, name: str, ids: Iterable[bytes], now: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO pin_sets (name, created) VALUES (?, ?)", (name, now))
+            set_id = db.execute("SELECT set_id FROM pin_sets WHERE name = ?", (name,)).fetchone()[0]
+            db.executemany(
+                "INSERT OR IGNORE INTO pinned (set_id, id) VALUES (?, ?)",
+                ((set_id, cid) for cid in ids),
+            )
+
+    def unpin(self, name: str) -> bool:
+        """Drop a pin set; False if there was none of that name."""
+        with self.transaction() as db:
+            row = db.execute("SELECT set_id FROM pin_sets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM pinned WHERE set_id = ?", (row[0],))
+            db.execute("DELETE FROM pin_sets WHERE set_id = ?", (row[0],))
+        return True
+
+    def pin_sets(self) -> list[PinSet]:
+        rows = self._query(
+            "SELECT s.name, count(p.id), count(c.id), total(c.size) FROM pin_sets s "
+            "LEFT JOIN pinned p ON p.set_id = s.set_id LEFT JOIN chunks c ON c.id = p.id "
+            "GROUP BY s.set_id ORDER BY s.name"
+        )
+        return [PinSet(str(n), _int(k), _int(p), _int(b)) for n, k, p, b in rows]
+
+    def pinned_missing(self, name: str) -> list[bytes] | None:
+        """Ids of the set that are not stored; None if there is no such set."""
+        with self.lock:
+            row = self._query("SELECT set_id FROM pin_sets WHERE name = ?", (name,))
+            if not row:
+                return None
+            rows = self._query(
+                "SELECT p.id FROM pinned p WHERE p.set_id = ? "
+                "AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = p.id) ORDER BY p.id",
+                (row[0][0],),
+            )
+        return [r[0] for r in rows if isinstance(r[0], bytes)]
+
+    def is_pinned(self, cid: bytes) -> bool:
+        return bool(self._query("SELECT 1 FROM pinned WHERE id = ? LIMIT 1", (cid,)))
+
+    # -- consistency (fsck) ----------------------------------------------------------
+
+    def check_totals(self, repair: bool) -> list[str]:
+        """Compare the trigger-kept totals and pin counts with a recount, in one
+        consistent snapshot; fix them with ``repair``. One line per disagreement."""
+        if repair:
+            with self.transaction() as db:
+                return _check_totals(db, repair=True)
+        with self.snapshot() as db:
+            return _check_totals(db, repair=False)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside a read transaction (one consistent view), under the lock."""
+        with self.lock:
+            try:
+                self.db.execute("BEGIN")
+                try:
+                    yield self.db
+                finally:
+                    self.db.execute("ROLLBACK")
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"index {self.path}: {e}") from e
 
     # -- counters ----------------------------------------------------------------
 
     def counter(self, name: str) -> int:
         rows = self._query("SELECT value FROM stats WHERE name = ?", (name,))
-        value = rows[0][0] if rows else 0
-        assert isinstance(value, int)
-        return value
+        return _int(rows[0][0]) if rows else 0
 
     def add_counter(self, name: str, delta: int = 1) -> None:
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO stats (name, value) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                (name, delta),
-            )
+            _add_counter(db, name, delta)
 
     def raise_counter(self, name: str, floor: int) -> None:
         """Make the counter at least ``floor``."""
@@ -207,6 +498,150 @@ class Index:
                 "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
                 (name, floor),
             )
+
+
+def _check_totals(db: sqlite3.Connection, *, repair: bool) -> list[str]:
+    problems: list[str] = []
+    bad_pins = _int(
+        db.execute(
+            "SELECT count(*) FROM chunks c "
+            "WHERE pins != (SELECT count(*) FROM pinned p WHERE p.id = c.id)"
+        ).fetchone()[0]
+    )
+    if bad_pins:
+        problems.append(f"{bad_pins} chunk rows had a wrong pin count")
+        if repair:
+            db.execute(
+                "UPDATE chunks SET pins = (SELECT count(*) FROM pinned p WHERE p.id = chunks.id) "
+                "WHERE pins != (SELECT count(*) FROM pinned p WHERE p.id = chunks.id)"
+            )
+    count, total, pinned = db.execute(
+        "SELECT count(*), coalesce(sum(size), 0), "
+        "coalesce(sum(CASE WHEN pins > 0 THEN size ELSE 0 END), 0) FROM chunks"
+    ).fetchone()
+    for name, actual in ((STORED_CHUNKS, count), (STORED_BYTES, total), (PINNED_BYTES, pinned)):
+        kept = _counter(db, name)
+        if kept != actual:
+            problems.append(f"counter {name} was {kept}, recounted {actual}")
+            if repair:
+                db.execute(
+                    "INSERT OR REPLACE INTO stats (name, value) VALUES (?, ?)", (name, actual)
+                )
+    return problems
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a schema script into statements (triggers hold ';' inside BEGIN .. END)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf.strip()
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement: {buf!r}")
+
+
+def _int(value: object) -> int:
+    if isinstance(value, float):
+        return int(value)
+    assert isinstance(value, int), value
+    return value
+
+
+def _limit(max_bytes: int | None, disk_room: int | None, stored: int) -> int | None:
+    limits = [
+        x for x in (max_bytes, None if disk_room is None else stored + disk_room) if x is not None
+    ]
+    return max(0, min(limits)) if limits else None
+
+
+def _counter(db: sqlite3.Connection, name: str) -> int:
+    row = db.execute("SELECT value FROM stats WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else _int(row[0])
+
+
+def _add_counter(db: sqlite3.Connection, name: str, delta: int) -> None:
+    db.execute(
+        "INSERT INTO stats (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        (name, delta),
+    )
+
+
+def _insert_chunks(db: sqlite3.Connection, rows: Iterable[tuple[bytes, int, str]], now: int) -> int:
+    # rowcount sums the rows each execution inserted, without the triggers' changes.
+    cur = db.executemany(
+        "INSERT OR IGNORE INTO chunks (id, size, last_access, source) VALUES (?, ?, ?, ?)",
+        ((cid, size, now, source) for cid, size, source in rows),
+    )
+    return max(0, cur.rowcount)
+
+
+def _touch(db: sqlite3.Connection, touched: Mapping[bytes, int]) -> None:
+    if touched:
+        db.executemany(
+            "UPDATE chunks SET last_access = max(last_access, ?) WHERE id = ?",
+            ((t, cid) for cid, t in touched.items()),
+        )
+
+
+def _pick_victims(
+    db: sqlite3.Connection, nbytes: int, protected: Collection[bytes]
+) -> list[tuple[bytes, int]]:
+    """LRU unpinned, unprotected (id, size) worth at least ``nbytes``, or all there are.
+
+    Walks the partial LRU index in batches (keyset paging), never the whole table.
+    """
+    victims: list[tuple[bytes, int]] = []
+    freed = 0
+    after: tuple[int, bytes] = (-1, b"")
+    while freed < nbytes:
+        rows = db.execute(
+            "SELECT id, size, last_access FROM chunks WHERE pins = 0 "
+            "AND (last_access, id) > (?, ?) ORDER BY last_access, id LIMIT ?",
+            (*after, BATCH_ROWS),
+        ).fetchall()
+        for cid, size, _ in rows:
+            if cid in protected:
+                continue
+            victims.append((cid, size))
+            freed += size
+            if freed >= nbytes:
+                break
+        if len(rows) < BATCH_ROWS:
+            break
+        after = (rows[-1][2], rows[-1][0])
+    return victims
+
+
+def _record_evictions(
+    db: sqlite3.Connection, owner: str, victims: list[tuple[bytes, int]]
+) -> list[Intent]:
+    out = []
+    for cid, size in victims:
+        db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+        out.append(Intent(_insert_intent(db, "evict", cid, size, owner), "evict", cid, size, owner))
+    if victims:
+        _add_counter(db, EVICTIONS, len(victims))
+    return out
+
+
+def _insert_intent(db: sqlite3.Connection, op: str, cid: bytes, size: int, owner: str) -> int:
+    cur = db.execute(
+        "INSERT INTO intents (op, id, size, owner) VALUES (?, ?, ?, ?)", (op, cid, size, owner)
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _protected(db: sqlite3.Connection, protected: Collection[bytes]) -> int:
+    total = 0
+    for cid in protected:
+        row = db.execute("SELECT size FROM chunks WHERE id = ? AND pins = 0", (cid,)).fetchone()
+        if row is not None:
+            total += row[0]
+    return total
 
 
 class FilesCache:

@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
+# The WAL is checkpointed at this many pages and truncated back to WAL_LIMIT_BYTES
+# afterwards, so the index's growth between two quota checks is bounded: the store
+# keeps INDEX_HEADROOM_BYTES of the free-space floor's side for it.
+WAL_CHECKPOINT_PAGES = 256
+WAL_LIMIT_BYTES = 1 << 20
+INDEX_HEADROOM_BYTES = 2 * WAL_LIMIT_BYTES
 # Rows read per query when walking the LRU order or the whole table.
 BATCH_ROWS = 512
 
@@ -199,6 +205,8 @@ class Index:
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
             self._migrate()
             if check:
                 result = self.db.execute("PRAGMA quick_check").fetchall()
@@ -378,14 +386,18 @@ class Index:
             _touch(db, touched)
             return _record_evictions(db, owner, _pick_victims(db, nbytes, protected))
 
-    def commit_puts(
-        self, seqs: Iterable[int], rows: Iterable[tuple[bytes, int, str]], now: int
-    ) -> int:
-        """Index the files now in place and drop their put intents; returns rows new."""
+    def commit_puts(self, seqs: Iterable[int], rows: Iterable[tuple[bytes, int, str, int]]) -> None:
+        """Index the files now in place, (id, size, source, last access) each, and drop
+        the batch's put intents, in one transaction. A stale row (its file had gone)
+        is overwritten."""
         with self.transaction() as db:
-            new = _insert_chunks(db, rows, now)
+            db.executemany(
+                "INSERT INTO chunks (id, size, last_access, source) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET size = excluded.size, "
+                "last_access = excluded.last_access, source = excluded.source",
+                ((cid, size, t, source) for cid, size, source, t in rows),
+            )
             db.executemany("DELETE FROM intents WHERE seq = ?", ((s,) for s in seqs))
-        return new
 
     def drop_intents(self, seqs: Iterable[int]) -> None:
         with self.transaction() as db:
@@ -421,6 +433,33 @@ class Index:
                 "INSERT OR IGNORE INTO pinned (set_id, id) VALUES (?, ?)",
                 ((set_id, cid) for cid in ids),
             )
+
+    def salvage_pins(self, old: Path) -> int:
+        """Copy the pin sets a damaged index still yields (best effort, before a
+        rebuild); returns how many sets were copied whole."""
+        copied = 0
+        try:
+            src = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return 0
+        try:
+            sets = src.execute("SELECT set_id, name, created FROM pin_sets").fetchall()
+            for set_id, name, created in sets:
+                try:
+                    ids = [
+                        r[0]
+                        for r in src.execute("SELECT id FROM pinned WHERE set_id = ?", (set_id,))
+                    ]
+                except sqlite3.Error as e:
+                    log.warning("pin set %r could not be read from %s: %s", name, old, e)
+                    continue
+                self.pin(str(name), (i for i in ids if isinstance(i, bytes)), int(created))
+                copied += 1
+        except sqlite3.Error as e:
+            log.warning("no pin sets could be read from %s: %s", old, e)
+        finally:
+            src.close()
+        return copied
 
     def unpin(self, name: str) -> bool:
         """Drop a pin set; False if there was none of that name."""

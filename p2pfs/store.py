@@ -68,6 +68,7 @@ from .errors import (
 from .ids import ID_SIZE, ChunkId
 from .index import (
     EVICTIONS,
+    INDEX_HEADROOM_BYTES,
     PINNED_BYTES,
     FilesCache,
     Index,
@@ -241,6 +242,13 @@ def _write_file(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _discard(paths: Iterable[Path | None]) -> None:
+    for p in paths:
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def _proc_start(pid: int) -> str | None:
     """A running process's start time (clock ticks since boot); None if it is gone
     or a zombie. Raises OSError when /proc cannot tell."""
@@ -321,6 +329,8 @@ class Store:
         self._clean_tmp()
         self.index = self._open_index()
         self._recover()
+        if self._max_bytes is not None or self._min_free:
+            self._fit_quota()
 
     # -- opening, recovering and rebuilding ----------------------------------------
 
@@ -336,6 +346,9 @@ class Store:
                     os.replace(src, Path(str(aside) + suffix))
             index = Index(self.index_path)
             self.index = index
+            sets = index.salvage_pins(Path(str(aside)))
+            if sets:
+                log.warning("kept %d pin sets from the damaged index", sets)
             self.rebuild_index()
             return index
         self.index = index
@@ -505,10 +518,7 @@ class Store:
         limits = self._check_quota(max_bytes, min_free_bytes)
         with self._lock:
             self._max_bytes, self._min_free = limits
-        usage = self.cache_usage()
-        if usage.quota is not None and usage.bytes + usage.reserved > usage.quota:
-            n, freed = self.evict(usage.bytes + usage.reserved - usage.quota)
-            log.info("new quota %s: evicted %d chunks (%s)", _human(usage.quota), n, _human(freed))
+        self._fit_quota()
 
     def set_protector(self, protect: Callable[[], Collection[bytes]] | None) -> None:
         """``protect()`` answers the ids that must not be evicted right now (chunks
@@ -523,12 +533,18 @@ class Store:
         ids = protect()
         return ids if isinstance(ids, set | frozenset) else frozenset(ids)
 
-    def _disk_room(self) -> int | None:
-        """Free bytes on the store's file system above the floor; None without any quota."""
+    def _disk_room(self, *, headroom: bool = True) -> int | None:
+        """Free bytes on the store's file system above the floor; None without any quota.
+
+        With a floor, puts also leave INDEX_HEADROOM_BYTES free: the index (on the
+        same file system) may grow by that much after a check (its WAL is bounded),
+        and the floor must hold through that too. The quota reported by
+        ``cache_usage`` is the plain ``stored + free - min_free_bytes``."""
         if self._max_bytes is None and self._min_free == 0:
             return None
         st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize - self._min_free
+        extra = INDEX_HEADROOM_BYTES if self._min_free and headroom else 0
+        return st.f_bavail * st.f_frsize - self._min_free - extra
 
     def _reserve(self, items: list[tuple[bytes, int]]) -> list[int]:
         """Reserve room for ``items``, evicting as needed; returns the put intents.
@@ -613,7 +629,7 @@ class Store:
 
     def cache_usage(self) -> CacheUsage:
         with self._lock:
-            room = self._disk_room()
+            room = self._disk_room(headroom=False)
             chunks, stored = self.index.chunk_totals()
             limit = self._max_bytes
             if room is not None:
@@ -726,14 +742,10 @@ class Store:
             finally:
                 os.close(fd)
         except BaseException:
+            _discard([tmp])  # before the reservation ends: the bytes stay counted
             self._abandon(seqs, size)
             raise
-        else:
-            return self._commit(seqs, [(cid, tmp, size)], size, source) == 1
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        return self._commit(seqs, [(cid, tmp, size)], size, source) == 1
 
     def put_many(
         self, items: Iterable[tuple[bytes, bytes | memoryview]], *, source: str = "local"
@@ -779,22 +791,19 @@ class Store:
                 finally:
                     os.close(dfd)
         except BaseException:
+            _discard(tmp for _, tmp, _ in written)
             self._abandon(seqs, need)
             raise
-        else:
-            return self._commit(seqs, written, need, source)
-        finally:
-            for _, tmp, _ in written:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        return self._commit(seqs, written, need, source)
 
     def _commit(
         self, seqs: list[int], written: list[tuple[bytes, Path, int]], need: int, source: str
     ) -> int:
         """Rename durable temp files into place, index them and end their reservation;
         returns how many were new. Whatever was renamed is indexed even if a later
-        rename fails."""
-        rows: list[tuple[bytes, int, str]] = []
+        rename fails; temp files not renamed are deleted before the reservation
+        ends, so they never count outside the quota."""
+        rows: list[tuple[bytes, int, str, int]] = []
         with self._lock:
             try:
                 for cid, tmp, size in written:
@@ -806,10 +815,11 @@ class Store:
                     except FileNotFoundError:
                         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                         os.rename(tmp, final)
-                    rows.append((cid, size, source))
+                    rows.append((cid, size, source, self._now()))  # batch order is LRU order
             finally:
                 try:
-                    self.index.commit_puts(seqs, rows, self._now())
+                    _discard(tmp for _, tmp, _ in written)
+                    self.index.commit_puts(seqs, rows)
                 finally:
                     self._end_reservation(need)
         return len(rows)

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, control, estate_cli
 from .chunker import ChunkParams
-from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError
+from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError, UsageError
 from .estate import Estate
 from .home import Home, default_home
 
@@ -80,7 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="what this node holds, serves and has seen go wrong")
     st.add_argument("--json", action="store_true")
 
-    sub.add_parser("scrub", help="verify every stored chunk; quarantine the bad ones")
+    sc = sub.add_parser("scrub", help="verify every stored chunk; quarantine and heal the bad ones")
+    sc.add_argument("--json", action="store_true")
+
+    fs = sub.add_parser("fsck", help="check that the store's index and chunk files agree")
+    fs.add_argument("--repair", action="store_true", help="make the index match the files")
+    fs.add_argument("--json", action="store_true")
+
+    pi = sub.add_parser("pin", help="fetch everything under paths and keep it for offline use")
+    pi.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a path inside the mount, or VOLUME:/path"
+    )
+    pi.add_argument(
+        "--follow", action="store_true", help="keep it complete as new snapshots arrive"
+    )
+    pi.add_argument("--json", action="store_true")
+
+    up = sub.add_parser("unpin", help="release pinned paths (their chunks become evictable)")
+    up.add_argument("paths", nargs="+", metavar="PATH")
+
+    ps = sub.add_parser("pins", help="what is pinned, how big, whether complete")
+    ps.add_argument("--json", action="store_true")
 
     pe = sub.add_parser("peers", help="the peers this node knows and how it reaches them")
     pe.add_argument("--json", action="store_true")
@@ -367,6 +387,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     b = st["bytes_from"]
     print(f"bytes from: local {b['local']}, peers {b['peers']}, origin {b['origin']}")
+    c = st.get("cache")
+    if c:
+        quota = _mib(c["quota"]) if c["quota"] is not None else "no quota"
+        print(
+            f"cache: {_mib(c['bytes'])} of {quota}, {_mib(c['pinned_bytes'])} pinned "
+            f"in {st.get('pins', 0)} pins; offline ready: {'yes' if st['offline_ready'] else 'no'}"
+        )
+    sc = st.get("scrub")
+    if sc:
+        when = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(sc["last_run"]))
+            if sc["last_run"]
+            else "never"
+        )
+        print(
+            f"scrub: last {when}; {sc['chunks_checked']} checked, {sc['corrupt_found']} corrupt, "
+            f"{sc['healed']} healed"
+        )
     if st.get("estate"):
         up = sum(1 for p in st["peers"] if p["state"] == "connected")
         print(
@@ -436,15 +474,154 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     from .store import Store
 
     home = _home(args).require()
-    store = Store(home.store_dir)
     try:
-        good, bad = store.scrub()
-    finally:
-        store.close()
-    print(f"verified {good} chunks; {len(bad)} corrupt (quarantined)")
-    for cid in bad:
-        print(f"corrupt: {cid.hex()}")
-    return EXIT_ERROR if bad else 0
+        # The daemon heals what it finds from peers or the origin.
+        r = control.call(home.control_socket, "scrub", timeout=24 * 3600)
+    except NotRunning:
+        store = Store(home.store_dir)
+        try:
+            good, bad_ids = store.scrub()
+        finally:
+            store.close()
+        bad = [c.hex() for c in bad_ids]
+        r = {"chunks_checked": good + len(bad), "corrupt_found": len(bad), "healed": 0, "bad": bad}
+        r["unhealed"] = len(bad)
+    if args.json:
+        _print_json(r)
+    else:
+        print(
+            f"verified {r['chunks_checked']} chunks: {r['corrupt_found']} corrupt (quarantined), "
+            f"{r['healed']} healed from peers, {r['unhealed']} not healed"
+        )
+        for cid in r["bad"]:
+            print(f"corrupt: {cid}")
+    return EXIT_ERROR if r["unhealed"] else 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    home = _home(args).require()
+    try:
+        r = control.call(home.control_socket, "fsck", timeout=24 * 3600, repair=args.repair)
+    except NotRunning:
+        store = Store(home.store_dir)
+        try:
+            report = store.fsck(repair=args.repair)
+        finally:
+            store.close()
+        r = {"clean": report.clean, "lines": report.lines()}
+    if args.json:
+        _print_json(r)
+    else:
+        for line in r["lines"]:
+            print(line)
+    return 0 if r["clean"] or args.repair else EXIT_ERROR
+
+
+def _pin_target(home: Home, text: str) -> tuple[str, str]:
+    """A path inside the node's mount, or VOLUME:/path, as (volume, path)."""
+    from .pins import normalize_path, parse_target
+
+    candidate = Path(text)
+    if not candidate.is_absolute() and ":" in text and not candidate.exists():
+        return parse_target(text)
+    st = control.call(home.control_socket, "status", timeout=10)
+    mountpoint = st["daemon"]["mountpoint"]
+    if mountpoint is None:
+        raise UsageError(f"the daemon of {home.root} is not mounted: name the path as VOLUME:/path")
+    try:
+        rel = Path(os.path.abspath(text)).relative_to(mountpoint)
+    except ValueError:
+        raise UsageError(f"{text} is not inside the mount {mountpoint}") from None
+    if not rel.parts:
+        raise UsageError("pin a volume or a path inside one, not the whole mount")
+    return rel.parts[0], normalize_path("/".join(rel.parts[1:]))
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    targets = [_pin_target(home, t) for t in args.paths]
+    results = []
+    for volume, path in targets:
+        req = {"volume": volume, "path": path}
+        job = control.call(home.control_socket, "pin", timeout=600, follow=args.follow, **req)
+        show = sys.stderr.isatty() and not args.json
+        try:
+            job = _watch_pin(home, req, job, show)
+        except KeyboardInterrupt:
+            control.call(home.control_socket, "pin-cancel", timeout=30, **req)
+            print(f"p2pfs: pin of {volume}:{path} stopped; run it again to resume", file=sys.stderr)
+            return 130
+        results.append(job)
+        if not args.json:
+            print(
+                f"pinned {job['name']}: {job['chunks_total']} chunks, {_mib(job['bytes_total'])}"
+                + (f" ({job['error']})" if job["error"] else "")
+            )
+    if args.json:
+        _print_json(results)
+    return 0 if all(j["state"] == "complete" for j in results) else EXIT_ERROR
+
+
+def _watch_pin(home: Home, req: dict[str, str], job: dict[str, Any], show: bool) -> dict[str, Any]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if show:
+            progress = stack.enter_context(
+                Progress(
+                    "{task.description}",
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    transient=True,
+                )
+            )
+            bar = progress.add_task(f"pin {job['name']}", total=None)
+        while job["state"] in ("resolving", "fetching"):
+            time.sleep(0.2)
+            job = control.call(home.control_socket, "pin-status", timeout=30, **req)
+            if bar is not None:
+                progress.update(bar, total=job["bytes_total"] or None, completed=job["bytes_done"])
+    if job["state"] != "complete":
+        raise P2pfsError(f"pin of {job['name']} {job['state']}: {job['error']}")
+    return job
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    for text in args.paths:
+        volume, path = _pin_target(home, text)
+        r = control.call(home.control_socket, "unpin", timeout=60, volume=volume, path=path)
+        print(f"unpinned {r['unpinned']}")
+    return 0
+
+
+def cmd_pins(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    r = control.call(home.control_socket, "pins", timeout=30)
+    if args.json:
+        _print_json(r)
+        return 0
+    for p in r["pins"]:
+        state = "complete" if p["complete"] else f"incomplete ({p['present']}/{p['ids']} ids)"
+        follow = " follow" if p["follow"] else ""
+        print(f"{p['name']}\t{_mib(p['bytes'])}\tsnapshot {p['seq']}{follow}\t{state}")
+    print(f"offline ready: {'yes' if r['offline_ready'] else 'no'}")
+    return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -457,6 +634,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "scrub": cmd_scrub,
     "peers": cmd_peers,
+    "fsck": cmd_fsck,
+    "pin": cmd_pin,
+    "unpin": cmd_unpin,
+    "pins": cmd_pins,
 }
 
 

@@ -10,9 +10,15 @@ peer_fetch = true           # false: fetch only from the origin (a baseline for 
 frame_timeout_s = 30.0      # a frame that has begun must arrive within this
 
 [fetch]
-deadline_s = 10.0           # a read that cannot get its chunk by then fails with EIO
+deadline_s = 5.0            # a read that cannot get its chunk by then fails with EIO
 hedge_after_s = 0.5         # ask a second peer when the first is this slow
 peers_without_digest = 3    # k: peers asked even though their digest says no
+
+[cache]
+max_bytes = "20G"           # hard quota of the local store (default: no quota)
+min_free = "2G"             # free disk space the store never takes (default 1G)
+scrub_interval_h = 24       # background verification of every stored chunk (0: off)
+scrub_rate_mb_s = 50        # its speed limit
 ```
 """
 
@@ -36,9 +42,13 @@ class Config:
     discovery: bool = True
     peer_fetch: bool = True
     frame_timeout_s: float = 30.0
-    fetch_deadline_s: float = 10.0
+    fetch_deadline_s: float = 5.0
     hedge_after_s: float = 0.5
     peers_without_digest: int = 3
+    cache_max_bytes: int | None = None
+    cache_min_free_bytes: int = 1 << 30
+    scrub_interval_s: float = 24 * 3600.0
+    scrub_rate_bytes_s: float = 50e6
 
 
 def _num(section: dict[str, Any], key: str, lo: float, hi: float, where: str) -> float | None:
@@ -58,6 +68,27 @@ def _bool(section: dict[str, Any], key: str, where: str) -> bool | None:
     return bool(section[key])
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object, what: str) -> int:
+    """A byte count: an integer, or a string like "20G", "512M", "64MiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        number, unit = text[:-1] if text[-1:] in _UNITS else text, text[-1:]
+        if unit not in _UNITS or unit.isdigit():
+            number, unit = text, ""
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount >= 0:
+            return int(amount * _UNITS[unit])
+    raise P2pfsError(f"{what} must be a size like 20G or 512M, not {value!r}")
+
+
 def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -73,11 +104,20 @@ def load(path: Path) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise P2pfsError(f"{path} is not valid TOML: {e}") from None
     where = str(path)
+    values: dict[str, Any] = {}
     net = doc.get("network", {})
     fetch = doc.get("fetch", {})
-    if not isinstance(net, dict) or not isinstance(fetch, dict):
-        raise P2pfsError(f"{where}: [network] and [fetch] must be tables")
-    values: dict[str, Any] = {}
+    cache = doc.get("cache", {})
+    if not all(isinstance(t, dict) for t in (net, fetch, cache)):
+        raise P2pfsError(f"{where}: [network], [fetch] and [cache] must be tables")
+    if "max_bytes" in cache:
+        values["cache_max_bytes"] = parse_size(cache["max_bytes"], f"{where}: [cache] max_bytes")
+    if "min_free" in cache:
+        values["cache_min_free_bytes"] = parse_size(cache["min_free"], f"{where}: [cache] min_free")
+    if (si := _num(cache, "scrub_interval_h", 0, 24 * 365, where)) is not None:
+        values["scrub_interval_s"] = si * 3600
+    if (sr := _num(cache, "scrub_rate_mb_s", 0.1, 100_000, where)) is not None:
+        values["scrub_rate_bytes_s"] = sr * 1e6
     if (port := _num(net, "port", 0, 65535, where)) is not None:
         values["port"] = int(port)
     if "listen" in net:

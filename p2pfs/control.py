@@ -109,15 +109,17 @@ async def _read_message(stream: trio.abc.ReceiveStream) -> object:
 AFTER_REPLY = "__after_reply__"
 
 
-def call(path: Path, op: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> Any:
+def call(socket_path: Path, op: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> Any:
     """Blocking client for the CLI: send one request, return its result or raise."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         try:
-            s.connect(str(path))
+            s.connect(str(socket_path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning(f"no p2pfs daemon is running for {path.parent.parent}") from None
+            raise NotRunning(
+                f"no p2pfs daemon is running for {socket_path.parent.parent}"
+            ) from None
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = bytearray()
         while True:

@@ -23,13 +23,15 @@ import trio
 
 from . import chunker, fuse
 from . import config as config_mod
-from .content import Content
+from .content import ChunkCache, Content
 from .control import AFTER_REPLY, ControlServer
-from .errors import Busy, NotFound, P2pfsError
+from .errors import Busy, NotFound, P2pfsError, UsageError
 from .estate import Estate
 from .home import Home
+from .keeper import Keeper
+from .pins import PinRegistry, normalize_path
 from .server import Network
-from .store import Store
+from .store import QuotaExceeded, Store
 from .vfs import ROOT_INO, FileSystem, Head
 from .volume_sync import VolumeSync
 from .volumes import VolumeRegistry
@@ -107,6 +109,7 @@ class Daemon:
         self.heads: dict[str, Head] = {}
         self.network: Network | None = None
         self.sync: VolumeSync | None = None
+        self.nursery: trio.Nursery | None = None
         self.started = time.time()
         self.mounted = False
 
@@ -140,9 +143,21 @@ class Daemon:
         self.store = store
         self.registry = VolumeRegistry(self.home)
         self.config = config_mod.load(self.home.config_file)
+        store.set_quota(self.config.cache_max_bytes, self.config.cache_min_free_bytes)
         self.estate = Estate.load(self.home)
         self.content = Content(store, remote=self._fetch if self.estate else None)
         self.fs = FileSystem(self.content, lambda: self.heads)
+        store.set_protector(self.fs.open_chunk_ids)
+        self.keeper = Keeper(
+            self.content,
+            store,
+            PinRegistry(self.home),
+            lambda: {n: (h.snapshot_id, h.snapshot) for n, h in self.heads.items()},
+            self._fetch if self.estate else None,
+            self.home.root / "scrub.json",
+            scrub_interval_s=self.config.scrub_interval_s,
+            scrub_rate_bytes_s=self.config.scrub_rate_bytes_s,
+        )
         if self.estate is not None:
             self.sync = VolumeSync(
                 self.registry,
@@ -152,6 +167,11 @@ class Daemon:
                 announce=lambda head: self.network.announce(head) if self.network else None,
             )
             self.network = Network(self.estate, store, self.sync, self.config)
+            # Peers that made us a chunk's home ask at once: one fetch serves them all.
+            for_peers = ChunkCache(
+                functools.partial(self._fetch, proxy=False), max_bytes=32 * 1024 * 1024
+            )
+            self.network.fetch_for_peer = for_peers.get
         self.reload_heads()
         control = ControlServer(self.home.control_socket)
         self._register(control)
@@ -159,6 +179,7 @@ class Daemon:
             self.nursery = nursery
             self.fs.attach(nursery)
             await nursery.start(control.run)
+            await nursery.start(self.keeper.run)
             nursery.start_soon(self._signals, nursery.cancel_scope)
             if self.network is not None:
                 await nursery.start(self.network.run)
@@ -174,15 +195,20 @@ class Daemon:
             log.info("unmounted %s", self.mountpoint)
         return 0
 
-    async def _fetch(self, cid: bytes) -> bytes:
+    async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned."""
         assert self.network is not None
-        data, _peer = await self.network.fetcher.fetch(cid)
-        await trio.to_thread.run_sync(
-            functools.partial(self.store.put, cid, data, verify=False, source="peer"),
-            limiter=self.content.limiter,
-        )
-        self.network.store_changed()
+        data, _peer = await self.network.fetcher.fetch(cid, proxy=proxy)
+        try:
+            await trio.to_thread.run_sync(
+                functools.partial(self.store.put, cid, data, verify=False, source="peer"),
+                limiter=self.content.limiter,
+            )
+        except QuotaExceeded as e:
+            # Everything stored is pinned or in use: serve the read from memory, uncached.
+            log.debug("not caching %s: %s", cid.hex(), e)
+        else:
+            self.network.store_changed()
         return data
 
     async def _mount(self, nursery: trio.Nursery) -> None:
@@ -213,7 +239,10 @@ class Daemon:
     def stop(self, scope: trio.CancelScope | None = None) -> None:
         if self.mounted:
             fuse.terminate()
-        (scope or self.nursery.cancel_scope).cancel()
+        if scope is None and self.nursery is not None:
+            scope = self.nursery.cancel_scope
+        if scope is not None:
+            scope.cancel()
 
     def _heads_changed(self, names: list[str]) -> None:
         self.reload_heads()
@@ -240,6 +269,8 @@ class Daemon:
                 changed.append(name)
         gone = [n for n in self.heads if n not in fresh]
         self.heads = fresh
+        if changed and self.nursery is not None:
+            self.nursery.start_soon(self.keeper.follow, changed)
         if self.network is not None and self.sync is not None:
             self.network.fetcher.origins = self.sync.origins()
             for name in changed:
@@ -258,6 +289,13 @@ class Daemon:
     def _register(self, control: ControlServer) -> None:
         control.register("status", "user", self._op_status)
         control.register("peers", "user", self._op_peers)
+        control.register("pin", "user", self._op_pin)
+        control.register("pin-status", "user", self._op_pin_status)
+        control.register("pin-cancel", "user", self._op_pin_cancel)
+        control.register("unpin", "user", self._op_unpin)
+        control.register("pins", "user", self._op_pins)
+        control.register("scrub", "user", self._op_scrub)
+        control.register("fsck", "admin", self._op_fsck)
         control.register("reload", "admin", self._op_reload)
         control.register("stop", "admin", self._op_stop)
         if self.debug_faults:
@@ -265,6 +303,45 @@ class Daemon:
 
     async def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
+
+    def _target(self, request: dict[str, Any]) -> tuple[str, str]:
+        volume, path = request.get("volume"), request.get("path")
+        if not isinstance(volume, str) or not isinstance(path, str):
+            raise UsageError("pin requests name a volume and a path")
+        return volume, normalize_path(path)
+
+    async def _op_pin(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume, path = self._target(request)
+        job = await self.keeper.pin(volume, path, follow=bool(request.get("follow")))
+        return job.describe()
+
+    async def _op_pin_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume, path = self._target(request)
+        job = self.keeper.jobs.get(f"{volume}:{path}")
+        if job is None:
+            raise NotFound(f"no pin job for {volume}:{path}")
+        return job.describe()
+
+    async def _op_pin_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume, path = self._target(request)
+        return self.keeper.cancel(f"{volume}:{path}").describe()
+
+    async def _op_unpin(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume, path = self._target(request)
+        record = await self.keeper.unpin(volume, path)
+        return {"unpinned": record.name}
+
+    async def _op_pins(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"pins": self.keeper.describe_pins(), "offline_ready": self.keeper.offline_ready()}
+
+    async def _op_scrub(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.keeper.run_scrub()
+
+    async def _op_fsck(self, request: dict[str, Any]) -> dict[str, Any]:
+        report = await trio.to_thread.run_sync(
+            functools.partial(self.store.fsck, repair=bool(request.get("repair")))
+        )
+        return {"clean": report.clean, "lines": report.lines()}
 
     async def _op_peers(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.network is None:
@@ -326,15 +403,30 @@ class Daemon:
                 "corrupt_chunks": stats.corrupt_chunks,
                 "quarantined": stats.quarantined,
             },
-            "cache": {
+            "memory_cache": {
                 "bytes": cache.bytes,
                 "hits": cache.stats.hits,
                 "misses": cache.stats.misses,
                 "evictions": cache.stats.evictions,
             },
+            "cache": self._cache_status(),
+            "offline_ready": self.keeper.offline_ready(),
+            "pins": len(self.keeper.pins.all()),
+            "scrub": self.keeper.status(),
             "fuse_errors": self.fs.errors,
             "inodes": self.fs.inode_count,
             **self._network_status(),
+        }
+
+    def _cache_status(self) -> dict[str, Any]:
+        u = self.store.cache_usage()
+        return {
+            "bytes": u.bytes,
+            "quota": u.quota,
+            "max_bytes": u.max_bytes,
+            "min_free_bytes": u.min_free_bytes,
+            "pinned_bytes": u.pinned_bytes,
+            "evictions": u.evictions,
         }
 
     def _network_status(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class _BadChunk(Exception):
 class Fetcher:
     def __init__(
         self,
+        node_id: bytes,
         table: PeerTable,
         quarantine: Quarantine,
         *,
@@ -56,6 +57,7 @@ class Fetcher:
         others: int = 3,
         peer_fetch: bool = True,
     ) -> None:
+        self.node_id = node_id
         self.table = table
         self.quarantine = quarantine
         self.deadline_s = deadline_s
@@ -65,19 +67,24 @@ class Fetcher:
         self.stats = FetchStats()
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
 
-    def candidates(self, cid: bytes) -> list[Peer]:
+    def candidates(self, cid: bytes, *, proxy: bool = True) -> list[tuple[Peer, bool]]:
         if not self.peer_fetch:
             found = (self.table.peers.get(o) for o in sorted(self.origins))
-            return [p for p in found if p is not None and p.usable]
-        return self.table.ranked_for(cid, others=self.others, origins=self.origins)
+            return [(p, False) for p in found if p is not None and p.usable]
+        home = self.table.home_of(cid, self.node_id, self.origins) if proxy else None
+        return self.table.ranked_for(cid, others=self.others, origins=self.origins, home=home)
 
-    async def fetch(self, cid: bytes) -> tuple[bytes, Peer]:
-        """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) past the deadline."""
+    async def fetch(self, cid: bytes, *, proxy: bool = True) -> tuple[bytes, Peer]:
+        """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) past the deadline.
+
+        ``proxy=False`` when fetching on behalf of a peer that made us the chunk's
+        home: then we do not hand it on to another home (no loops).
+        """
         tried: set[bytes] = set()
         errors: list[str] = []
         with trio.move_on_after(self.deadline_s):
             while True:
-                order = [p for p in self.candidates(cid) if p.node_id not in tried]
+                order = [c for c in self.candidates(cid, proxy=proxy) if c[0].node_id not in tried]
                 if order:
                     got = await self._race(cid, order, tried, errors)
                     if got is not None:
@@ -91,7 +98,7 @@ class Fetcher:
                 # Nobody had it (or nobody is connected yet): wait a moment for peers to
                 # appear or reconnect, then ask again the ones not asked yet or all anew.
                 await trio.sleep(0.2)
-                if not [p for p in self.candidates(cid) if p.node_id not in tried]:
+                if not [c for c in self.candidates(cid, proxy=proxy) if c[0].node_id not in tried]:
                     tried.clear()
         self.stats.failed_fetches += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"
@@ -100,15 +107,15 @@ class Fetcher:
         )
 
     async def _race(
-        self, cid: bytes, order: list[Peer], tried: set[bytes], errors: list[str]
+        self, cid: bytes, order: list[tuple[Peer, bool]], tried: set[bytes], errors: list[str]
     ) -> tuple[bytes, Peer] | None:
         result: tuple[bytes, Peer] | None = None
         async with trio.open_nursery() as nursery:
 
-            async def attempt(peer: Peer, ended: trio.Event) -> None:
+            async def attempt(peer: Peer, fetch: bool, ended: trio.Event) -> None:
                 nonlocal result
                 try:
-                    data = await self._ask(peer, cid)
+                    data = await self._ask(peer, cid, fetch)
                 except PeerUnavailable as e:
                     errors.append(f"{peer.node_id.hex()[:8]}: {e}")
                 except _BadChunk:
@@ -120,25 +127,29 @@ class Fetcher:
                 finally:
                     ended.set()
 
-            for i, peer in enumerate(order):
+            for i, (peer, fetch) in enumerate(order):
                 tried.add(peer.node_id)
                 if i:
                     self.stats.hedged_requests += 1
                 ended = trio.Event()
-                nursery.start_soon(attempt, peer, ended)
-                # Move on when this one failed, or hedge when it is slow.
-                with trio.move_on_after(self.hedge_after_s):
+                nursery.start_soon(attempt, peer, fetch, ended)
+                # Move on when this one failed, or hedge when it is slow: slow for this
+                # peer, as a busy link makes every answer slower (a home fetches first).
+                patience = max(self.hedge_after_s, 4 * peer.latency_s * (2 if fetch else 1))
+                with trio.move_on_after(patience):
                     await ended.wait()
         return result
 
-    async def _ask(self, peer: Peer, cid: bytes) -> bytes:
+    async def _ask(self, peer: Peer, cid: bytes, fetch: bool = False) -> bytes:
         conn = peer.conn
         if conn is None:
             raise PeerUnavailable("not connected")
         peer.inflight += 1
         start = trio.current_time()
         try:
-            header, payload = await conn.request(messages.get(cid), within=self.deadline_s)
+            header, payload = await conn.request(
+                messages.get(cid, fetch=fetch), within=self.deadline_s
+            )
         finally:
             peer.inflight -= 1
         err = messages.answer_error(header)

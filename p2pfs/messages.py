@@ -138,12 +138,17 @@ def parse_announce(h: dict[str, Any]) -> VolumeHead:
     return VolumeHead.from_wire(h.get("vol"), "announce")
 
 
-def get(cid: bytes) -> dict[str, Any]:
-    return {"t": "get", "cid": cid}
+def get(cid: bytes, *, fetch: bool = False) -> dict[str, Any]:
+    """Ask for a chunk; with ``fetch``, the peer is its home and fetches it if it lacks it."""
+    return {"t": "get", "cid": cid, "fetch": True} if fetch else {"t": "get", "cid": cid}
 
 
 def parse_get(h: dict[str, Any]) -> bytes:
     return _bytes(h, "cid", ID_SIZE, "get")
+
+
+def get_wants_fetch(h: dict[str, Any]) -> bool:
+    return h.get("fetch") is True
 
 
 def have(ids: list[bytes]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
+
 from .connection import Connection
 from .digest import Bloom
 from .messages import Hello
@@ -77,6 +79,10 @@ class Peer:
         }
 
 
+def _score(cid: bytes, node_id: bytes) -> bytes:
+    return blake3.blake3(cid + node_id).digest(8)
+
+
 class PeerTable:
     def __init__(self) -> None:
         self.peers: dict[bytes, Peer] = {}
@@ -93,11 +99,32 @@ class PeerTable:
     def quarantined(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.quarantined]
 
-    def ranked_for(self, cid: bytes, *, others: int, origins: set[bytes]) -> list[Peer]:
-        """Whom to ask for a chunk, best first.
+    def home_of(self, cid: bytes, me: bytes, origins: set[bytes]) -> Peer | None:
+        """The chunk's home among the connected followers and this node: rendezvous hashing.
 
-        Peers whose digest says yes (least loaded, fastest first), then up to
-        ``others`` other peers, then the origins (publishers, which hold everything).
+        When several desktops want a chunk nobody holds yet (they all read the same
+        file at once), each asks the chunk's home, and only the home fetches it
+        from the origin: the origin sends about one copy however many read
+        (Squirrel's home nodes). None when this node is the home.
+        """
+        best, best_score = None, _score(cid, me)
+        for p in self.connected():
+            if p.node_id in origins:
+                continue
+            score = _score(cid, p.node_id)
+            if score > best_score:
+                best, best_score = p, score
+        return best
+
+    def ranked_for(
+        self, cid: bytes, *, others: int, origins: set[bytes], home: Peer | None
+    ) -> list[tuple[Peer, bool]]:
+        """Whom to ask for a chunk, best first, each with "fetch it for me if you lack it".
+
+        Peers whose digest says they hold it (least loaded, fastest first); then the
+        chunk's home, which fetches it for everyone; then the origins (publishers,
+        which hold everything); then up to ``others`` other peers, whose digests may
+        lag behind what they just stored.
         """
         usable = [p for p in self.connected() if p.node_id not in origins]
 
@@ -105,15 +132,17 @@ class PeerTable:
             return (p.inflight, p.latency_s)
 
         yes = sorted((p for p in usable if p.digest is not None and cid in p.digest), key=key)
-        # A digest may lag behind what a peer just stored: ask a few others too,
-        # those without any digest first.
-        rest = sorted(
-            (p for p in usable if p not in yes), key=lambda p: (p.digest is not None, *key(p))
-        )
-        maybe = rest[:others]
-        order = yes + maybe
+        order = [(p, False) for p in yes]
+        if home is not None and home not in yes:
+            order.append((home, True))
         for origin in sorted(origins):
             o = self.peers.get(origin)
             if o is not None and o.usable:
-                order.append(o)
+                order.append((o, False))
+        asked = {p.node_id for p, _ in order}
+        rest = sorted(
+            (p for p in usable if p.node_id not in asked),
+            key=lambda p: (p.digest is not None, *key(p)),
+        )
+        order += [(p, False) for p in rest[:others]]
         return order

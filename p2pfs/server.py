@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -62,6 +62,7 @@ class Network:
         self.config = config
         self.table = PeerTable()
         self.fetcher = Fetcher(
+            estate.node_id,
             self.table,
             self,
             deadline_s=config.fetch_deadline_s,
@@ -81,6 +82,8 @@ class Network:
         self._digest_generation = 0
         self._digest: tuple[Bloom, int] | None = None
         self.on_peer_change: Callable[[], None] = lambda: None
+        # Fetches (and stores) a chunk for a peer that made us its home; set by the daemon.
+        self.fetch_for_peer: Callable[[bytes], Awaitable[bytes]] | None = None
         # Test hooks, armed only through the admin control operation of a daemon started
         # with --debug-faults: "serve-unverified" plays a faulty peer that sends what its
         # disk holds without checking it.
@@ -276,7 +279,13 @@ class Network:
             try:
                 data = await trio.to_thread.run_sync(read, cid)
             except MissingChunk:
-                return messages.answer(rid, error="missing"), b""
+                if not (messages.get_wants_fetch(header) and self.fetch_for_peer):
+                    return messages.answer(rid, error="missing"), b""
+                # We are this chunk's home: fetch it once, for everyone who asks.
+                try:
+                    data = await self.fetch_for_peer(cid)
+                except P2pfsError:
+                    return messages.answer(rid, error="missing"), b""
             except P2pfsError as e:  # corrupt here: quarantined by the store; say missing
                 log.warning("not serving %s: %s", cid.hex(), e)
                 return messages.answer(rid, error="missing"), b""

@@ -333,6 +333,11 @@ class FileSystem:
         self._files[fh] = OpenFile(node, layout)
         return fh
 
+    def open_chunk_ids(self) -> set[bytes]:
+        """Chunks of open files (never evicted while open). Called from store threads:
+        list() copies the values in one step under the GIL."""
+        return {cid for f in list(self._files.values()) for cid in f.layout.ids}
+
     def release(self, fh: int) -> None:
         f = self._files.pop(fh, None)
         if f is not None:

@@ -13,11 +13,11 @@ LAYERS: list[set[str]] = [
     {"chunker", "chunker_ref", "_fastcdc", "codec", "keys", "index"},
     {"objects"},
     {"store"},
-    {"home", "config", "volumes", "importer", "estate"},
+    {"home", "config", "volumes", "pins", "importer", "estate"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
     {"wire", "messages", "connection", "peers", "discovery", "fetcher", "digest"},
-    {"server", "volume_sync"},
+    {"server", "volume_sync", "pinning", "keeper"},
     {"vfs"},
     {"fuse"},
     {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"},

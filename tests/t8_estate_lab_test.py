@@ -112,14 +112,17 @@ def test_b_reads_everything_then_c_reads_mostly_from_peers(
     read_all(b, digests, first)
     assert os.readlink(b.mountpoint / "tools" / "link") == "docs/note-1.txt"
     sb = b.status()
-    assert sb["bytes_from"]["origin"] > 0
+    one_copy = sb["bytes_from"]["peers"] + sb["bytes_from"]["origin"]  # b started empty
+    assert one_copy >= sum((b.mountpoint / "tools" / k).stat().st_size for k in first)
     read_all(c, digests, first)
     sc = c.status()
     fetched = sc["bytes_from"]["peers"] + sc["bytes_from"]["origin"]
-    assert fetched >= sum((b.mountpoint / "tools" / k).stat().st_size for k in first)
-    # B holds everything now: C takes most from it, sparing the origin.
+    assert fetched >= one_copy * 0.9
+    # B and the chunks' homes hold everything now: C takes most from peers...
     assert sc["bytes_from"]["peers"] > fetched / 2
-    assert b.status()["bytes_served"] >= sc["bytes_from"]["peers"] / 2
+    assert b.status()["bytes_served"] > 0
+    # ...and the origin has sent about one copy for both.
+    assert a.status()["bytes_served"] <= 1.2 * one_copy
     for n in (a, b, c):
         assert n.status()["corrupt_chunks_rejected"] == 0
 
@@ -429,9 +432,10 @@ def test_read_fails_with_eio_when_no_peer_has_the_chunk(
         if n is not d:
             n.stop()
     wait_for("d to lose its peers", lambda: not connected_peers(d))
-    # d never read this file and nobody is left to serve it: EIO within the deadline.
-    with pytest.raises(OSError) as e, open(d.mountpoint / "tools" / "big-1.img", "rb") as f:
-        f.read(MIB)
+    # d never read snapshot 2's new file and nobody is left to serve it: EIO within
+    # the deadline (on the lookup if d lacks the tree too, else on the read).
+    with pytest.raises(OSError) as e:
+        (d.mountpoint / "tools" / "new.txt").read_bytes()
     assert e.value.errno == errno.EIO
     assert d.status()["fetch"]["failed"] >= 1
 

@@ -414,14 +414,11 @@ class Index:
             out.append(Intent(_int(seq), op, cid, _int(size), owner))
         return out
 
-    def pinned_names(self, limit: int) -> list[str]:
-        """Names of pin sets holding stored chunks, the biggest first."""
-        rows = self._query(
-            "SELECT s.name FROM pin_sets s JOIN pinned p ON p.set_id = s.set_id "
-            "JOIN chunks c ON c.id = p.id GROUP BY s.set_id ORDER BY total(c.size) DESC LIMIT ?",
-            (limit,),
-        )
-        return [str(r[0]) for r in rows]
+    def pin_set_names(self, limit: int) -> tuple[int, list[str]]:
+        """(number of pin sets, the first ``limit`` names): cheap, for messages."""
+        count = _int(self._query("SELECT count(*) FROM pin_sets")[0][0])
+        rows = self._query("SELECT name FROM pin_sets ORDER BY name LIMIT ?", (limit,))
+        return count, [str(r[0]) for r in rows]
 
     # -- pins ----------------------------------------------------------------------
 
@@ -635,11 +632,12 @@ def _pick_victims(
     victims: list[tuple[bytes, int]] = []
     freed = 0
     after: tuple[int, bytes] = (-1, b"")
+    batch = 16  # most puts need one victim or a few: grow the batch only when needed
     while freed < nbytes:
         rows = db.execute(
             "SELECT id, size, last_access FROM chunks WHERE pins = 0 "
             "AND (last_access, id) > (?, ?) ORDER BY last_access, id LIMIT ?",
-            (*after, BATCH_ROWS),
+            (*after, batch),
         ).fetchall()
         for cid, size, _ in rows:
             if cid in protected:
@@ -648,9 +646,10 @@ def _pick_victims(
             freed += size
             if freed >= nbytes:
                 break
-        if len(rows) < BATCH_ROWS:
+        if len(rows) < batch:
             break
         after = (rows[-1][2], rows[-1][0])
+        batch = min(2 * batch, BATCH_ROWS)
     return victims
 
 

@@ -554,7 +554,7 @@ class Store:
         flight waits for them to finish and tries again.
         """
         need = sum(size for _, size in items)
-        protected: Collection[bytes] | None = None
+        protected: Collection[bytes] | None = None if self._protector else frozenset()
         while True:
             with self._lock:
                 r = self.index.reserve(
@@ -573,7 +573,7 @@ class Store:
                     if self._inflight == 0:
                         raise QuotaExceeded(self._no_room(r, need))
                     self._room.wait()  # our own puts in flight become evictable when done
-                    protected = None
+                    protected = None if self._protector else frozenset()
                     continue
             protected = self._protected()
 
@@ -582,11 +582,12 @@ class Store:
         how = [f"max_bytes {_human(self._max_bytes)}"] if self._max_bytes is not None else []
         if self._min_free:
             how.append(f"min_free_bytes {_human(self._min_free)} of free disk kept")
-        names = self.index.pinned_names(4)
+        count, names = self.index.pin_set_names(3)
         pinned = f"{_human(r.pinned)} is pinned"
-        if names:
-            more = ", ..." if len(names) == 4 else ""
-            pinned += " (pin sets " + ", ".join(repr(n) for n in names[:3]) + more + ")"
+        if count:
+            more = f" and {count - len(names)} more" if count > len(names) else ""
+            pinned += f" by {count} pin set{'s' * (count > 1)}: " + ", ".join(map(repr, names))
+            pinned += more
         return (
             f"cannot store {_human(need)}: the local store's quota is {_human(limit)}"
             f" ({'; '.join(how) or 'disk full'}): {_human(r.stored)} is stored, {pinned}"

@@ -378,13 +378,20 @@ class Index:
         return Reservation(True, seqs, evicted, limit, stored, reserved, pinned, 0)
 
     def evict(
-        self, owner: str, nbytes: int, protected: Collection[bytes], touched: Mapping[bytes, int]
+        self,
+        owner: str,
+        nbytes: int,
+        protected: Collection[bytes],
+        touched: Mapping[bytes, int],
+        max_victims: int,
     ) -> list[Intent]:
         """Delete the rows of LRU unpinned unprotected chunks worth at least
-        ``nbytes`` (or all there are) and record evict intents for their files."""
+        ``nbytes`` (or all there are, or ``max_victims``) and record evict intents
+        for their files."""
         with self.transaction() as db:
             _touch(db, touched)
-            return _record_evictions(db, owner, _pick_victims(db, nbytes, protected))
+            victims = _pick_victims(db, nbytes, protected, max_victims)
+            return _record_evictions(db, owner, victims)
 
     def commit_puts(self, seqs: Iterable[int], rows: Iterable[tuple[bytes, int, str, int]]) -> None:
         """Index the files now in place, (id, size, source, last access) each, and drop
@@ -623,7 +630,7 @@ def _touch(db: sqlite3.Connection, touched: Mapping[bytes, int]) -> None:
 
 
 def _pick_victims(
-    db: sqlite3.Connection, nbytes: int, protected: Collection[bytes]
+    db: sqlite3.Connection, nbytes: int, protected: Collection[bytes], max_victims: int = -1
 ) -> list[tuple[bytes, int]]:
     """LRU unpinned, unprotected (id, size) worth at least ``nbytes``, or all there are.
 
@@ -644,8 +651,8 @@ def _pick_victims(
                 continue
             victims.append((cid, size))
             freed += size
-            if freed >= nbytes:
-                break
+            if freed >= nbytes or len(victims) == max_victims:
+                return victims
         if len(rows) < batch:
             break
         after = (rows[-1][2], rows[-1][0])

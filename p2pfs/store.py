@@ -93,6 +93,7 @@ BATCH_BARRIER = "syncfs"
 TOUCH_FLUSH_SECONDS = 5.0
 TOUCH_FLUSH_MAX = 50_000
 MAX_PIN_NAME = 4096  # bytes of UTF-8
+EVICT_BATCH = 1024  # chunks per transaction (and per hold of the store's lock) in evict()
 FSCK_MAX_LINES = 100  # findings listed one by one in a report; the counts are always whole
 
 
@@ -619,14 +620,25 @@ class Store:
 
     def evict(self, nbytes: int) -> tuple[int, int]:
         """Evict least recently used, unpinned, unprotected chunks worth at least
-        ``nbytes`` (or all there are): returns (chunks evicted, bytes freed)."""
+        ``nbytes`` (or all there are): returns (chunks evicted, bytes freed).
+
+        Works in batches of EVICT_BATCH chunks, each one transaction and its
+        unlinks, so puts from other threads interleave with a big eviction."""
+        count = freed = 0
         if nbytes <= 0:
             return 0, 0
         protected = self._protected()
-        with self._lock:
-            victims = self.index.evict(_owner(), nbytes, protected, self._take_touched())
-            self._unlink_evicted(victims)
-        return len(victims), sum(v.size for v in victims)
+        while freed < nbytes:
+            with self._lock:
+                victims = self.index.evict(
+                    _owner(), nbytes - freed, protected, self._take_touched(), EVICT_BATCH
+                )
+                self._unlink_evicted(victims)
+            count += len(victims)
+            freed += sum(v.size for v in victims)
+            if len(victims) < EVICT_BATCH:
+                break
+        return count, freed
 
     def cache_usage(self) -> CacheUsage:
         with self._lock:
@@ -838,9 +850,9 @@ class Store:
 
         Marks ``cid`` as just used (like ``touch``)."""
         data = self._read(cid)
-        now = self._now()
         with self._touch_lock:
-            self._touched[cid] = now
+            self._clock = max(time.time_ns(), self._clock + 1)
+            self._touched[cid] = self._clock
         self._maybe_flush()
         return data
 

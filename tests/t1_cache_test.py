@@ -674,3 +674,20 @@ def test_store_in_tempdir_without_quota_behaves_as_before() -> None:
             store.put(*chunk(i))
         usage = store.cache_usage()
         assert (usage.quota, usage.bytes, usage.evictions) == (None, 50 * SIZE, 0)
+
+
+def test_a_big_eviction_runs_in_batches_in_lru_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2pfs.store
+
+    monkeypatch.setattr(p2pfs.store, "EVICT_BATCH", 4)
+    with Store(tmp_path / "store") as store:
+        items = [chunk(i, 100) for i in range(30)]
+        store.put_many(items)  # batch order is LRU order
+        store.pin("p", [items[29][0]])
+        assert store.evict(10 * 100 - 50) == (10, 1000)  # three batches: 4 + 4 + 2
+        assert stored(store, [c for c, _ in items]) == [False] * 10 + [True] * 20
+        assert store.evict(10**9) == (19, 1900)
+        assert store.cache_usage().bytes == 100 and store.has(items[29][0])
+        assert store.fsck(repair=False).clean

@@ -14,8 +14,9 @@ Tables (docs/objects.md, "Store layout"):
   a partial index on ``last_access WHERE pins = 0`` is the LRU eviction order.
 - ``intents``: what a writer is about to do to the files (``put``: a file may
   appear under this id; ``evict``: the row is gone, the file is to be deleted),
-  with the writer's identity. A put intent also reserves its bytes against the
-  quota. Intents of a writer that died are finished on the next open.
+  with the writer's identity. Until it is finished an intent's bytes count
+  against the quota (a put's are about to be written, an eviction's are not yet
+  freed). Intents of a writer that died are finished on the next open.
 - ``files``: the importer's files cache (borg's model): per volume and path, the
   (size, mtime, ctime, inode) a file had when it was last imported and the blob
   that held its content then. A file whose stat still matches is not re-read.
@@ -179,7 +180,7 @@ class Reservation:
     victims: list[Intent]  # evict intents: rows already deleted, files to delete
     limit: int | None  # the effective quota applied
     stored: int  # stored bytes before any eviction
-    reserved: int  # bytes reserved by in-flight puts (all writers), before this one
+    reserved: int  # bytes of unfinished intents (all writers), before this one
     pinned: int  # stored pinned bytes
     protected: int | None  # stored unpinned bytes the protector held (None: not asked)
     ask_protector: bool = False  # eviction is needed: call again with the protected ids
@@ -323,6 +324,16 @@ class Index:
             db.execute("DELETE FROM intents")
             _insert_chunks(db, rows, now)
 
+    def usage(self) -> tuple[int, int, int, int, int]:
+        """(stored chunks, stored bytes, pinned bytes, evictions, bytes of unfinished
+        intents), read in one snapshot so that they agree across processes."""
+        with self.snapshot() as db:
+            reserved = _int(db.execute("SELECT total(size) FROM intents").fetchone()[0])
+            chunks, stored, pinned, evictions = (
+                _counter(db, n) for n in (STORED_CHUNKS, STORED_BYTES, PINNED_BYTES, EVICTIONS)
+            )
+        return chunks, stored, pinned, evictions, reserved
+
     def chunk_totals(self) -> tuple[int, int]:
         """(number of chunks, their total bytes), kept by triggers."""
         return self.counter(STORED_CHUNKS), self.counter(STORED_BYTES)
@@ -355,9 +366,8 @@ class Index:
         with self.transaction() as db:
             _touch(db, touched)
             stored = _counter(db, STORED_BYTES)
-            reserved = _int(
-                db.execute("SELECT total(size) FROM intents WHERE op = 'put'").fetchone()[0]
-            )
+            # Evicted files not yet deleted (by another process) still take their bytes.
+            reserved = _int(db.execute("SELECT total(size) FROM intents").fetchone()[0])
             pinned = _counter(db, PINNED_BYTES)
             limit = _limit(max_bytes, disk_room, stored)
             victims: list[tuple[bytes, int]] = []

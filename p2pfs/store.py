@@ -67,7 +67,6 @@ from .errors import (
 )
 from .ids import ID_SIZE, ChunkId
 from .index import (
-    EVICTIONS,
     INDEX_HEADROOM_BYTES,
     PINNED_BYTES,
     FilesCache,
@@ -121,7 +120,7 @@ class CacheUsage:
     pinned_bytes: int  # stored bytes held by pin sets (each chunk once)
     evictions: int  # chunks ever evicted (persistent)
     chunks: int  # stored chunks and objects
-    reserved: int  # bytes reserved by puts in flight (all processes)
+    reserved: int  # bytes of puts in flight and evicted files not yet deleted (all processes)
 
 
 @dataclass
@@ -643,20 +642,20 @@ class Store:
     def cache_usage(self) -> CacheUsage:
         with self._lock:
             room = self._disk_room(headroom=False)
-            chunks, stored = self.index.chunk_totals()
-            limit = self._max_bytes
-            if room is not None:
-                limit = stored + room if limit is None else min(limit, stored + room)
-            return CacheUsage(
-                bytes=stored,
-                quota=None if limit is None else max(0, limit),
-                max_bytes=self._max_bytes,
-                min_free_bytes=self._min_free,
-                pinned_bytes=self.index.counter(PINNED_BYTES),
-                evictions=self.index.counter(EVICTIONS),
-                chunks=chunks,
-                reserved=sum(i.size for i in self.index.intents() if i.op == "put"),
-            )
+            chunks, stored, pinned, evictions, reserved = self.index.usage()
+        limit = self._max_bytes
+        if room is not None:
+            limit = stored + room if limit is None else min(limit, stored + room)
+        return CacheUsage(
+            bytes=stored,
+            quota=None if limit is None else max(0, limit),
+            max_bytes=self._max_bytes,
+            min_free_bytes=self._min_free,
+            pinned_bytes=pinned,
+            evictions=evictions,
+            chunks=chunks,
+            reserved=reserved,
+        )
 
     # -- access times --------------------------------------------------------------
 

@@ -317,7 +317,7 @@ class Store:
         self.index_path = self.root / "index.sqlite"
         for d in (self.root, self.chunks_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: fsck and recovery quarantine under it
         self._room = threading.Condition(self._lock)  # notified when a reservation ends
         self._inflight = 0  # bytes this Store has reserved and not yet committed
         self._max_bytes, self._min_free = self._check_quota(max_bytes, min_free_bytes)
@@ -861,9 +861,12 @@ class Store:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            if self.index.has_chunk(cid):
-                log.warning("chunk %s is indexed but its file is gone", cid.hex())
-                self.index.remove_chunk(cid)
+            # Under the lock: a put renames and indexes as one step, so a file that
+            # appeared since our open is seen here and its fresh row is kept.
+            with self._lock:
+                if not path.exists() and self.index.has_chunk(cid):
+                    log.warning("chunk %s is indexed but its file is gone", cid.hex())
+                    self.index.remove_chunk(cid)
             raise MissingChunk(f"chunk {cid.hex()} is not in the local store") from None
         if _hash(data) != cid:
             self._quarantine(path, cid)
@@ -874,15 +877,19 @@ class Store:
         return self.get(oid)
 
     def _quarantine(self, path: Path, cid: bytes | None) -> None:
-        """Move a bad file to quarantine/, drop its index row and count it."""
+        """Move a bad file to quarantine/, drop its index row and count it.
+
+        Under the lock, so that a good copy put meanwhile keeps its row."""
         dest = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
-        try:
-            os.rename(path, dest)
-        except FileNotFoundError:
-            return  # another thread got there first and counted it
+        with self._lock:
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                return  # another thread got there first and counted it
+            if cid is not None:
+                self.index.remove_chunk(cid)
+                self.index.add_counter(CORRUPT_COUNTER)
         if cid is not None:
-            self.index.remove_chunk(cid)
-            self.index.add_counter(CORRUPT_COUNTER)
             log.warning("chunk %s failed verification; moved to %s", cid.hex(), dest)
 
     def scrub(self) -> tuple[int, list[ChunkId]]:

@@ -23,7 +23,7 @@ import trio
 
 from . import chunker, fuse
 from . import config as config_mod
-from .content import ChunkCache, Content
+from .content import Content
 from .control import AFTER_REPLY, ControlServer
 from .errors import Busy, NotFound, P2pfsError, UsageError
 from .estate import Estate
@@ -110,6 +110,7 @@ class Daemon:
         self.network: Network | None = None
         self.sync: VolumeSync | None = None
         self.nursery: trio.Nursery | None = None
+        self._inflight: dict[bytes, trio.Event] = {}
         self.started = time.time()
         self.mounted = False
 
@@ -167,11 +168,8 @@ class Daemon:
                 announce=lambda head: self.network.announce(head) if self.network else None,
             )
             self.network = Network(self.estate, store, self.sync, self.config)
-            # Peers that made us a chunk's home ask at once: one fetch serves them all.
-            for_peers = ChunkCache(
-                functools.partial(self._fetch, proxy=False), max_bytes=32 * 1024 * 1024
-            )
-            self.network.fetch_for_peer = for_peers.get
+            # A peer that made us a chunk's home: fetch it (never via another home).
+            self.network.fetch_for_peer = functools.partial(self._fetch, proxy=False)
         self.reload_heads()
         control = ControlServer(self.home.control_socket)
         self._register(control)
@@ -180,6 +178,9 @@ class Daemon:
             self.fs.attach(nursery)
             await nursery.start(control.run)
             await nursery.start(self.keeper.run)
+            for name in self.heads:
+                if self.registry.is_publisher(name):
+                    nursery.start_soon(self._keep_published, name)
             nursery.start_soon(self._signals, nursery.cancel_scope)
             if self.network is not None:
                 await nursery.start(self.network.run)
@@ -196,7 +197,33 @@ class Daemon:
         return 0
 
     async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
-        """A chunk or object the store lacks: fetched verified, stored, then returned."""
+        """A chunk or object the store lacks: fetched verified, stored, then returned.
+
+        Our own reads and peers that made us the chunk's home share one fetch: a
+        second fetch of a chunk already on its way would cost the origin a copy.
+        """
+        while (pending := self._inflight.get(cid)) is not None:
+            await pending.wait()
+            try:  # the fetch we waited for stored it
+                return await trio.to_thread.run_sync(
+                    self.store.get, cid, limiter=self.content.limiter
+                )
+            except P2pfsError:
+                continue  # it failed, or could not be cached: fetch it ourselves
+        event = self._inflight[cid] = trio.Event()
+        try:
+            return await self._fetch_once(cid, proxy=proxy)
+        finally:
+            del self._inflight[cid]
+            event.set()
+
+    async def _keep_published(self, name: str) -> None:
+        try:
+            await self.keeper.keep_published(name)
+        except P2pfsError as e:
+            log.error("could not pin volume %s on its publisher: %s", name, e)
+
+    async def _fetch_once(self, cid: bytes, *, proxy: bool) -> bytes:
         assert self.network is not None
         data, _peer = await self.network.fetcher.fetch(cid, proxy=proxy)
         try:
@@ -271,6 +298,9 @@ class Daemon:
         self.heads = fresh
         if changed and self.nursery is not None:
             self.nursery.start_soon(self.keeper.follow, changed)
+            for name in changed:
+                if self.registry.is_publisher(name):
+                    self.nursery.start_soon(self._keep_published, name)
         if self.network is not None and self.sync is not None:
             self.network.fetcher.origins = self.sync.origins()
             for name in changed:

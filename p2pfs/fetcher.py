@@ -134,8 +134,12 @@ class Fetcher:
                 ended = trio.Event()
                 nursery.start_soon(attempt, peer, fetch, ended)
                 # Move on when this one failed, or hedge when it is slow: slow for this
-                # peer, as a busy link makes every answer slower (a home fetches first).
-                patience = max(self.hedge_after_s, 4 * peer.latency_s * (2 if fetch else 1))
+                # peer, as a busy link makes every answer slower. A home gets longer:
+                # it may be fetching the chunk for everyone, and asking the origin
+                # behind its back costs the origin a copy.
+                patience = max(self.hedge_after_s, 4 * peer.latency_s)
+                if fetch:
+                    patience = max(patience, self.deadline_s / 2)
                 with trio.move_on_after(patience):
                     await ended.wait()
         return result

@@ -8,6 +8,7 @@ and fetches them again from peers or the origin, pinned chunks first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -156,7 +157,8 @@ class Keeper:
         # The new ids first, then drop the old set: what both versions share stays pinned.
         staging = f"{record.name}#{snapshot.seq}"
         await trio.to_thread.run_sync(self.store.pin, staging, collected.ids)
-        await trio.to_thread.run_sync(self.store.unpin, record.name)
+        with contextlib.suppress(NotFound):
+            await trio.to_thread.run_sync(self.store.unpin, record.name)
         await trio.to_thread.run_sync(self.store.pin, record.name, collected.ids)
         await trio.to_thread.run_sync(self.store.unpin, staging)
         self.pins.put(record.volume, record.path, follow=True, seq=snapshot.seq)
@@ -164,6 +166,20 @@ class Keeper:
         self.jobs[record.name] = job
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job, collected)
+
+    async def keep_published(self, volume: str) -> None:
+        """The publisher is where every chunk of its volumes always exists (the origin):
+        pin the whole head snapshot so a cache quota never evicts any of it."""
+        snapshot_id, snapshot = self._head(volume)
+        collected = await collect(self.content, snapshot_id, snapshot, "/")
+        name = f"publish:{volume}"
+        staging = f"{name}#{snapshot.seq}"
+        await trio.to_thread.run_sync(self.store.pin, staging, collected.ids)
+        with contextlib.suppress(NotFound):
+            await trio.to_thread.run_sync(self.store.unpin, name)
+        await trio.to_thread.run_sync(self.store.pin, name, collected.ids)
+        await trio.to_thread.run_sync(self.store.unpin, staging)
+        log.info("volume %s: %d ids pinned as its origin", volume, len(collected.ids))
 
     def describe_pins(self) -> list[dict[str, Any]]:
         sets = {s.name: s for s in self.store.pin_sets()}

@@ -121,6 +121,9 @@ class EstateLab:
     def admin(self) -> Node:
         return self.nodes[0]
 
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
     def add_node(self, name: str, host: Host | None = None) -> Node:
         host = host or self.lab.add_host(name)
         home = self.workdir / name / "home"

@@ -106,3 +106,16 @@ def _daemon_mount(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def require_lab() -> None:
+    """Skip without the lab (namespaces need root) on a laptop; in CI, fail instead."""
+    import pytest
+
+    from p2pfs.lab import lab_unavailable
+
+    reason = lab_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the lab must run in CI: {reason}")
+        pytest.skip(f"lab unavailable: {reason}")

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from harness import require_lab
 from zeroconf import ServiceStateChange
 
 from p2pfs.discovery import (
@@ -33,7 +34,7 @@ from p2pfs.discovery import (
     txt_record,
     usable_address,
 )
-from p2pfs.lab import Host, Lab, lab_unavailable
+from p2pfs.lab import Host, Lab
 
 NODE = bytes(range(32))
 ESTATE = bytes(range(100, 132))
@@ -220,14 +221,6 @@ async def test_an_update_during_a_resolve_is_resolved_again(
 
 
 # -- in the lab ---------------------------------------------------------------------------
-
-
-def require_lab() -> None:
-    reason = lab_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the lab must run in CI: {reason}")
-        pytest.skip(f"lab unavailable: {reason}")
 
 
 class Probe:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import blake3
 import pytest
+from harness import require_lab
 
 from p2pfs.home import Home
 from p2pfs.keys import SigningKey
-from p2pfs.lab import lab_unavailable
 from p2pfs.lab_estate import (
     EstateLab,
     Node,
@@ -41,14 +41,6 @@ from p2pfs.volumes import VolumeRegistry
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
 NAMES = ["a", "b", "c", "d", "e"]
-
-
-def _require_lab() -> None:
-    reason = lab_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the lab must run in CI: {reason}")
-        pytest.skip(f"lab unavailable: {reason}")
 
 
 def make_tree(root: Path) -> dict[str, str]:
@@ -86,7 +78,7 @@ def store_is_clean(node: Node) -> None:
 
 @pytest.fixture(scope="module")
 def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstateLab, dict[str, str]]]:
-    _require_lab()
+    require_lab()
     work = tmp_path_factory.mktemp("estate")
     digests = make_tree(work / "tree")
     with estate_lab(work, NAMES) as lab:
@@ -99,15 +91,11 @@ def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstateLab
         yield lab, digests
 
 
-def node(lab: EstateLab, name: str) -> Node:
-    return next(n for n in lab.nodes if n.name == name)
-
-
 def test_b_reads_everything_then_c_reads_mostly_from_peers(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, digests = estate
-    a, b, c = node(lab, "a"), node(lab, "b"), node(lab, "c")
+    a, b, c = lab.node("a"), lab.node("b"), lab.node("c")
     first = [k for k in digests if k != "big-2.img"]
     read_all(b, digests, first)
     assert os.readlink(b.mountpoint / "tools" / "link") == "docs/note-1.txt"
@@ -129,7 +117,7 @@ def test_b_reads_everything_then_c_reads_mostly_from_peers(
 
 def test_origin_killed_midway_c_finishes_from_b(estate: tuple[EstateLab, dict[str, str]]) -> None:
     lab, digests = estate
-    a, b, c = node(lab, "a"), node(lab, "b"), node(lab, "c")
+    a, b, c = lab.node("a"), lab.node("b"), lab.node("c")
     read_all(b, digests, ["big-2.img"])
     path = c.mountpoint / "tools" / "big-2.img"
     h = hashlib.sha256()
@@ -165,7 +153,7 @@ def test_corrupt_peer_is_quarantined_and_nothing_corrupt_is_stored(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, digests = estate
-    b, c, d, e = (node(lab, n) for n in "bcde")
+    b, c, d, e = (lab.node(n) for n in "bcde")
     read_all(d, digests, ["big-3.img"])
     flipped = 0
     for path in sorted((d.home / "store" / "chunks").rglob("*")):
@@ -199,7 +187,7 @@ def test_outsider_and_revoked_host_learn_nothing(
     estate: tuple[EstateLab, dict[str, str]], tmp_path: Path
 ) -> None:
     lab, _ = estate
-    a, e = node(lab, "a"), node(lab, "e")
+    a, e = lab.node("a"), lab.node("e")
     # An outsider: its own CA, its own estate, on the same segment.
     host = lab.lab.add_host("x")
     outsider = Node("x", host, tmp_path / "x" / "home", tmp_path / "x" / "mnt")
@@ -282,7 +270,7 @@ def test_hostile_frames_close_only_their_connection(
     estate: tuple[EstateLab, dict[str, str]], tmp_path: Path
 ) -> None:
     lab, digests = estate
-    b, c = node(lab, "b"), node(lab, "c")
+    b, c = lab.node("b"), lab.node("c")
     # A member's credentials (an enrolled host with no daemon) in a fresh namespace.
     m = lab.add_node("m")
     for mode in ("garbage", "oversized", "truncated", "trickle"):
@@ -354,7 +342,7 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
     estate: tuple[EstateLab, dict[str, str]], tmp_path: Path
 ) -> None:
     lab, _ = estate
-    a, b = node(lab, "a"), node(lab, "b")
+    a, b = lab.node("a"), lab.node("b")
     # A publishes a second snapshot; the followers switch to it.
     tree = tmp_path / "tree2"
     tree.mkdir()
@@ -370,7 +358,7 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
         current = decode_snapshot(store.get_object(record.head or b""))
         assert current.parent is not None
         older = store.get_object(current.parent)
-    m = node(lab, "m")
+    m = lab.node("m")
     refused_before = b.status()["snapshots"]["refused"]
 
     def offer(name: str, vid: bytes, seq: int, payload: bytes, endorsement: bytes | None) -> None:
@@ -427,7 +415,7 @@ def test_read_fails_with_eio_when_no_peer_has_the_chunk(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, _ = estate
-    d = node(lab, "d")
+    d = lab.node("d")
     for n in lab.nodes:
         if n is not d:
             n.stop()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import blake3
 import pytest
+from harness import require_lab
 
-from p2pfs.lab import lab_unavailable
 from p2pfs.lab_estate import (
     EstateLab,
     Node,
@@ -35,14 +35,6 @@ from p2pfs.lab_estate import (
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
 QUOTA = 64 * MIB
-
-
-def _require_lab() -> None:
-    reason = lab_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the lab must run in CI: {reason}")
-        pytest.skip(f"lab unavailable: {reason}")
 
 
 def make_tree(root: Path) -> dict[str, str]:
@@ -74,7 +66,7 @@ def configure(node: Node, **cache: str) -> None:
 
 @pytest.fixture(scope="module")
 def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstateLab, dict[str, str]]]:
-    _require_lab()
+    require_lab()
     work = tmp_path_factory.mktemp("offline")
     digests = make_tree(work / "tree")
     with estate_lab(work, ["a", "b", "c"]) as lab:
@@ -86,15 +78,11 @@ def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstateLab
         yield lab, digests
 
 
-def node(lab: EstateLab, name: str) -> Node:
-    return next(n for n in lab.nodes if n.name == name)
-
-
 def test_pinned_files_read_offline_others_fail_fast(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, digests = estate
-    a, b = node(lab, "a"), node(lab, "b")
+    a, b = lab.node("a"), lab.node("b")
     proc = b.cli("pin", str(b.mountpoint / "tools" / "keep"), "--json")
     (job,) = json.loads(proc.stdout)
     assert job["state"] == "complete" and job["chunks_total"] > 0
@@ -123,7 +111,7 @@ def test_pin_larger_than_quota_is_refused_up_front(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, _ = estate
-    b = node(lab, "b")
+    b = lab.node("b")
     b.stop()
     configure(b, max_bytes="64M", min_free="0")
     b.start()
@@ -142,7 +130,7 @@ def test_quota_holds_while_reading_a_volume_four_times_larger(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, digests = estate
-    b = node(lab, "b")
+    b = lab.node("b")
     assert b.status()["cache"]["quota"] == QUOTA
     samples: list[int] = []
     stop = threading.Event()
@@ -179,7 +167,7 @@ def test_scrub_finds_every_flipped_chunk_and_heals_it_from_a_peer(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, digests = estate
-    b, c = node(lab, "b"), node(lab, "c")
+    b, c = lab.node("b"), lab.node("c")
     for rel in digests:
         if rel.startswith("keep/"):
             sha(c.mountpoint / "tools" / rel)  # c holds them too
@@ -210,7 +198,7 @@ def test_kill9_during_a_pin_then_fsck_is_clean_and_the_pin_resumes(
     estate: tuple[EstateLab, dict[str, str]],
 ) -> None:
     lab, _ = estate
-    b = node(lab, "b")
+    b = lab.node("b")
     b.host.shape(4)  # slow enough that the pin is caught half way
     try:
         pin = subprocess.Popen(

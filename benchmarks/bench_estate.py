@@ -105,7 +105,8 @@ def one_peer(work: Path, size_mib: int) -> tuple[float, float]:
         a, b = estate.nodes
         conf = work / "nginx.conf"
         conf.write_text(
-            f"daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;\n"
+            # user root: the benchmark's work directory is private (0700).
+            f"user root; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;\n"
             "events {}\n"
             f"http {{ access_log off; sendfile on; server {{ listen {a.address}:8080; "
             f"root {src}; }} }}\n"
@@ -117,7 +118,7 @@ def one_peer(work: Path, size_mib: int) -> tuple[float, float]:
             curl = b.host.run(
                 [
                     "curl",
-                    "-s",
+                    "-sSf",
                     "-o",
                     "/dev/null",
                     "-w",

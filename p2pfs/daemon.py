@@ -228,7 +228,9 @@ class Daemon:
         data, _peer = await self.network.fetcher.fetch(cid, proxy=proxy)
         try:
             await trio.to_thread.run_sync(
-                functools.partial(self.store.put, cid, data, verify=False, source="peer"),
+                functools.partial(
+                    self.store.put, cid, data, verify=False, source="peer", durable=False
+                ),
                 limiter=self.content.limiter,
             )
         except QuotaExceeded as e:

@@ -17,6 +17,7 @@ peers_without_digest = 3    # k: peers asked even though their digest says no
 [cache]
 max_bytes = "20G"           # hard quota of the local store (default: no quota)
 min_free = "2G"             # free disk space the store never takes (default 1G)
+memory = "1G"               # verified chunks kept in memory (default: 1/16 of RAM, 256M-2G)
 scrub_interval_h = 24       # background verification of every stored chunk (0: off)
 scrub_rate_mb_s = 50        # its speed limit
 ```
@@ -24,6 +25,7 @@ scrub_rate_mb_s = 50        # its speed limit
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ class Config:
     peers_without_digest: int = 3
     cache_max_bytes: int | None = None
     cache_min_free_bytes: int = 1 << 30
+    memory_cache_bytes: int = field(default_factory=lambda: default_memory_cache())
     scrub_interval_s: float = 24 * 3600.0
     scrub_rate_bytes_s: float = 50e6
 
@@ -66,6 +69,16 @@ def _bool(section: dict[str, Any], key: str, where: str) -> bool | None:
     if not isinstance(section[key], bool):
         raise P2pfsError(f"{where}: {key} must be true or false")
     return bool(section[key])
+
+
+def default_memory_cache() -> int:
+    """1/16 of RAM, within 256 MiB..2 GiB: random reads of a file that fits are then
+    served from verified memory instead of re-reading and re-hashing whole chunks."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 4 << 30
+    return int(min(2 << 30, max(256 << 20, ram // 16)))
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -112,6 +125,8 @@ def load(path: Path) -> Config:
         raise P2pfsError(f"{where}: [network], [fetch] and [cache] must be tables")
     if "max_bytes" in cache:
         values["cache_max_bytes"] = parse_size(cache["max_bytes"], f"{where}: [cache] max_bytes")
+    if "memory" in cache:
+        values["memory_cache_bytes"] = parse_size(cache["memory"], f"{where}: [cache] memory")
     if "min_free" in cache:
         values["cache_min_free_bytes"] = parse_size(cache["min_free"], f"{where}: [cache] min_free")
     if (si := _num(cache, "scrub_interval_h", 0, 24 * 365, where)) is not None:

@@ -146,7 +146,11 @@ class Daemon:
         self.config = config_mod.load(self.home.config_file)
         store.set_quota(self.config.cache_max_bytes, self.config.cache_min_free_bytes)
         self.estate = Estate.load(self.home)
-        self.content = Content(store, remote=self._fetch if self.estate else None)
+        self.content = Content(
+            store,
+            remote=self._fetch if self.estate else None,
+            chunk_cache_bytes=self.config.memory_cache_bytes,
+        )
         self.fs = FileSystem(self.content, lambda: self.heads)
         store.set_protector(self.fs.open_chunk_ids)
         self.keeper = Keeper(

@@ -35,6 +35,7 @@ import shutil
 import signal
 import string
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -385,6 +386,24 @@ class Host:
 # -- the lab ---------------------------------------------------------------------------
 
 
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so ``with Lab()`` blocks and atexit clean up.
+
+    Python's default SIGTERM ends the process without either: a killed benchmark
+    left its namespaces behind. Only when nobody else handles SIGTERM, and only
+    from the main thread (where signal handlers can be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class Lab:
     """``n`` hosts (named a, b, c, ... or ``names``) on one switch, in network namespaces.
 
@@ -454,6 +473,7 @@ class Lab:
         self._owner = os.getpid()
         self._started = True
         atexit.register(self.close)
+        _exit_on_sigterm()
         try:
             self._allocate()
             self._build_switch()

@@ -8,6 +8,7 @@ static_peers = ["10.0.0.5:7420"]   # peers mDNS does not reach
 discovery = true            # mDNS on the local segment
 peer_fetch = true           # false: fetch only from the origin (a baseline for benchmarks)
 frame_timeout_s = 30.0      # a frame that has begun must arrive within this
+keepalive_s = 15.0          # a silent connection is pinged after this; no answer in as long: closed
 
 [fetch]
 deadline_s = 5.0            # a read that cannot get its chunk by then fails with EIO
@@ -44,6 +45,7 @@ class Config:
     discovery: bool = True
     peer_fetch: bool = True
     frame_timeout_s: float = 30.0
+    keepalive_s: float = 15.0
     fetch_deadline_s: float = 5.0
     hedge_after_s: float = 0.5
     peers_without_digest: int = 3
@@ -148,6 +150,8 @@ def load(path: Path) -> Config:
             values[key] = b
     if (ft := _num(net, "frame_timeout_s", 0.1, 3600, where)) is not None:
         values["frame_timeout_s"] = ft
+    if (ka := _num(net, "keepalive_s", 0.1, 3600, where)) is not None:
+        values["keepalive_s"] = ka
     if (d := _num(fetch, "deadline_s", 0.1, 3600, where)) is not None:
         values["fetch_deadline_s"] = d
     if (h := _num(fetch, "hedge_after_s", 0.01, 600, where)) is not None:

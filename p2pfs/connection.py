@@ -73,6 +73,7 @@ class Connection:
         self.frame_timeout = frame_timeout
         self.decoder = decoder or wire.Decoder()
         self.stats = ConnectionStats()
+        self.last_received = trio.current_time()
         self.closed = trio.Event()
         self.ready = trio.Event()  # set once the peer's hello was accepted
         self.close_reason = ""
@@ -156,6 +157,7 @@ class Connection:
                 self.close_reason = "peer closed the connection"
                 return
             self.stats.bytes_in += len(data)
+            self.last_received = trio.current_time()
             try:
                 frames = self.decoder.feed(data)
             except wire.ProtocolError as e:

@@ -26,7 +26,7 @@ MAX_REVOCATION_LIST = 1024 * 1024
 MAX_DIGEST_BYTES = 16 * 1024 * 1024
 
 # Requests (carry an "id" the answer repeats) and one-way notices.
-REQUESTS = {"get", "have", "snapshot", "revocations"}
+REQUESTS = {"get", "have", "snapshot", "revocations", "ping"}
 NOTICES = {"hello", "announce", "digest", "revoked"}
 ANSWER = "r"
 

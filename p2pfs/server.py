@@ -39,7 +39,7 @@ CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 DIGEST_INTERVAL = 2.0  # at most one digest per this many seconds, and only when the store changed
 MAX_CONNECTIONS = 256
-RETRY_MIN, RETRY_MAX = 1.0, 30.0
+RETRY_MIN, RETRY_MAX = 1.0, 10.0
 
 
 class LocalNode(Protocol):
@@ -235,6 +235,7 @@ class Network:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._greet, conn)
+                nursery.start_soon(self._keepalive, conn)
                 await conn.run()
                 nursery.cancel_scope.cancel()
         finally:
@@ -256,6 +257,22 @@ class Network:
         if not conn.ready.is_set():
             conn.close_reason = "no hello in time"
             await conn.aclose()
+
+    async def _keepalive(self, conn: Connection) -> None:
+        """A cut cable leaves TCP silent, not closed: ping a quiet peer, drop a mute one,
+        so ``peers`` tells the truth and the dialer can reconnect when the cable is back."""
+        period = self.config.keepalive_s
+        while True:
+            await trio.sleep_until(conn.last_received + period)
+            if trio.current_time() < conn.last_received + period:
+                continue  # something arrived meanwhile
+            try:
+                await conn.request({"t": "ping"}, within=period)
+            except PeerUnavailable as e:
+                conn.close_reason = f"no answer to a keepalive: {e}"
+                log.info("peer %s: %s; closing", conn.peer_id.hex(), conn.close_reason)
+                await conn.aclose()
+                return
 
     def _hello(self) -> Hello:
         return Hello(
@@ -307,6 +324,8 @@ class Network:
                 return messages.answer(rid, error="unknown volume"), b""
             head, data = found
             return messages.answer(rid, vol=head.to_wire()), data
+        if kind == "ping":
+            return messages.answer(rid), b""
         if kind == "revocations":
             return messages.answer(rid, n=self.estate.revocation_number), (
                 self.estate.revocation_list()

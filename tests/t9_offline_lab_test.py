@@ -58,7 +58,7 @@ def sha(path: Path) -> str:
 
 
 def configure(node: Node, **cache: str) -> None:
-    node.configure(deadline_s=3, hedge_after_s=0.3)
+    node.configure(network={"keepalive_s": 2.0}, deadline_s=3, hedge_after_s=0.3)
     lines = ["[cache]", *(f'{k} = "{v}"' for k, v in cache.items()), "scrub_interval_h = 0"]
     with open(node.home / "config.toml", "a") as f:
         f.write("\n".join(lines) + "\n")
@@ -93,7 +93,10 @@ def test_pinned_files_read_offline_others_fail_fast(
     assert st["offline_ready"] is True and st["cache"]["pinned_bytes"] > 0
     b.host.link_down()
     try:
-        # The TCP connections stay up across a cut cable; requests on them time out.
+        # A cut cable leaves TCP silent: keepalives notice, and peers shows it.
+        wait_for("b to see its peers gone", lambda: not connected_peers(b), timeout=30)
+        states = {p["state"] for p in b.status()["peers"]}
+        assert "connected" not in states, states
         for rel, digest in digests.items():
             if rel.startswith("keep/"):
                 assert sha(b.mountpoint / "tools" / rel) == digest

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("unpin", help="release pinned paths (their chunks become evictable)")
     up.add_argument("paths", nargs="+", metavar="PATH")
 
+    lg = sub.add_parser("log", help="a volume's snapshots, newest first")
+    lg.add_argument("volume")
+    lg.add_argument("-n", "--limit", type=int, default=100)
+    lg.add_argument("--json", action="store_true")
+
     ps = sub.add_parser("pins", help="what is pinned, how big, whether complete")
     ps.add_argument("--json", action="store_true")
 
@@ -610,6 +615,21 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    r = control.call(home.control_socket, "log", timeout=120, volume=args.volume, limit=args.limit)
+    if args.json:
+        _print_json(r["snapshots"])
+        return 0
+    for snap in r["snapshots"]:
+        if not snap["available"]:
+            print(f"seq {snap['seq']:>6}  {snap['id'][:16]}  (not available: {snap['error']})")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["time"]))
+        print(f"seq {snap['seq']:>6}  {snap['id'][:16]}  {when}")
+    return 0
+
+
 def cmd_pins(args: argparse.Namespace) -> int:
     home = _home(args).require()
     r = control.call(home.control_socket, "pins", timeout=30)
@@ -638,6 +658,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pin": cmd_pin,
     "unpin": cmd_unpin,
     "pins": cmd_pins,
+    "log": cmd_log,
 }
 
 

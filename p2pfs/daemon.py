@@ -330,6 +330,7 @@ class Daemon:
         control.register("pin-cancel", "user", self._op_pin_cancel)
         control.register("unpin", "user", self._op_unpin)
         control.register("pins", "user", self._op_pins)
+        control.register("log", "user", self._op_log)
         control.register("scrub", "user", self._op_scrub)
         control.register("fsck", "admin", self._op_fsck)
         control.register("reload", "admin", self._op_reload)
@@ -369,6 +370,15 @@ class Daemon:
 
     async def _op_pins(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"pins": self.keeper.describe_pins(), "offline_ready": self.keeper.offline_ready()}
+
+    async def _op_log(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume = request.get("volume")
+        if not isinstance(volume, str):
+            raise UsageError("log names a volume")
+        limit = request.get("limit", 100)
+        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise UsageError("limit must be 1..100000")
+        return {"volume": volume, "snapshots": await self.keeper.history(volume, limit)}
 
     async def _op_scrub(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.keeper.run_scrub()

@@ -20,9 +20,9 @@ from typing import Any
 import trio
 
 from .content import Content
-from .errors import MissingChunk, NotFound, P2pfsError
+from .errors import IntegrityError, MissingChunk, NotFound, P2pfsError
 from .home import write_atomic
-from .objects import Snapshot
+from .objects import Snapshot, decode_snapshot
 from .pinning import PinJob, check_quota, collect, fetch_missing
 from .pins import PinRecord, PinRegistry
 from .store import Store
@@ -205,6 +205,42 @@ class Keeper:
 
     def offline_ready(self) -> bool:
         return all(p["complete"] for p in self.describe_pins())
+
+    # -- history -------------------------------------------------------------------
+
+    async def history(self, volume: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The volume's snapshots, newest first, following parent links (each verified:
+        same volume key, signature, sequence falling by one)."""
+        snapshot_id, snapshot = self._head(volume)
+        out: list[dict[str, Any]] = []
+        while True:
+            out.append(
+                {
+                    "seq": snapshot.seq,
+                    "id": snapshot_id.hex(),
+                    "time": snapshot.time_ns / 1e9,
+                    "root": snapshot.root.hex(),
+                    "available": True,
+                }
+            )
+            if snapshot.parent is None or len(out) >= limit:
+                return out
+            parent_id = snapshot.parent
+            try:
+                parent = decode_snapshot(await self.content.object_bytes(parent_id))
+            except P2pfsError as e:
+                out.append(
+                    {
+                        "seq": snapshot.seq - 1,
+                        "id": parent_id.hex(),
+                        "available": False,
+                        "error": str(e),
+                    }
+                )
+                return out
+            if parent.volume_id != snapshot.volume_id or parent.seq != snapshot.seq - 1:
+                raise IntegrityError(f"snapshot {parent_id.hex()} does not continue {volume!r}")
+            snapshot_id, snapshot = parent_id, parent
 
     # -- scrub and heal ------------------------------------------------------------
 

@@ -374,3 +374,20 @@ def test_stale_mount_of_a_killed_daemon_is_named_and_cleared(home: Path, tmp_pat
             assert (m / "tools" / "f").read_text() == "x"
     finally:
         force_unmount(mp, home)
+
+
+def test_log_lists_snapshots_newest_first(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    run_cli(home, "volume", "create", "tools", check=True)
+    for i in range(3):
+        (src / f"f{i}").write_text(str(i))
+        run_cli(home, "import", str(src), "tools", check=True)
+    with mounted(home, tmp_path / "mnt"):
+        snaps = json.loads(run_cli(home, "log", "tools", "--json", check=True).stdout)
+        assert [s["seq"] for s in snaps] == [3, 2, 1]
+        assert all(s["available"] for s in snaps)
+        text = run_cli(home, "log", "tools", "-n", "2", check=True).stdout.splitlines()
+        assert len(text) == 2 and text[0].startswith("seq      3")
+        bad = run_cli(home, "log", "nosuch")
+        assert bad.returncode == 3 and "unknown volume" in bad.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
@@ -404,6 +405,10 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
     wait_for("three refusals", lambda: b.status()["snapshots"]["refused"] >= refused_before + 3)
     vols = {v["name"]: v["seq"] for v in b.status()["volumes"]}
     assert vols == {"tools": current.seq}
+    # The history, fetched and verified through the parent links.
+    log = json.loads(b.cli("log", "tools", "--json").stdout)
+    assert [s["seq"] for s in log] == [current.seq, current.seq - 1]
+    assert all(s["available"] for s in log)
     assert not (b.mountpoint / "rogue").exists()
     assert (b.mountpoint / "tools" / "new.txt").exists()
     for n in lab.nodes:

@@ -27,7 +27,7 @@ import trio
 
 from .content import Content, FileLayout
 from .errors import P2pfsError
-from .objects import Entry, Kind, Snapshot
+from .objects import Entry, Kind, Snapshot, decode_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ XATTR_SNAPSHOT = b"user.p2pfs.snapshot"
 IMMUTABLE_TIMEOUT = 3600.0
 # The root's entries move to new snapshots: keep them short.
 ROOT_TIMEOUT = 1.0
+# Every volume's root has a hidden .snapshots/ (not listed, found by name) holding
+# one read-only directory per snapshot still reachable: .snapshots/<seq>/.
+SNAPSHOTS_DIR = b".snapshots"
+# The id of that synthetic directory: all zeros, which no BLAKE3 output will be.
+SNAPSHOTS_ID = bytes(32)
+MAX_HISTORY = 10_000
 # Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
 # worker-thread trip (or concurrently from peers).
 READAHEAD_CHUNKS = 32
@@ -111,6 +117,7 @@ class OpenDir:
     ino: int
     names: list[bytes]
     entries: Sequence[Entry] | None  # None for the root (volumes)
+    snapshot_ids: list[bytes] | None = None  # per entry, in .snapshots/
 
 
 class FileSystem:
@@ -225,6 +232,32 @@ class FileSystem:
         tree, names = await self.content.tree(node.entry.id)
         return names, tree.entries
 
+    async def _history(self, snapdir: Node) -> list[tuple[Entry, bytes]]:
+        """(entry of .snapshots/<seq>, snapshot id) for every snapshot still reachable,
+        sorted by name; each parent fetched if needed and checked to continue the volume."""
+        head = self.heads().get(snapdir.volume)
+        if head is None:
+            raise FsError(errno.ENOENT)
+        snap, sid = head.snapshot, head.snapshot_id
+        out: list[tuple[Entry, bytes]] = []
+        while len(out) < MAX_HISTORY:
+            name = str(snap.seq).encode()
+            out.append((Entry(name, Kind.DIR, 0o555, snap.time_ns, 0, snap.root, None), sid))
+            parent_id = snap.parent
+            if parent_id is None:
+                break
+            try:
+                parent = decode_snapshot(await self.content.object_bytes(parent_id))
+            except P2pfsError as e:
+                log.info("history of %s stops at %d: %s", snapdir.volume, snap.seq, e)
+                break
+            if parent.volume_id != snap.volume_id or parent.seq != snap.seq - 1:
+                log.error("snapshot %s does not continue %s", parent_id.hex(), snapdir.volume)
+                break
+            snap, sid = parent, parent_id
+        out.sort(key=lambda pair: pair[0].name)
+        return out
+
     # -- handlers -----------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -245,6 +278,16 @@ class FileSystem:
         if pnode.entry.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
         assert pnode.entry.id is not None
+        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR:
+            entry = Entry(
+                SNAPSHOTS_DIR, Kind.DIR, 0o555, pnode.entry.mtime_ns, 0, SNAPSHOTS_ID, None
+            )
+            return self._attr(self._remember(parent, entry, pnode.volume, pnode.snapshot_id))
+        if pnode.entry.id == SNAPSHOTS_ID:
+            for entry, sid in await self._history(pnode):
+                if entry.name == name:
+                    return self._attr(self._remember(parent, entry, pnode.volume, sid))
+            raise FsError(errno.ENOENT)
         tree, names = await self.content.tree(pnode.entry.id)
         i = _find(names, name)
         if i < 0:
@@ -276,9 +319,17 @@ class FileSystem:
         return node.entry.target
 
     async def opendir(self, ino: int) -> int:
-        names, entries = await self._dir_listing(ino)
+        node = self._nodes.get(ino)
+        if node is not None and node.entry.id == SNAPSHOTS_ID:
+            history = await self._history(node)
+            listing = OpenDir(
+                ino, [e.name for e, _ in history], [e for e, _ in history], [s for _, s in history]
+            )
+        else:
+            names, entries = await self._dir_listing(ino)
+            listing = OpenDir(ino, names, entries)
         fh = self._new_fh()
-        self._dirs[fh] = OpenDir(ino, names, entries)
+        self._dirs[fh] = listing
         return fh
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
@@ -305,7 +356,8 @@ class FileSystem:
         if parent is None:
             return
         for i in range(start, len(d.entries)):
-            node = self._remember(d.ino, d.entries[i], parent.volume, parent.snapshot_id)
+            sid = d.snapshot_ids[i] if d.snapshot_ids else parent.snapshot_id
+            node = self._remember(d.ino, d.entries[i], parent.volume, sid)
             yield d.names[i], self._attr(node), i + 1
 
     def releasedir(self, fh: int) -> None:

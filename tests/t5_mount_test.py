@@ -391,3 +391,31 @@ def test_log_lists_snapshots_newest_first(home: Path, tmp_path: Path) -> None:
         assert len(text) == 2 and text[0].startswith("seq      3")
         bad = run_cli(home, "log", "nosuch")
         assert bad.returncode == 3 and "unknown volume" in bad.stderr
+
+
+def test_hidden_snapshots_dir_serves_every_version(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    run_cli(home, "volume", "create", "tools", check=True)
+    ids = []
+    for i in range(3):
+        (src / "version").write_text(f"v{i + 1}\n")
+        (src / f"added-{i + 1}").write_text("x")
+        report = json.loads(run_cli(home, "import", str(src), "tools", "--json", check=True).stdout)
+        ids.append(report["snapshot"])
+    with mounted(home, tmp_path / "mnt") as mp:
+        vol = mp / "tools"
+        assert ".snapshots" not in os.listdir(vol)  # hidden: found by name only
+        snaps = vol / ".snapshots"
+        assert sorted(os.listdir(snaps)) == ["1", "2", "3"]
+        for seq in (1, 2, 3):
+            d = snaps / str(seq)
+            assert (d / "version").read_text() == f"v{seq}\n"
+            assert sorted(os.listdir(d)) == sorted(
+                ["version", *(f"added-{k}" for k in range(1, seq + 1))]
+            )
+            assert os.getxattr(d / "version", "user.p2pfs.snapshot").decode() == ids[seq - 1]
+        assert not (snaps / "4").exists()
+        with pytest.raises(OSError) as e:
+            (snaps / "1" / "new").write_text("no")
+        assert e.value.errno in (errno.EROFS, errno.EACCES)

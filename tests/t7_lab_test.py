@@ -17,16 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import require_lab
 
-from p2pfs.lab import STATE_DIR, Host, Lab, LabError, cleanup_stale, lab_unavailable
-
-
-def require_lab() -> None:
-    reason = lab_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the lab must run in CI: {reason}")
-        pytest.skip(f"lab unavailable: {reason}")
+from p2pfs.lab import STATE_DIR, Host, Lab, LabError, cleanup_stale
 
 
 def netns_names() -> set[str]:

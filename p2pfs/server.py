@@ -31,6 +31,7 @@ from .fetcher import Fetcher
 from .messages import Hello, VolumeHead
 from .peers import Peer, PeerTable
 from .store import Store
+from .tlsstream import TLSStream
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,14 @@ class Network:
             self.table.get(expect).state = "connecting"
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
-        stream = trio.SSLStream(tcp, self.estate.client_context(), server_hostname=None)
+        stream = TLSStream(tcp, self.estate.client_context(), server_side=False)
         await self._session(stream, address=host, port=port, expect=expect)
 
     async def _accept(self, tcp: trio.SocketStream) -> None:
         if self._conn_slots.value == 0:
             await tcp.aclose()
             return
-        stream = trio.SSLStream(tcp, self.estate.server_context(), server_side=True)
+        stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
         try:
             addr = tcp.socket.getpeername()[0]
         except OSError:
@@ -184,7 +185,7 @@ class Network:
 
     async def _session(
         self,
-        stream: trio.SSLStream[Any],
+        stream: TLSStream,
         *,
         address: str | None,
         port: int | None,

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"home", "config", "volumes", "pins", "importer", "estate"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
-    {"wire", "messages", "connection", "peers", "discovery", "fetcher", "digest"},
+    {"wire", "messages", "tlsstream", "connection", "peers", "discovery", "fetcher", "digest"},
     {"server", "volume_sync", "pinning", "keeper"},
     {"vfs"},
     {"fuse"},
@@ -29,7 +29,7 @@ HOMES = {
     "sqlite3": {"index"},
     "pyfuse3": {"fuse"},
     "zeroconf": {"discovery"},
-    "ssl": {"estate"},
+    "ssl": {"estate", "tlsstream"},
 }
 
 

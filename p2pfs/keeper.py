@@ -154,31 +154,29 @@ class Keeper:
             return
         collected = await collect(self.content, snapshot_id, snapshot, record.path)
         check_quota(self.store, record.name, collected)
-        # The new ids first, then drop the old set: what both versions share stays pinned.
-        staging = f"{record.name}#{snapshot.seq}"
-        await trio.to_thread.run_sync(self.store.pin, staging, collected.ids)
-        with contextlib.suppress(NotFound):
-            await trio.to_thread.run_sync(self.store.unpin, record.name)
-        await trio.to_thread.run_sync(self.store.pin, record.name, collected.ids)
-        await trio.to_thread.run_sync(self.store.unpin, staging)
+        await self._replace_pin_set(record.name, collected.ids, snapshot.seq)
         self.pins.put(record.volume, record.path, follow=True, seq=snapshot.seq)
         job = PinJob(record.name)
         self.jobs[record.name] = job
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job, collected)
 
+    async def _replace_pin_set(self, name: str, ids: list[bytes], seq: int) -> None:
+        """Make pin set ``name`` hold exactly ``ids``. The new ids are pinned under a
+        staging name first, so what old and new versions share is never unpinned."""
+        staging = f"{name}#{seq}"
+        await trio.to_thread.run_sync(self.store.pin, staging, ids)
+        with contextlib.suppress(NotFound):
+            await trio.to_thread.run_sync(self.store.unpin, name)
+        await trio.to_thread.run_sync(self.store.pin, name, ids)
+        await trio.to_thread.run_sync(self.store.unpin, staging)
+
     async def keep_published(self, volume: str) -> None:
         """The publisher is where every chunk of its volumes always exists (the origin):
         pin the whole head snapshot so a cache quota never evicts any of it."""
         snapshot_id, snapshot = self._head(volume)
         collected = await collect(self.content, snapshot_id, snapshot, "/")
-        name = f"publish:{volume}"
-        staging = f"{name}#{snapshot.seq}"
-        await trio.to_thread.run_sync(self.store.pin, staging, collected.ids)
-        with contextlib.suppress(NotFound):
-            await trio.to_thread.run_sync(self.store.unpin, name)
-        await trio.to_thread.run_sync(self.store.pin, name, collected.ids)
-        await trio.to_thread.run_sync(self.store.unpin, staging)
+        await self._replace_pin_set(f"publish:{volume}", collected.ids, snapshot.seq)
         log.info("volume %s: %d ids pinned as its origin", volume, len(collected.ids))
 
     def describe_pins(self) -> list[dict[str, Any]]:

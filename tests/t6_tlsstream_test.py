@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ def _member(tmp_path: Path, name: str, admin: Home) -> Estate:
     home = Home(tmp_path / name)
     home.init()
     return estate.join(home, estate.approve(admin, estate.request_join(home)))
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    serve: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[tuple[trio.Nursery, trio.SocketStream]]:
+    """A loopback listener running ``serve`` per connection, and one client socket to it."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, listeners)
+        yield nursery, await trio.open_tcp_stream("127.0.0.1", port)
 
 
 @pytest.fixture
@@ -58,11 +71,7 @@ async def test_bulk_both_ways_is_byte_exact_and_peers_see_each_other(
         server_done.set()
         await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, listeners)
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    async with serving(serve) as (nursery, tcp):
         stream = TLSStream(tcp, c.client_context(), server_side=False)
         with trio.fail_after(30):
             await stream.do_handshake()
@@ -109,11 +118,7 @@ async def test_outsider_handshake_fails_cleanly(
             await stream.aclose()
             served.set()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, listeners)
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    async with serving(serve) as (nursery, tcp):
         stream = TLSStream(tcp, outsider.client_context(), server_side=False)
         with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
             await stream.do_handshake()  # our CA does not know the server's certificate
@@ -133,11 +138,7 @@ async def test_eof_reads_empty_or_broken_never_hangs(members: tuple[Estate, Esta
         await stream.send_all(b"bye")
         await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, listeners)
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    async with serving(serve) as (nursery, tcp):
         stream = TLSStream(tcp, c.client_context(), server_side=False)
         with trio.fail_after(10):
             await stream.do_handshake()

@@ -6,8 +6,10 @@ One node and one mount serve the module; each test works in its own directory of
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -215,6 +217,22 @@ def test_sparse_writes(work: Path) -> None:
     big.unlink()
 
 
+def test_shared_mmap_writes_reach_the_file(work: Path) -> None:
+    f = work / "mapped"
+    f.write_bytes(bytes(3 * 4096))
+    with open(f, "r+b") as out, mmap.mmap(out.fileno(), 0) as m:
+        m[4096:4101] = b"hello"
+        m[-3:] = b"end"
+        m.flush()
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 5, 4096) == b"hello"
+        finally:
+            os.close(fd)
+    data = f.read_bytes()
+    assert data[4096:4101] == b"hello" and data.endswith(b"end") and len(data) == 3 * 4096
+
+
 def test_mtime_moves_on_write_and_utimens_round_trips(work: Path) -> None:
     f = work / "m"
     f.write_bytes(b"x")
@@ -314,6 +332,24 @@ def test_rename_over_keeps_the_old_files_open_fd(work: Path) -> None:
     assert sorted(os.listdir(work)) == ["alias", "config.txt"]
     assert target.read_bytes() == b"new content, longer than the old\n"
     assert errno_of(os.rename, work / "missing", work / "x") == errno.ENOENT
+
+
+def test_rename_noreplace_never_clobbers(work: Path) -> None:
+    """renameat2(RENAME_NOREPLACE) (mv -n, systemd): EEXIST, or EINVAL when unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        pytest.skip("this libc has no renameat2")
+    (work / "a").write_bytes(b"a")
+    (work / "b").write_bytes(b"b")
+    at_fdcwd, rename_noreplace = -100, 1
+    rc = libc.renameat2(at_fdcwd, bytes(work / "a"), at_fdcwd, bytes(work / "b"), rename_noreplace)
+    assert rc == -1 and ctypes.get_errno() in (errno.EEXIST, errno.EINVAL)
+    assert (work / "b").read_bytes() == b"b" and (work / "a").read_bytes() == b"a"
+    rc = libc.renameat2(at_fdcwd, bytes(work / "a"), at_fdcwd, bytes(work / "c"), rename_noreplace)
+    if rc == 0:
+        assert sorted(os.listdir(work)) == ["b", "c"]
+    else:
+        assert ctypes.get_errno() == errno.EINVAL
 
 
 def test_rename_directories(work: Path) -> None:
@@ -626,6 +662,10 @@ def test_cp_a_then_diff(work: Path, tmp_path: Path) -> None:
     assert d.returncode == 0, d.stdout + d.stderr
     a, b = walk(src, mtime=True), walk(work / "copy", mtime=True)
     assert a == b, diff_walks(a, b)
+    # Within the volume too (cp may use copy_file_range between two files of the mount).
+    subprocess.run(["cp", "-a", str(work / "copy"), str(work / "copy2")], check=True)
+    c = walk(work / "copy2", mtime=True)
+    assert a == c, diff_walks(a, c)
 
 
 def test_tar_extract(work: Path, tmp_path: Path) -> None:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("mount", help="start the node's daemon, mounted; returns once usable")
     mo.add_argument("mountpoint", type=Path)
+    mo.add_argument(
+        "--read-only", action="store_true", help="mount even the volumes published here read-only"
+    )
 
     um = sub.add_parser("umount", help="unmount and stop the node's daemon")
     um.add_argument("mountpoint", type=Path)
@@ -76,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--mount", type=Path, dest="mountpoint", metavar="MOUNTPOINT")
     da.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     da.add_argument("--debug-faults", action="store_true", help=argparse.SUPPRESS)
+    da.add_argument("--read-only", action="store_true", help="no writable volumes")
+
+    co = sub.add_parser(
+        "commit", help="make the changes written to a volume's mount its next snapshot, now"
+    )
+    co.add_argument("volume")
+    co.add_argument("--json", action="store_true")
 
     st = sub.add_parser("status", help="what this node holds, serves and has seen go wrong")
     st.add_argument("--json", action="store_true")
@@ -250,7 +260,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     home = _home(args)
     mp = args.mountpoint.absolute() if args.mountpoint else None
-    return Daemon(home, mp, ready_fd=args.ready_fd, debug_faults=args.debug_faults).run()
+    return Daemon(
+        home, mp, ready_fd=args.ready_fd, debug_faults=args.debug_faults, read_only=args.read_only
+    ).run()
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -271,6 +283,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "p2pfs", "--home", str(home.root)]
     cmd += ["-v"] * args.verbose
     cmd += ["daemon", "--mount", str(mp), "--ready-fd", str(w)]
+    cmd += ["--read-only"] if args.read_only else []
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             cmd,
@@ -630,6 +643,21 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commit(args: argparse.Namespace) -> int:
+    home = _home(args).require()
+    r = control.call(home.control_socket, "commit", timeout=3600, volume=args.volume)
+    if args.json:
+        _print_json(r)
+    elif r["changed"]:
+        print(
+            f"snapshot {r['snapshot']} (volume {r['volume']}, seq {r['seq']}): "
+            f"{r['files_chunked']} files chunked, {r['trees']} directories, {r['seconds']:.2f} s"
+        )
+    else:
+        print(f"nothing to commit: volume {r['volume']} is at seq {r['seq']}")
+    return 0
+
+
 def cmd_pins(args: argparse.Namespace) -> int:
     home = _home(args).require()
     r = control.call(home.control_socket, "pins", timeout=30)
@@ -659,6 +687,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "unpin": cmd_unpin,
     "pins": cmd_pins,
     "log": cmd_log,
+    "commit": cmd_commit,
 }
 
 

@@ -21,6 +21,11 @@ min_free = "2G"             # free disk space the store never takes (default 1G)
 memory = "1G"               # verified chunks kept in memory (default: 1/16 of RAM, 256M-2G)
 scrub_interval_h = 24       # background verification of every stored chunk (0: off)
 scrub_rate_mb_s = 50        # its speed limit
+
+[publish]
+settle_s = 2.0              # the publisher commits this long after the last change (0: only
+                            # `p2pfs commit`)
+max_delay_s = 30.0          # ... and at the latest this long after the first one
 ```
 """
 
@@ -54,6 +59,8 @@ class Config:
     memory_cache_bytes: int = field(default_factory=lambda: default_memory_cache())
     scrub_interval_s: float = 24 * 3600.0
     scrub_rate_bytes_s: float = 50e6
+    settle_s: float = 2.0
+    max_delay_s: float = 30.0
 
 
 def _num(section: dict[str, Any], key: str, lo: float, hi: float, where: str) -> float | None:
@@ -123,8 +130,13 @@ def load(path: Path) -> Config:
     net = doc.get("network", {})
     fetch = doc.get("fetch", {})
     cache = doc.get("cache", {})
-    if not all(isinstance(t, dict) for t in (net, fetch, cache)):
-        raise P2pfsError(f"{where}: [network], [fetch] and [cache] must be tables")
+    publish = doc.get("publish", {})
+    if not all(isinstance(t, dict) for t in (net, fetch, cache, publish)):
+        raise P2pfsError(f"{where}: [network], [fetch], [cache] and [publish] must be tables")
+    if (st := _num(publish, "settle_s", 0, 86400, where)) is not None:
+        values["settle_s"] = st
+    if (md := _num(publish, "max_delay_s", 0.1, 86400, where)) is not None:
+        values["max_delay_s"] = md
     if "max_bytes" in cache:
         values["cache_max_bytes"] = parse_size(cache["max_bytes"], f"{where}: [cache] max_bytes")
     if "memory" in cache:

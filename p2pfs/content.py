@@ -302,3 +302,26 @@ class Content:
             if child.level != blob.level - 1 or child.size != ref.length:
                 raise IntegrityError(f"blob index node {ref.id.hex()} does not fit its parent")
             await self._flatten(child, ids, lengths)
+
+
+async def read_span(
+    chunks: ChunkCache, layout: FileLayout, offset: int, end: int
+) -> bytes | memoryview:
+    """Bytes ``offset`` to ``end`` of a file, from its verified chunks."""
+    i = layout.index_of(offset)
+    parts: list[memoryview] = []
+    pos = offset
+    while pos < end:
+        cid = layout.ids[i]
+        data = chunks.get_cached(cid)
+        if data is None:
+            data = await chunks.get(cid)
+        start = layout.start_of(i)
+        stop = min(end, layout.ends[i])
+        parts.append(memoryview(data)[pos - start : stop - start])
+        pos = stop
+        if pos < end:
+            i += 1
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(parts)

@@ -29,6 +29,7 @@ from .errors import Busy, NotFound, P2pfsError, UsageError
 from .estate import Estate
 from .home import Home
 from .keeper import Keeper
+from .live import LiveVolumes, work_dir
 from .pins import PinRegistry, normalize_path
 from .server import Network
 from .store import QuotaExceeded, Store
@@ -101,8 +102,11 @@ class Daemon:
         *,
         ready_fd: int | None = None,
         debug_faults: bool = False,
+        read_only: bool = False,
     ) -> None:
         self.home = home
+        self.read_only = read_only
+        self.live: LiveVolumes | None = None
         self.mountpoint = mountpoint
         self.ready_fd = ready_fd
         self.debug_faults = debug_faults
@@ -153,6 +157,17 @@ class Daemon:
         )
         self.fs = FileSystem(self.content, lambda: self.heads)
         store.set_protector(self.fs.open_chunk_ids)
+        if self.mountpoint is not None and not self.read_only:
+            self.live = LiveVolumes(
+                work_dir(self.home.root),
+                self.registry,
+                store,
+                self.content,
+                self.fs,
+                self.config,
+                self._committed,
+            )
+            self.live.open()
         self.keeper = Keeper(
             self.content,
             store,
@@ -182,6 +197,8 @@ class Daemon:
             self.fs.attach(nursery)
             await nursery.start(control.run)
             await nursery.start(self.keeper.run)
+            if self.live is not None:
+                await nursery.start(self.live.run)
             for name in self.heads:
                 if self.registry.is_publisher(name):
                     nursery.start_soon(self._keep_published, name)
@@ -194,10 +211,15 @@ class Daemon:
                 await self._mount(nursery)
             log.info("node %s ready (pid %d)", self.home.node_id().hex(), os.getpid())
             self._ready("ok")
+        self.nursery = None
         if self.mounted:
             fuse.close(unmount=True)
             self.mounted = False
             log.info("unmounted %s", self.mountpoint)
+        if self.live is not None:
+            # What was written and closed becomes a snapshot now rather than at next start.
+            await self.live.commit_all()
+            self.live.close()
         return 0
 
     async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
@@ -280,7 +302,18 @@ class Daemon:
     def _heads_changed(self, names: list[str]) -> None:
         self.reload_heads()
 
-    def reload_heads(self) -> list[str]:
+    async def _committed(self, name: str) -> bool:
+        """A commit moved a writable volume's head: show it, announce it, pin it as its
+        origin. True once the head is pinned (the work tree's pins may then go)."""
+        self.reload_heads(keep_published=False)
+        try:
+            await self.keeper.keep_published(name)
+        except P2pfsError as e:
+            log.error("could not pin volume %s on its publisher: %s", name, e)
+            return False
+        return True
+
+    def reload_heads(self, *, keep_published: bool = True) -> list[str]:
         """Load every volume's verified head; returns the names whose head changed."""
         changed = []
         fresh: dict[str, Head] = {}
@@ -305,11 +338,19 @@ class Daemon:
         if changed and self.nursery is not None:
             self.nursery.start_soon(self.keeper.follow, changed)
             for name in changed:
-                if self.registry.is_publisher(name):
+                if keep_published and self.registry.is_publisher(name):
                     self.nursery.start_soon(self._keep_published, name)
+        writable = self.live.names if self.live is not None else []
+        if self.live is not None:
+            for name in changed:
+                if self.live.head_changed(name):
+                    log.info(
+                        "volume %s: the mount now shows snapshot %d", name, fresh[name].snapshot.seq
+                    )
         if self.network is not None and self.sync is not None:
             self.network.fetcher.origins = self.sync.origins()
-            for name in changed:
+            # (After shutdown, a final commit's snapshot reaches peers at next start.)
+            for name in changed if self.nursery is not None else []:
                 # A new snapshot made here (an import): tell the peers.
                 if self.registry.is_publisher(name):
                     head = self.sync.head_of(self.registry.get(name))
@@ -317,7 +358,8 @@ class Daemon:
                         self.network.announce(head)
         if self.mounted:
             for name in changed + gone:
-                fuse.invalidate_entry(ROOT_INO, name.encode())
+                if name not in writable:  # a writable volume's root inode never changes
+                    fuse.invalidate_entry(ROOT_INO, name.encode())
         return changed
 
     # -- control operations -------------------------------------------------
@@ -334,6 +376,7 @@ class Daemon:
         control.register("scrub", "user", self._op_scrub)
         control.register("fsck", "admin", self._op_fsck)
         control.register("reload", "admin", self._op_reload)
+        control.register("commit", "admin", self._op_commit)
         control.register("stop", "admin", self._op_stop)
         if self.debug_faults:
             control.register("inject-fault", "admin", self._op_fault)
@@ -407,6 +450,15 @@ class Daemon:
                 self.network.revocations_changed()
         return {"changed": self.reload_heads()}
 
+    async def _op_commit(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume = request.get("volume")
+        if not isinstance(volume, str):
+            raise UsageError("commit names a volume")
+        if self.live is None:
+            reason = "--read-only" if self.read_only else "no mount"
+            raise UsageError(f"this daemon has no writable volumes ({reason})")
+        return (await self.live.commit(volume)).as_dict()
+
     async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         request[AFTER_REPLY] = self.stop
         return {"stopping": True}
@@ -434,15 +486,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1),
                 "mountpoint": str(self.mountpoint) if self.mounted else None,
             },
-            "volumes": [
-                {
-                    "name": name,
-                    "id": head.snapshot.volume_id.hex(),
-                    "seq": head.snapshot.seq,
-                    "snapshot": head.snapshot_id.hex(),
-                }
-                for name, head in sorted(self.heads.items())
-            ],
+            "volumes": self._volumes_status(),
             "store": {
                 "chunks": stats.chunks,
                 "bytes": stats.bytes,
@@ -463,6 +507,23 @@ class Daemon:
             "inodes": self.fs.inode_count,
             **self._network_status(),
         }
+
+    def _volumes_status(self) -> list[dict[str, Any]]:
+        out = []
+        writable = self.live.names if self.live is not None else []
+        for name in sorted({*self.heads, *writable}):
+            head = self.heads.get(name)
+            entry: dict[str, Any] = {
+                "name": name,
+                "id": head.snapshot.volume_id.hex() if head else self.registry.get(name).id.hex(),
+                "seq": head.snapshot.seq if head else 0,
+                "snapshot": head.snapshot_id.hex() if head else None,
+                "writable": name in writable,
+            }
+            if self.live is not None and name in writable:
+                entry["live"] = self.live.status(name)
+            out.append(entry)
+        return out
 
     def _cache_status(self) -> dict[str, Any]:
         u = self.store.cache_usage()

@@ -13,11 +13,13 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from .objects import Kind
 from .vfs import Attr, FileSystem, errno_of
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_blocks = attr.blocks
     e.st_atime_ns = attr.mtime_ns
     e.st_mtime_ns = attr.mtime_ns
-    e.st_ctime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns
     e.generation = 0
     e.entry_timeout = attr.entry_timeout
     e.attr_timeout = attr.attr_timeout
@@ -124,8 +126,9 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         fh = await self.fs.open(inode, flags)
-        # Content under an inode never changes: let the kernel keep its pages.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+        # Content under a snapshot's inode never changes: let the kernel keep its pages.
+        keep = not self.fs.writable_ino(inode)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep)
 
     @_failsafe
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Any:
@@ -156,21 +159,161 @@ class Operations(pyfuse3.Operations):
 
     @_failsafe
     async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        # default_permissions makes the kernel check modes; only writes are refused here.
-        if mode & os.W_OK:
+        # default_permissions makes the kernel check modes; only writes to snapshots
+        # are refused here.
+        if mode & os.W_OK and not self.fs.writable_ino(inode):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
+    # -- changes: writable volumes only (the rest answers EROFS) ----------------------
 
-def mount_options(*, allow_other: bool) -> set[str]:
-    opts = set(pyfuse3.default_options) | {"fsname=p2pfs", "subtype=p2pfs", "ro"}
+    @_failsafe
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changed = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return _entry(changed)
+
+    @_failsafe
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            # A snapshot holds files, directories and symlinks only.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return _entry(await self.fs.make(parent_inode, name, Kind.FILE, mode, ctx.uid, ctx.gid))
+
+    @_failsafe
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.make(parent_inode, name, Kind.DIR, mode, ctx.uid, ctx.gid))
+
+    @_failsafe
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(
+            await self.fs.make(parent_inode, name, Kind.SYMLINK, 0o777, ctx.uid, ctx.gid, target)
+        )
+
+    @_failsafe
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), _entry(attr)
+
+    @_failsafe
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_failsafe
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @_failsafe
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @_failsafe
+    async def rename(  # type: ignore[override]  # pyfuse3's stub says str; it passes bytes
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_failsafe
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @_failsafe
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None  # close() reports nothing more: data goes to the staging file at write
+
+    @_failsafe
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_failsafe
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.fs.fsyncdir(fh)
+
+    @_failsafe
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        # Snapshots carry no extended attributes.
+        raise pyfuse3.FUSEError(errno.ENOTSUP if self.fs.writable_ino(inode) else errno.EROFS)
+
+    @_failsafe
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.ENODATA if self.fs.writable_ino(inode) else errno.EROFS)
+
+
+def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
+    opts = set(pyfuse3.default_options) | {"fsname=p2pfs", "subtype=p2pfs"}
+    if read_only:
+        opts.add("ro")
     if allow_other:
         opts.add("allow_other")
     return opts
 
 
 def init(fs: FileSystem, mountpoint: str, *, allow_other: bool) -> None:
-    pyfuse3.init(Operations(fs), mountpoint, mount_options(allow_other=allow_other))
+    opts = mount_options(allow_other=allow_other, read_only=not fs.writable)
+    pyfuse3.init(Operations(fs), mountpoint, opts)
 
 
 async def serve() -> None:

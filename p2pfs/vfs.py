@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 import trio
 
-from .content import Content, FileLayout
+from .content import Content, FileLayout, read_span
 from .errors import P2pfsError
 from .objects import Entry, Kind, Snapshot, decode_snapshot
+from .vfs_write import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
+from .worktree import TreeError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ READAHEAD_CHUNKS = 32
 PREFETCH_BATCH = 4
 SEQUENTIAL_SLACK = 4 * 1024 * 1024
 BLOCK_SIZE = 128 * 1024
+# Failures of the staging disk a writer should see as they are, not as a bug.
+ERRNO_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 class FsError(Exception):
@@ -77,6 +81,7 @@ class Attr:
     gid: int
     entry_timeout: float
     attr_timeout: float
+    ctime_ns: int | None = None  # None: the mtime (snapshots keep no ctime)
 
     @property
     def blocks(self) -> int:
@@ -139,6 +144,10 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
+        # The publisher's writable volumes, by name and by slot (the high bits of
+        # their inode numbers and file handles).
+        self.writable: dict[str, WritableVolume] = {}
+        self._slots: dict[int, WritableVolume] = {}
         self._nursery: trio.Nursery | None = None
         self.errors = 0  # unexpected failures turned into EIO (counted by the adapter)
         # Handlers armed to fail with an unexpected exception until disarmed (the kernel
@@ -149,6 +158,31 @@ class FileSystem:
     def attach(self, nursery: trio.Nursery) -> None:
         """Give the filesystem a nursery for background read-ahead."""
         self._nursery = nursery
+
+    def add_writable(self, volume: WritableVolume) -> None:
+        self.writable[volume.name] = volume
+        self._slots[volume.slot] = volume
+
+    def _w(self, ino_or_fh: int) -> WritableVolume | None:
+        """The writable volume an inode number or file handle belongs to."""
+        if ino_or_fh >> SLOT_SHIFT == 0:
+            return None
+        w = self._slots.get(ino_or_fh >> SLOT_SHIFT)
+        if w is None:
+            raise FsError(errno.ENOENT)
+        return w
+
+    def _rw(self, ino: int) -> WritableVolume:
+        """The writable volume of ``ino``, or EROFS: everything else is a snapshot."""
+        w = self._w(ino)
+        if w is None:
+            raise FsError(errno.EROFS)
+        return w
+
+    @staticmethod
+    def _wattr(a: WAttr) -> Attr:
+        t = WRITABLE_TIMEOUT
+        return Attr(a.ino, a.mode, a.size, a.mtime_ns, a.nlink, a.uid, a.gid, t, t, a.ctime_ns)
 
     # -- nodes --------------------------------------------------------------
 
@@ -201,6 +235,10 @@ class FileSystem:
         return node
 
     def forget(self, ino: int, count: int) -> None:
+        w = self._slots.get(ino >> SLOT_SHIFT) if ino >> SLOT_SHIFT else None
+        if w is not None:
+            w.forget(ino, count)
+            return
         node = self._nodes.get(ino)
         if node is None or ino == ROOT_INO:
             return
@@ -223,7 +261,7 @@ class FileSystem:
 
     async def _dir_listing(self, ino: int) -> tuple[list[bytes], Sequence[Entry] | None]:
         if ino == ROOT_INO:
-            names = sorted(n.encode() for n in self.heads())
+            names = sorted(n.encode() for n in {*self.heads(), *self.writable})
             return names, None
         node = self._node(ino)
         if node.entry.kind is not Kind.DIR:
@@ -264,9 +302,16 @@ class FileSystem:
         if name == b".":
             return await self._lookup_self(parent)
         if name == b"..":
-            p = ROOT_INO if parent == ROOT_INO else self._node(parent).parent
-            return await self._lookup_self(p)
+            return await self._lookup_self(self._parent_of(parent))
+        w = self._w(parent)
+        if w is not None:
+            if parent == w.root_ino and name == SNAPSHOTS_DIR:
+                return self._snapshots_dir(parent, w.name)
+            return self._wattr(await w.lookup(parent, name))
         if parent == ROOT_INO:
+            w = self.writable.get(name.decode(errors="surrogateescape"))
+            if w is not None:
+                return self._wattr(w.lookup_self(w.root_ino))
             heads = self.heads()
             head = heads.get(name.decode(errors="surrogateescape"))
             if head is None:
@@ -279,10 +324,7 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         assert pnode.entry.id is not None
         if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR:
-            entry = Entry(
-                SNAPSHOTS_DIR, Kind.DIR, 0o555, pnode.entry.mtime_ns, 0, SNAPSHOTS_ID, None
-            )
-            return self._attr(self._remember(parent, entry, pnode.volume, pnode.snapshot_id))
+            return self._snapshots_dir(parent, pnode.volume)
         if pnode.entry.id == SNAPSHOTS_ID:
             for entry, sid in await self._history(pnode):
                 if entry.name == name:
@@ -295,9 +337,27 @@ class FileSystem:
         node = self._remember(parent, tree.entries[i], pnode.volume, pnode.snapshot_id)
         return self._attr(node)
 
+    def _parent_of(self, ino: int) -> int:
+        if ino == ROOT_INO:
+            return ROOT_INO
+        w = self._w(ino)
+        if w is not None:
+            return w.parent_ino(ino) or ROOT_INO
+        return self._node(ino).parent
+
+    def _snapshots_dir(self, parent: int, volume: str) -> Attr:
+        head = self.heads().get(volume)
+        if head is None:  # nothing committed yet
+            raise FsError(errno.ENOENT)
+        entry = Entry(SNAPSHOTS_DIR, Kind.DIR, 0o555, head.snapshot.time_ns, 0, SNAPSHOTS_ID, None)
+        return self._attr(self._remember(parent, entry, volume, head.snapshot_id))
+
     async def _lookup_self(self, ino: int) -> Attr:
         if ino == ROOT_INO:
             return self._root_attr()
+        w = self._w(ino)
+        if w is not None:
+            return self._wattr(w.lookup_self(ino))
         node = self._node(ino)
         node.lookups += 1
         return self._attr(node)
@@ -310,15 +370,24 @@ class FileSystem:
         self._fault("getattr")
         if ino == ROOT_INO:
             return self._root_attr()
+        w = self._w(ino)
+        if w is not None:
+            return self._wattr(w.getattr(ino))
         return self._attr(self._node(ino))
 
     async def readlink(self, ino: int) -> bytes:
+        w = self._w(ino)
+        if w is not None:
+            return w.readlink(ino)
         node = self._node(ino)
         if node.entry.kind is not Kind.SYMLINK or node.entry.target is None:
             raise FsError(errno.EINVAL)
         return node.entry.target
 
     async def opendir(self, ino: int) -> int:
+        w = self._w(ino)
+        if w is not None:
+            return await w.opendir(ino)
         node = self._nodes.get(ino)
         if node is not None and node.entry.id == SNAPSHOTS_ID:
             history = await self._history(node)
@@ -337,6 +406,11 @@ class FileSystem:
 
         The adapter must call ``forget(ino, 1)`` for an entry the kernel did not take.
         """
+        w = self._w(fh)
+        if w is not None:
+            for name, wattr, nxt in w.readdir(fh, start):
+                yield name, self._wattr(wattr), nxt
+            return
         d = self._dirs.get(fh)
         if d is None:
             raise FsError(errno.EBADF)
@@ -344,6 +418,10 @@ class FileSystem:
             heads = self.heads()
             for i in range(start, len(d.names)):
                 vol = d.names[i].decode()
+                wv = self.writable.get(vol)
+                if wv is not None:
+                    yield d.names[i], self._wattr(wv.lookup_self(wv.root_ino)), i + 1
+                    continue
                 head = heads.get(vol)
                 if head is None:  # removed since opendir
                     continue
@@ -361,9 +439,16 @@ class FileSystem:
             yield d.names[i], self._attr(node), i + 1
 
     def releasedir(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            w.releasedir(fh)
+            return
         self._dirs.pop(fh, None)
 
     async def open(self, ino: int, flags: int) -> int:
+        w = self._w(ino)
+        if w is not None:
+            return await w.open(ino, flags)
         node = self._node(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
@@ -391,6 +476,10 @@ class FileSystem:
         return {cid for f in list(self._files.values()) for cid in f.layout.ids}
 
     def release(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            w.release(fh)
+            return
         f = self._files.pop(fh, None)
         if f is not None:
             f.node.opens -= 1
@@ -398,6 +487,9 @@ class FileSystem:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         self._fault("read")
+        w = self._w(fh)
+        if w is not None:
+            return await w.read(fh, offset, size)
         f = self._files.get(fh)
         if f is None:
             raise FsError(errno.EBADF)
@@ -406,24 +498,11 @@ class FileSystem:
         if offset >= end:
             return b""
         chunks = self.content.chunks
-        i = layout.index_of(offset)
         # The kernel keeps several readahead requests in flight, so they may arrive
         # slightly out of order: near the last end still counts as sequential.
         sequential = abs(offset - f.next_offset) <= SEQUENTIAL_SLACK
         f.next_offset = max(end, f.next_offset) if sequential else end
-        parts: list[memoryview] = []
-        pos = offset
-        while pos < end:
-            cid = layout.ids[i]
-            data = chunks.get_cached(cid)
-            if data is None:
-                data = await chunks.get(cid)
-            start = layout.start_of(i)
-            stop = min(end, layout.ends[i])
-            parts.append(memoryview(data)[pos - start : stop - start])
-            pos = stop
-            if pos < end:
-                i += 1
+        data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
             last = layout.index_of(end - 1)
             ahead = [
@@ -433,26 +512,103 @@ class FileSystem:
             ]
             for k in range(0, len(ahead), PREFETCH_BATCH):
                 self._nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+        return data
+
+    # -- changes (writable volumes only) --------------------------------------------
+
+    async def make(
+        self,
+        parent: int,
+        name: bytes,
+        kind: Kind,
+        mode: int,
+        uid: int,
+        gid: int,
+        target: bytes | None = None,
+    ) -> Attr:
+        w = self._rw(parent)
+        return self._wattr(await w.make(parent, name, kind, mode, uid, gid, target))
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attr]:
+        fh, attr = await self._rw(parent).create(parent, name, mode, flags, uid, gid)
+        return fh, self._wattr(attr)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        w = self._rw(parent)
+        if self._w(ino) is not w:
+            raise FsError(errno.EXDEV)
+        return self._wattr(await w.link(ino, parent, name))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._rw(parent).unlink(parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._rw(parent).rmdir(parent, name)
+
+    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        w = self._rw(p1)
+        if self._w(p2) is not w:
+            raise FsError(errno.EROFS if self._w(p2) is None else errno.EXDEV)
+        await w.rename(p1, n1, p2, n2, flags)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        w = self._rw(ino)
+        return self._wattr(
+            await w.setattr(ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns)
+        )
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return self._rw(fh).write(fh, offset, data)
+
+    async def fsync(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            await w.fsync(fh)
+
+    async def fsyncdir(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            await w.fsyncdir()
+
+    def writable_ino(self, ino: int) -> bool:
+        return self._w(ino) is not None
 
     def statfs(self) -> dict[str, int]:
         st = os.statvfs(self.content.store.root)
+        # Writable volumes take what the disk holding the staging files has left.
+        free = st.f_bavail * st.f_frsize // BLOCK_SIZE if self.writable else 0
+        files = self.inode_count + sum(len(w.tree.nodes) for w in self.writable.values())
         return {
             "f_bsize": BLOCK_SIZE,
             "f_frsize": BLOCK_SIZE,
             "f_blocks": st.f_blocks * st.f_frsize // BLOCK_SIZE,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": self.inode_count,
-            "f_ffree": 0,
-            "f_favail": 0,
+            "f_bfree": free,
+            "f_bavail": free,
+            "f_files": files + (st.f_favail if self.writable else 0),
+            "f_ffree": st.f_favail if self.writable else 0,
+            "f_favail": st.f_favail if self.writable else 0,
             "f_namemax": 255,
         }
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INO:
+            raise FsError(errno.ENODATA)
+        w = self._w(ino)
+        if w is not None:
+            blob = w.node(ino).blob
+            if name == XATTR_ID and blob is not None:
+                return blob.hex().encode()
             raise FsError(errno.ENODATA)
         node = self._node(ino)
         if name == XATTR_ID and node.entry.id is not None:
@@ -464,6 +620,9 @@ class FileSystem:
     async def listxattr(self, ino: int) -> list[bytes]:
         if ino == ROOT_INO:
             return []
+        w = self._w(ino)
+        if w is not None:
+            return [XATTR_ID] if w.node(ino).blob is not None else []
         node = self._node(ino)
         names = [XATTR_SNAPSHOT]
         if node.entry.id is not None:
@@ -483,7 +642,9 @@ def _find(names: list[bytes], name: bytes) -> int:
 
 def errno_of(e: BaseException) -> int | None:
     """The errno a known failure maps to, or None for a bug."""
-    if isinstance(e, FsError):
+    if isinstance(e, FsError | TreeError):
+        return e.errno
+    if isinstance(e, OSError) and e.errno is not None and e.errno in ERRNO_PASSED:
         return e.errno
     if isinstance(e, P2pfsError):
         return e.errno

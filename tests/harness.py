@@ -57,14 +57,17 @@ def force_unmount(mountpoint: Path, home: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mounted(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
-    """``p2pfs mount`` in a subprocess; always unmounted and stopped afterwards."""
+def mounted(home: Path, mountpoint: Path, *extra: str, read_only: bool = False) -> Iterator[Path]:
+    """``p2pfs mount`` in a subprocess; always unmounted and stopped afterwards.
+
+    Volumes published by ``home`` are writable unless ``read_only``."""
     mountpoint.mkdir(exist_ok=True)
     try:
         if extra:
-            yield from _daemon_mount(home, mountpoint, *extra)
+            yield from _daemon_mount(home, mountpoint, *extra, *(["--read-only"] * read_only))
             return
-        run_cli(home, "mount", str(mountpoint), check=True, timeout=120)
+        ro = ["--read-only"] if read_only else []
+        run_cli(home, "mount", str(mountpoint), *ro, check=True, timeout=120)
         assert os.path.ismount(mountpoint)
         yield mountpoint
         proc = run_cli(home, "umount", str(mountpoint), timeout=60)

@@ -13,12 +13,12 @@ LAYERS: list[set[str]] = [
     {"chunker", "chunker_ref", "_fastcdc", "codec", "keys", "index"},
     {"objects"},
     {"store"},
-    {"home", "config", "volumes", "pins", "importer", "estate"},
+    {"home", "config", "volumes", "pins", "importer", "estate", "worktree"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
     {"wire", "messages", "tlsstream", "connection", "peers", "discovery", "fetcher", "digest"},
-    {"server", "volume_sync", "pinning", "keeper"},
-    {"vfs"},
+    {"server", "volume_sync", "pinning", "keeper", "publish"},
+    {"vfs", "vfs_write", "live"},
     {"fuse"},
     {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"},
 ]
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
 HOMES = {
     "msgpack": {"codec"},
     "cryptography": {"keys", "estate"},
-    "sqlite3": {"index"},
+    "sqlite3": {"index", "worktree"},
     "pyfuse3": {"fuse"},
     "zeroconf": {"discovery"},
     "ssl": {"estate", "tlsstream"},

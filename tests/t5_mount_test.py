@@ -106,7 +106,7 @@ def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_random_tree_reads_back_identical(home: Path, tmp_path: Path, big_tree: Path) -> None:
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(big_tree), "tools", check=True)
-    with mounted(home, tmp_path / "mnt") as mp:
+    with mounted(home, tmp_path / "mnt", read_only=True) as mp:
         assert os.listdir(mp) == ["tools"]
         checked = compare_trees(big_tree, mp / "tools", skip_content={"sparse-5G.img"})
         assert checked > 10
@@ -271,7 +271,8 @@ def test_damaged_index_and_objects_lose_nothing(home: Path, tmp_path: Path) -> N
         Path(str(index) + suffix).unlink(missing_ok=True)
     with open(index, "r+b") as f:
         f.truncate(os.path.getsize(index) // 3)
-    with mounted(home, tmp_path / "mnt") as mp:
+    # Read-only: a writable mount keeps the directories it visited in its work tree.
+    with mounted(home, tmp_path / "mnt", read_only=True) as mp:
         assert (mp / "tools" / "d" / "f").read_bytes() == (src / "d" / "f").read_bytes()
     # A damaged tree object: that directory fails with EIO, the rest still reads.
     h = Home(home)
@@ -284,7 +285,7 @@ def test_damaged_index_and_objects_lose_nothing(home: Path, tmp_path: Path) -> N
     finally:
         store.close()
     _flip_bit(home, sub.id)
-    with mounted(home, tmp_path / "mnt") as mp:
+    with mounted(home, tmp_path / "mnt", read_only=True) as mp:
         with pytest.raises(OSError) as e:
             os.listdir(mp / "tools" / "d")
         assert e.value.errno == errno.EIO
@@ -299,7 +300,10 @@ def test_new_snapshot_switches_mount_and_open_files_keep_their_version(
     (src / "f").write_bytes(b"version one")
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(src), "tools", check=True)
-    with mounted(home, tmp_path / "mnt") as mp, open(mp / "tools" / "f", "rb") as old:
+    with (
+        mounted(home, tmp_path / "mnt", read_only=True) as mp,
+        open(mp / "tools" / "f", "rb") as old,
+    ):
         (src / "f").write_bytes(b"version two!")
         run_cli(home, "import", str(src), "tools", check=True)
         assert (mp / "tools" / "f").read_bytes() == b"version two!"

@@ -29,10 +29,10 @@ from pathlib import Path
 import trio
 
 from .chunker import ChunkParams, iter_chunks
-from .errors import NotFound, P2pfsError
+from .errors import NotFound
 from .importer import BATCH_BYTES, store_blob
 from .objects import ChunkRef, Entry, Snapshot, Tree, object_id
-from .store import QuotaExceeded, Store
+from .store import Store
 from .volumes import VolumeRegistry
 from .worktree import Chunked, WNode, WorkTree
 
@@ -191,10 +191,11 @@ class Publisher:
             nodes = [n for i in inos if (n := self.tree.node(i)) is not None and n.staged]
             try:
                 await self._absorb([n for n in nodes if n.writers == 0])
-            except QuotaExceeded as e:
-                # Nothing lost: the files stay staged and are read from there.
+            except Exception as e:
+                # Nothing lost: the files stay staged, are read from there, and are
+                # chunked again by the next commit. (A bug must not take the mount down.)
                 self.last_error = f"cannot absorb into the store: {e}"
-                log.error("volume %s: %s", self.name, self.last_error)
+                log.error("volume %s: %s", self.name, self.last_error, exc_info=True)
                 await trio.sleep(5)
 
     async def _timer(self) -> None:
@@ -210,9 +211,9 @@ class Publisher:
                 continue
             try:
                 await self.commit(include_open=False)
-            except P2pfsError as e:
+            except Exception as e:
                 self.last_error = f"automatic commit failed: {e}"
-                log.error("volume %s: %s", self.name, self.last_error)
+                log.error("volume %s: %s", self.name, self.last_error, exc_info=True)
                 self._first_change = time.monotonic()  # try again after max_delay_s
                 self._last_change = self._first_change
                 await trio.sleep(min(self.settle_s, 5))

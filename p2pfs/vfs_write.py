@@ -187,6 +187,11 @@ class WritableVolume:
         self._check_name(d, name)
         if kind is Kind.SYMLINK and (not target or len(target) > 4096 or b"\0" in target):
             raise TreeError(errno.ENAMETOOLONG if target and len(target) > 4096 else errno.EINVAL)
+        if d.mode & stat.S_ISGID:
+            # BSD group semantics in a setgid directory, as local filesystems do.
+            gid = d.gid
+            if kind is Kind.DIR:
+                mode |= stat.S_ISGID
         n = self.tree.make(d, name, kind, mode, uid, gid, target)
         n.lookups += 1
         self.on_change()
@@ -274,6 +279,8 @@ class WritableVolume:
         if od is None:
             raise TreeError(errno.EBADF)
         children = od.node.children or {}
+        if start == 0:  # (re)starting: rewinddir(3) must see the directory as it is now
+            od.names = sorted(children)
         for i in range(start, len(od.names)):
             ino = children.get(od.names[i])
             n = self.tree.node(ino) if ino is not None else None
@@ -431,12 +438,12 @@ class WritableVolume:
 
     async def _truncate(self, n: WNode, size: int) -> None:
         if n.staged:
-            os.ftruncate(self._fd(n), size)
+            os.truncate(self.tree.staging_path(n.ino), size)
         elif size == 0:
             path = self.tree.staging_path(n.ino)
             os.close(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             self.tree.staged_now(n)
         else:
             await self._stage(n)
-            os.ftruncate(self._fd(n), size)
+            os.truncate(self.tree.staging_path(n.ino), size)
         self.tree.resized(n, size)

@@ -456,7 +456,7 @@ class Daemon:
             raise UsageError("commit names a volume")
         if self.live is None:
             reason = "--read-only" if self.read_only else "no mount"
-            raise UsageError(f"this daemon has no writable volumes ({reason})")
+            raise P2pfsError(f"this daemon has no writable volumes ({reason})")
         return (await self.live.commit(volume)).as_dict()
 
     async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import trio
 
 from .config import Config
 from .content import Content
-from .errors import NotFound, P2pfsError, UsageError
+from .errors import NotFound, P2pfsError
 from .publish import CommitResult, Publisher
 from .store import Store
 from .vfs import FileSystem
@@ -120,10 +120,10 @@ class LiveVolumes:
             if name not in self.registry.names():
                 raise NotFound(f"unknown volume {name!r}")
             if not self.registry.is_publisher(name):
-                raise UsageError(
+                raise P2pfsError(
                     f"volume {name!r} is published by another node: only its publisher commits"
                 )
-            raise UsageError(f"volume {name!r} is not mounted writable: mount it first")
+            raise P2pfsError(f"volume {name!r} is not mounted writable: mount it first")
         return await publisher.commit(include_open=True)
 
     async def commit_all(self) -> None:

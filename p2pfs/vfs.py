@@ -606,9 +606,9 @@ class FileSystem:
             raise FsError(errno.ENODATA)
         w = self._w(ino)
         if w is not None:
-            blob = w.node(ino).blob
-            if name == XATTR_ID and blob is not None:
-                return blob.hex().encode()
+            oid = w.tree.object_id(w.node(ino))
+            if name == XATTR_ID and oid is not None:
+                return oid.hex().encode()
             raise FsError(errno.ENODATA)
         node = self._node(ino)
         if name == XATTR_ID and node.entry.id is not None:
@@ -622,7 +622,7 @@ class FileSystem:
             return []
         w = self._w(ino)
         if w is not None:
-            return [XATTR_ID] if w.node(ino).blob is not None else []
+            return [XATTR_ID] if w.tree.object_id(w.node(ino)) is not None else []
         node = self._node(ino)
         names = [XATTR_SNAPSHOT]
         if node.entry.id is not None:

@@ -720,5 +720,12 @@ class WorkTree:
         if d is not None and d.tree_clock < clock:
             d.tree, d.tree_clock = tree_id, clock
 
+    def object_id(self, n: WNode) -> bytes | None:
+        """A clean file's blob id, an unchanged directory's tree id (else None)."""
+        if n.kind is Kind.FILE:
+            return None if n.staged else n.blob
+        unchanged = n.children is None or n.tree_clock >= n.changed
+        return n.tree if n.kind is Kind.DIR and unchanged else None
+
     def root_tree(self) -> bytes | None:
         return self.nodes[ROOT].tree

@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench_estate",
     "bench_discovery",
     "bench_write",
+    "bench_live",
 ]
 
 

@@ -19,6 +19,8 @@ import shutil
 import signal
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,10 @@ def make_tree(root: Path) -> None:
     (root / "link").symlink_to("docs/note-1.txt")
 
 
-def configure(node: Node, settle_s: float) -> None:
+def configure(node: Node, settle_s: float, max_delay_s: float = 10.0) -> None:
     node.configure(deadline_s=8, hedge_after_s=0.3)
     with open(node.home / "config.toml", "a") as f:
-        f.write(f"[publish]\nsettle_s = {settle_s}\nmax_delay_s = 10.0\n")
+        f.write(f"[publish]\nsettle_s = {settle_s}\nmax_delay_s = {max_delay_s}\n")
 
 
 def tools(node: Node) -> Path:
@@ -249,6 +251,108 @@ def test_a_file_open_across_the_switch_keeps_its_old_version(live: Live) -> None
         m.write(new_data)
 
 
+def test_listings_and_reads_during_a_switch_show_the_old_or_the_new_version(
+    live: Live,
+) -> None:
+    a, b = live.lab.node("a"), live.lab.node("b")
+    rng = random.Random(14)
+    old_names = {f"old-{i:04d}.txt" for i in range(400)}
+    new_names = {f"new-{i:04d}.txt" for i in range(400)}
+    old_payload, new_payload = rng.randbytes(3 * MIB), rng.randbytes(3 * MIB)
+    versions = {
+        hashlib.sha256(old_payload).hexdigest(): 1,
+        hashlib.sha256(new_payload).hexdigest(): 2,
+    }
+    for root in (tools(a), live.mirror):
+        (root / "gen").mkdir()
+        for name in old_names:
+            (root / "gen" / name).write_text("v1\n")
+        (root / "payload.bin").write_bytes(old_payload)
+    seq1 = commit(a)["seq"]
+    gen, payload = tools(b) / "gen", tools(b) / "payload.bin"
+    wait_for(
+        "b at the old directory",
+        lambda: (
+            seq_of(b) == seq1 and set(os.listdir(gen)) == old_names and sha(payload) in versions
+        ),
+    )
+    listings: list[frozenset[str]] = []
+    reads: list[str] = []
+    errors: list[OSError] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        # Each listing takes several readdir calls, each read several chunks: a switch
+        # must not fall between them.
+        while not stop.is_set():
+            try:
+                listings.append(frozenset(os.listdir(gen)))
+                reads.append(sha(payload))
+            except OSError as e:
+                errors.append(e)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for root in (tools(a), live.mirror):
+            for name in old_names:
+                os.unlink(root / "gen" / name)
+            for name in new_names:
+                (root / "gen" / name).write_text("v2\n")
+            with open(root / "payload.bin", "r+b") as f:
+                f.write(new_payload)
+        seq2 = commit(a)["seq"]
+        wait_for(
+            "b at the new directory",
+            lambda: (
+                seq_of(b) == seq2
+                and bool(reads)
+                and listings[len(reads) - 1] == new_names
+                and versions.get(reads[-1]) == 2
+            ),
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    mixed = [names for names in listings if names not in (old_names, new_names)]
+    assert not mixed, (
+        f"{len(mixed)} of {len(listings)} listings mixed both versions: e.g. "
+        f"{len(mixed[0] & old_names)} old and {len(mixed[0] & new_names)} new names"
+    )
+    assert listings[0] == old_names and listings[-1] == new_names
+    torn = [d for d in reads if d not in versions]
+    assert not torn, f"{len(torn)} of {len(reads)} reads of payload.bin were neither version"
+    assert versions[reads[0]] == 1 and versions[reads[-1]] == 2
+    assert {(gen / n).read_text() for n in sorted(new_names)[:20]} == {"v2\n"}
+
+
+def test_a_follower_down_during_commits_catches_up(live: Live) -> None:
+    a, b, c = (live.lab.node(n) for n in "abc")
+    b.stop()
+    for step in (1, 2):
+        for root in (tools(a), live.mirror):
+            (root / "catchup").mkdir(exist_ok=True)
+            (root / "catchup" / f"step-{step}.txt").write_text(f"step {step}\n")
+            (root / "config.ini").write_text(f"[tool]\nversion = {2 + step}\n")
+        commit(a)
+    seq = seq_of(a)
+    expected = walk(live.mirror, skip=SKIP)
+    wait_for("c at the newest", lambda: seq_of(c) == seq)
+    wait_for_tree(c, expected)
+    b.start()
+    wait_until_meshed([a, b, c])
+    wait_for("b to catch up", lambda: seq_of(b) == seq)
+    wait_for_tree(b, expected)
+    log = json.loads(b.cli("log", VOLUME, "--json").stdout)
+    assert [s["seq"] for s in log[:2]] == [seq, seq - 1], log[:2]
+    assert all(s["available"] for s in log[:2]), log[:2]
+    assert (tools(b) / ".snapshots" / str(seq - 1) / "config.ini").read_text() == (
+        "[tool]\nversion = 3\n"
+    )
+
+
 SNAPSHOT_PEER = textwrap.dedent(
     """
     import socket, ssl, sys
@@ -330,24 +434,53 @@ def test_a_replayed_older_snapshot_is_refused(live: Live, tmp_path: Path) -> Non
 def test_an_automatic_commit_reaches_the_followers(live: Live) -> None:
     a, b, c = (live.lab.node(n) for n in "abc")
     a.stop()
-    configure(a, settle_s=1)
+    configure(a, settle_s=1, max_delay_s=3)
     a.start()
     wait_until_meshed([a, b, c])
     before = seq_of(a)
     # The daemon restarted with every change committed: the mount shows the same tree.
     assert walk(tools(a), skip=SKIP) == walk(live.mirror, skip=SKIP)
-    for root in (tools(a), live.mirror):
-        (root / "auto").mkdir()
-        (root / "auto" / "one.txt").write_text("written, closed, never committed by hand\n")
-        with open(root / "config.ini", "a") as f:
-            f.write("auto = yes\n")
+    # A file still open for writing stays out of automatic commits until it is closed.
+    (tools(a) / "auto").mkdir()
+    with open(tools(a) / "auto" / "held.txt", "w") as held:
+        held.write("the first half, ")
+        held.flush()
+        (live.mirror / "auto").mkdir()
+        for root in (tools(a), live.mirror):
+            (root / "auto" / "one.txt").write_text("written, closed, never committed by hand\n")
+            with open(root / "config.ini", "a") as f:
+                f.write("auto = yes\n")
+        expected = walk(live.mirror, skip=SKIP)
+        for node in (b, c):
+            wait_for(f"{node.name} past seq {before}", lambda node=node: seq_of(node) > before)
+            wait_for_tree(node, expected)
+        assert seq_of(a) > before
+        held.write("the second half\n")
+    (live.mirror / "auto" / "held.txt").write_text("the first half, the second half\n")
     expected = walk(live.mirror, skip=SKIP)
     for node in (b, c):
-        wait_for(f"{node.name} past seq {before}", lambda node=node: seq_of(node) > before)
         wait_for_tree(node, expected)
-    assert seq_of(a) > before
     log = json.loads(a.cli("log", VOLUME, "--json").stdout)
     assert log[0]["seq"] == seq_of(b) == seq_of(c), log[:2]
+
+
+def test_changes_that_never_settle_are_committed_after_max_delay(live: Live) -> None:
+    a, b = live.lab.node("a"), live.lab.node("b")
+    before = seq_of(b)
+    steps = 0
+    # A line every 0.2 s never leaves settle_s (1 s) of quiet: only max_delay_s (3 s)
+    # makes a commit while the writer goes on.
+    while seq_of(b) == before:
+        assert steps < 150, "no commit reached b within 30 s of changes that never settle"
+        for root in (tools(a), live.mirror):
+            with open(root / "auto" / "busy.log", "a") as f:
+                f.write(f"line {steps}\n")
+        steps += 1
+        time.sleep(0.2)
+    assert (tools(b) / "auto" / "busy.log").read_text().startswith("line 0\n")
+    expected = walk(live.mirror, skip=SKIP)
+    for node in (b, live.lab.node("c")):
+        wait_for_tree(node, expected)
 
 
 def test_daemons_stop_cleanly(live: Live) -> None:

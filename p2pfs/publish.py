@@ -38,7 +38,10 @@ from .worktree import Chunked, WNode, WorkTree
 
 log = logging.getLogger(__name__)
 
-ABSORB_BATCH_FILES = 256
+ABSORB_BATCH_FILES = 1024
+# Closed files wait this long to be absorbed together: one durability barrier for
+# a burst of small files (tar x, git clone) instead of one each.
+ABSORB_DELAY_S = 1.0
 # Rounds of "chunk what changed" before a commit takes a file as last chunked.
 COMMIT_ROUNDS = 3
 
@@ -65,9 +68,47 @@ class CommitResult:
         }
 
 
-def chunk_file(store: Store, params: ChunkParams, path: Path, pin: str) -> tuple[bytes, int] | None:
-    """Chunk a staging file into the store (pinned under ``pin`` first): (blob id, size),
-    or None if the file is gone. Blocking: run in a worker thread."""
+class PinnedWriter:
+    """Chunks and objects for the store, pinned under ``pin`` before they are stored,
+    written in batches: one durability barrier per batch, not per file. Blocking:
+    use it in a worker thread."""
+
+    def __init__(self, store: Store, pin: str) -> None:
+        self.store = store
+        self.pin = pin
+        self.pending: dict[bytes, bytes] = {}
+        self.pending_bytes = 0
+        self.kept: list[bytes] = []  # stored already (shared with other data): pinned too
+
+    def add(self, oid: bytes, data: bytes | memoryview) -> None:
+        if oid in self.pending:
+            return
+        if self.store.has(oid):
+            self.kept.append(oid)
+            return
+        self.pending[oid] = bytes(data)
+        self.pending_bytes += len(self.pending[oid])
+        if self.pending_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def put_object(self, data: bytes) -> bytes:
+        oid = object_id(data)
+        self.add(oid, data)
+        return oid
+
+    def flush(self) -> None:
+        if self.pending or self.kept:
+            self.store.pin(self.pin, [*self.pending, *self.kept])
+            self.kept.clear()
+        if self.pending:
+            self.store.put_many(self.pending.items(), source="local")
+            self.pending.clear()
+            self.pending_bytes = 0
+
+
+def chunk_file(writer: PinnedWriter, params: ChunkParams, path: Path) -> tuple[bytes, int] | None:
+    """Chunk a staging file into ``writer``: (blob id, size), or None if the file is gone.
+    Durable only after ``writer.flush()``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -75,43 +116,13 @@ def chunk_file(store: Store, params: ChunkParams, path: Path, pin: str) -> tuple
     try:
         refs: list[ChunkRef] = []
         size = 0
-        pending: dict[bytes, bytes] = {}
-        pending_bytes = 0
-        kept: list[bytes] = []  # stored already (shared with other data): pinned too
-
-        def flush() -> None:
-            nonlocal pending_bytes
-            if pending or kept:
-                store.pin(pin, [*pending, *kept])
-                kept.clear()
-            if pending:
-                store.put_many(pending.items(), source="local")
-                pending.clear()
-                pending_bytes = 0
-
         for record, data in iter_chunks(fd, params, size_hint=os.fstat(fd).st_size):
             refs.append(ChunkRef(record.id, record.length))
             size += record.length
-            if record.id not in pending and not store.has(record.id):
-                pending[record.id] = bytes(data)
-                pending_bytes += record.length
-                if pending_bytes >= BATCH_BYTES:
-                    flush()
-            elif record.id not in pending:
-                kept.append(record.id)
-        objects: dict[bytes, bytes] = {}
-
-        def put(obj: bytes) -> bytes:
-            oid = object_id(obj)
-            objects[oid] = obj
-            return oid
-
-        blob = store_blob(put, size, refs)
-        pending.update(objects)
-        flush()
-        return blob, size
+            writer.add(record.id, data)
     finally:
         os.close(fd)
+    return store_blob(writer.put_object, size, refs), size
 
 
 class Publisher:
@@ -186,8 +197,10 @@ class Publisher:
             if not self._closed:
                 await self._wake_absorber.wait()
                 self._wake_absorber = trio.Event()
+                await trio.sleep(ABSORB_DELAY_S)
                 continue
-            inos, self._closed = list(self._closed)[:ABSORB_BATCH_FILES], set()
+            queued = list(self._closed)
+            inos, self._closed = queued[:ABSORB_BATCH_FILES], set(queued[ABSORB_BATCH_FILES:])
             nodes = [n for i in inos if (n := self.tree.node(i)) is not None and n.staged]
             try:
                 await self._absorb([n for n in nodes if n.writers == 0])
@@ -228,7 +241,10 @@ class Publisher:
         pin = self.pin_name
 
         def chunk_all() -> list[tuple[bytes, int] | None]:
-            return [chunk_file(self.store, self.params, path, pin) for _, _, path in work]
+            writer = PinnedWriter(self.store, pin)
+            results = [chunk_file(writer, self.params, path) for _, _, path in work]
+            writer.flush()
+            return results
 
         results = await trio.to_thread.run_sync(chunk_all)
         clean: list[WNode] = []
@@ -272,7 +288,7 @@ class Publisher:
 
             def make_trees() -> dict[int, bytes]:
                 ids: dict[int, bytes] = {}
-                objects: dict[bytes, bytes] = {}
+                writer = PinnedWriter(self.store, pin)
                 for plan in plans:  # children before parents
                     entries = tuple(
                         e
@@ -282,14 +298,8 @@ class Publisher:
                         )
                         for e in plan.entries
                     )
-                    data = Tree(entries).encode()
-                    oid = object_id(data)
-                    ids[plan.ino] = oid
-                    objects[oid] = data
-                new = {oid: data for oid, data in objects.items() if not self.store.has(oid)}
-                if new:
-                    self.store.pin(pin, new)
-                    self.store.put_many(new.items(), source="object")
+                    ids[plan.ino] = writer.put_object(Tree(entries).encode())
+                writer.flush()
                 return ids
 
             ids = await trio.to_thread.run_sync(make_trees)

@@ -398,7 +398,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"daemon: pid {d['pid']}, mounted on {d['mountpoint'] or 'nothing'}")
     for v in st["volumes"]:
-        print(f"volume {v['name']}: seq {v['seq']} snapshot {v['snapshot'][:16]}")
+        snap = v["snapshot"][:16] if v["snapshot"] else "none yet"
+        line = f"volume {v['name']}: seq {v['seq']} snapshot {snap}"
+        live = v.get("live")
+        if live:
+            state = "uncommitted changes" if live["uncommitted"] else "all committed"
+            line += f" (writable here: {state}"
+            if live["staged_files"]:
+                line += f", {live['staged_files']} files staged"
+            if live["auto_commit_in_s"] is not None:
+                line += f", commit in {live['auto_commit_in_s']} s"
+            line += ")"
+            if live["error"]:
+                line += f"\n  error: {live['error']}"
+        print(line)
     s = st["store"]
     print(
         f"store: {s['chunks']} chunks, {s['bytes']} bytes; corrupt chunks found: {s['corrupt_chunks']}"

@@ -25,6 +25,8 @@ from . import chunker, fuse
 from . import config as config_mod
 from .content import Content
 from .control import AFTER_REPLY, ControlServer
+from .desktop_api import DesktopServer
+from .desktop_link import parse_address
 from .errors import Busy, NotFound, P2pfsError, UsageError
 from .estate import Estate
 from .home import Home
@@ -113,6 +115,7 @@ class Daemon:
         self._inflight: dict[bytes, trio.Event] = {}
         self.started = time.time()
         self.mounted = False
+        self.desktop_link: DesktopServer | None = None
 
     def _ready(self, line: str) -> None:
         if self.ready_fd is not None:
@@ -181,6 +184,7 @@ class Daemon:
             self.nursery = nursery
             self.fs.attach(nursery)
             await nursery.start(control.run)
+            await self._start_desktop_link(nursery, control)
             await nursery.start(self.keeper.run)
             for name in self.heads:
                 if self.registry.is_publisher(name):
@@ -199,6 +203,21 @@ class Daemon:
             self.mounted = False
             log.info("unmounted %s", self.mountpoint)
         return 0
+
+    async def _start_desktop_link(self, nursery: trio.Nursery, control: ControlServer) -> None:
+        """Appliance mode: serve the user API to desktops ([appliance] user_listen)."""
+        if not self.config.appliance_listen:
+            return
+        self.desktop_link = DesktopServer(
+            self.home,
+            self.content,
+            lambda: self.heads,
+            control,
+            [parse_address(a) for a in self.config.appliance_listen],
+            allow_pin=self.config.desktop_pin,
+            frame_timeout=self.config.frame_timeout_s,
+        )
+        await nursery.start(self.desktop_link.run)
 
     async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
@@ -462,7 +481,12 @@ class Daemon:
             "fuse_errors": self.fs.errors,
             "inodes": self.fs.inode_count,
             **self._network_status(),
+            **self._desktop_link_status(),
         }
+
+    def _desktop_link_status(self) -> dict[str, Any]:
+        link = self.desktop_link
+        return {"desktop_link": link.status()} if link is not None else {}
 
     def _cache_status(self) -> dict[str, Any]:
         u = self.store.cache_usage()

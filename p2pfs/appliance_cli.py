@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from .desktop_auth import ApplianceKeys, load_token
-from .desktop_link import ApplianceLink, parse_address
+from .desktop_link import ApplianceLink, parse_address, with_link
 from .errors import NotFound, P2pfsError, UsageError
 from .home import Home, default_home, write_atomic
 from .thin_fs import DEFAULT_DEADLINE, ThinMount, read_state, state_dir, state_file
@@ -141,21 +141,15 @@ def _cmd_desktop(args: argparse.Namespace) -> int:
         if op == "pin":
             kw["follow"] = bool(args.follow)
 
-    async def call() -> Any:
-        async with trio.open_nursery() as nursery:
-            link = ApplianceLink(address, token, args.deadline, nursery)
-            try:
-                result = await link.call(op, **kw)
-                if op == "pin":
-                    while result["state"] in ("resolving", "fetching"):
-                        await trio.sleep(0.2)
-                        result = await link.call("pin-status", **kw)
-                return result
-            finally:
-                await link.aclose()
-                nursery.cancel_scope.cancel()
+    async def call(link: ApplianceLink) -> Any:
+        result = await link.call(op, **kw)
+        if op == "pin":
+            while result["state"] in ("resolving", "fetching"):
+                await trio.sleep(0.2)
+                result = await link.call("pin-status", **kw)
+        return result
 
-    result = trio.run(call)
+    result = trio.run(with_link, address, token, args.deadline, call)
     if args.json or op == "status":
         print(json.dumps(result, indent=2, sort_keys=True))
     elif op == "pin":

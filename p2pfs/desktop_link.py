@@ -25,8 +25,9 @@ import json
 import logging
 import math
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +45,7 @@ FRAME_TIMEOUT = 30.0
 MAX_READ = 4 * 1024 * 1024  # the largest read one request may ask for
 RECEIVE_SIZE = 1024 * 1024
 VMADDR_CID_ANY = 0xFFFFFFFF
+T = TypeVar("T")
 
 
 class ApplianceUnavailable(P2pfsError):
@@ -382,3 +384,27 @@ class ApplianceLink:
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+
+
+async def with_link(
+    address: Address,
+    token: DesktopToken,
+    deadline: float,
+    fn: Callable[[ApplianceLink], Awaitable[T]],
+) -> T:
+    """``fn(link)`` on a fresh link, closed afterwards; a P2pfsError leaves as itself
+    (not wrapped in the nursery's exception group)."""
+    error: P2pfsError | None = None
+    result: list[T] = []
+    async with trio.open_nursery() as nursery:
+        link = ApplianceLink(address, token, deadline, nursery)
+        try:
+            result.append(await fn(link))
+        except P2pfsError as e:
+            error = e
+        finally:
+            await link.aclose()
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result[0]

@@ -347,32 +347,38 @@ class ThinMount:
 
     async def _main(self) -> int:
         check_mountpoint(self.mountpoint)
+        error: P2pfsError | None = None
         async with trio.open_nursery() as nursery:
             link = ApplianceLink(self.address, self.token, self.deadline, nursery)
-            # Fail before mounting when the appliance is unreachable or refuses the token.
-            await link.connect()
-            fs = ThinFileSystem(link)
             try:
-                # ThinFileSystem offers every FileSystem method the adapter calls
-                # (checked by tests/t12_appliance_test.py).
-                fuse.init(cast(FileSystem, fs), str(self.mountpoint), allow_other=os.getuid() == 0)
-            except RuntimeError as e:
-                raise P2pfsError(f"cannot mount on {self.mountpoint}: {e}") from None
-            self.mounted = True
-            try:
-                nursery.start_soon(self._serve_then_stop, nursery)
-                nursery.start_soon(self._signals)
-                await trio.to_thread.run_sync(set_readahead, self.mountpoint)
-                self._write_state()
-                log.info("mounted appliance %s on %s", self.address, self.mountpoint)
-                self._ready("ok")
-            except BaseException:
-                fuse.terminate()
-                raise
-        fuse.close(unmount=True)
-        self.mounted = False
-        log.info("unmounted %s", self.mountpoint)
+                # Fail before mounting when the appliance is unreachable or refuses the token.
+                await link.connect()
+                await self._mount(ThinFileSystem(link), nursery)
+            except P2pfsError as e:
+                error = e  # raised below as itself, not inside the nursery's group
+                nursery.cancel_scope.cancel()
+        if self.mounted:
+            fuse.close(unmount=True)
+            self.mounted = False
+            log.info("unmounted %s", self.mountpoint)
+        if error is not None:
+            raise error
         return 0
+
+    async def _mount(self, fs: ThinFileSystem, nursery: trio.Nursery) -> None:
+        try:
+            # ThinFileSystem offers every FileSystem method the adapter calls
+            # (checked by tests/t12_appliance_test.py).
+            fuse.init(cast(FileSystem, fs), str(self.mountpoint), allow_other=os.getuid() == 0)
+        except RuntimeError as e:
+            raise P2pfsError(f"cannot mount on {self.mountpoint}: {e}") from None
+        self.mounted = True
+        nursery.start_soon(self._serve_then_stop, nursery)
+        nursery.start_soon(self._signals)
+        await trio.to_thread.run_sync(set_readahead, self.mountpoint)
+        self._write_state()
+        log.info("mounted appliance %s on %s", self.address, self.mountpoint)
+        self._ready("ok")
 
     async def _serve_then_stop(self, nursery: trio.Nursery) -> None:
         await fuse.serve()

@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -29,6 +31,7 @@ import trio
 from harness import require_lab, run_cli
 
 from p2pfs import control, fuse, wire
+from p2pfs.appliance import SMB_TEMPLATE, render_smb_conf, smb_state_dirs
 from p2pfs.cli import _alive as cli_alive
 from p2pfs.control import ControlServer
 from p2pfs.daemon import Daemon
@@ -485,3 +488,183 @@ def test_thin_mount_refuses_a_wrong_token_before_mounting(
     assert proc.returncode != 0
     assert "refused: no valid token for desktop 'desk'" in proc.stderr
     assert not os.path.ismount(mnt)
+
+
+# -- Samba: the Windows desktop's read-only share ---------------------------------------
+
+
+SMB_PASSWORD = "desk-pass-1"
+
+
+def samba_unavailable() -> str | None:
+    for tool in ("smbd", "smbpasswd", "smbclient", "testparm", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian packages samba, smbclient)"
+    return None
+
+
+def smbclient(
+    host: Host, server: str, workdir: Path, command: str, *, auth: list[str]
+) -> subprocess.CompletedProcess[str]:
+    client_conf = workdir / "client.conf"
+    client_conf.write_text("[global]\n   client min protocol = SMB2_10\n")
+    argv = ["smbclient", "-s", str(client_conf), f"//{server}/p2pfs", *auth, "-c", command]
+    return host.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def start_smbd(appl: Host, work: Path, mount: Path, interface: str) -> subprocess.Popen[bytes]:
+    """smbd in the appliance's namespace, in a mount namespace of its own where the
+    desktop's account exists (so this machine's /etc/passwd is never touched)."""
+    state = work / "samba"
+    for d in smb_state_dirs(state):
+        d.mkdir(parents=True, exist_ok=True)
+    (state / "private").chmod(0o700)
+    conf = work / "smb.conf"
+    conf.write_text(
+        render_smb_conf(
+            SMB_TEMPLATE.read_text(), interface=interface, mount=mount, users=["desk"], state=state
+        )
+    )
+    # What Samba itself makes of the rendered file (the mount below is read-only too, so
+    # a writable share would still refuse writes: check the share's own settings).
+    for section, name, value in (
+        ("p2pfs", "read only", "Yes"),
+        ("p2pfs", "guest ok", "No"),
+        ("p2pfs", "valid users", "desk"),
+        ("global", "map to guest", "Never"),
+        ("global", "bind interfaces only", "Yes"),
+        ("global", "restrict anonymous", "2"),
+    ):
+        got = subprocess.run(
+            ["testparm", "-s", f"--section-name={section}", f"--parameter-name={name}", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.stdout.strip() == value, (section, name, got.stdout, got.stderr)
+    passwd = work / "passwd"
+    passwd.write_text(
+        Path("/etc/passwd").read_text() + "desk:x:61234:61234::/nonexistent:/usr/sbin/nologin\n"
+    )
+    group = work / "group"
+    group.write_text(Path("/etc/group").read_text() + "desk:x:61234:\n")
+    script = (
+        "set -e\n"
+        f"mount --bind {passwd} /etc/passwd\n"
+        f"mount --bind {group} /etc/group\n"
+        f'printf \'%s\\n%s\\n\' "$PW" "$PW" | smbpasswd -c {conf} -s -a desk >/dev/null\n'
+        # smbd signals its process group on exit: the lab gives it a session of its own.
+        f"exec smbd -s {conf} --foreground --no-process-group --debug-stdout -d 1\n"
+    )
+    log = open(work / "smbd.log", "ab")  # noqa: SIM115
+    proc = appl.popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "PW": SMB_PASSWORD},
+    )
+    log.close()
+    deadline = time.monotonic() + 60
+    while (
+        "LISTEN"
+        not in appl.run(["ss", "-ltn", "sport = :445"], capture_output=True, text=True).stdout
+    ):
+        assert proc.poll() is None, (work / "smbd.log").read_text()
+        assert time.monotonic() < deadline, "smbd did not listen"
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.fuse
+def test_samba_shares_the_mount_read_only_to_one_account(tmp_path: Path) -> None:
+    require_lab()
+    if reason := samba_unavailable():
+        if os.environ.get("CI"):
+            pytest.fail(f"Samba must run in CI: {reason}")
+        pytest.skip(reason)
+    tree = make_tree(tmp_path / "src", big_mib=8)
+    home = tmp_path / "home"
+    run_cli(home, "init", check=True)
+    run_cli(home, "volume", "create", "tools", check=True)
+    run_cli(home, "import", str(tmp_path / "src"), "tools", check=True)
+    # The desktop's account must reach the mount: not under pytest's 0700 folders.
+    shared = Path(tempfile.mkdtemp(prefix="p2pfs-smb-"))
+    shared.chmod(0o755)
+    mnt = shared / "mnt"
+    mnt.mkdir()
+    try:
+        with Lab(names=["appl", "desk"]) as lab:
+            serve_and_check_share(lab, tmp_path, home, mnt, tree)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def serve_and_check_share(
+    lab: Lab, tmp_path: Path, home: Path, mnt: Path, tree: dict[str, str]
+) -> None:
+    appl, desk = lab.hosts
+    log = open(tmp_path / "daemon.log", "ab")  # noqa: SIM115
+    daemon = appl.popen(
+        [sys.executable, "-m", "p2pfs", "--home", str(home), "daemon", "--mount", str(mnt)],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    appl.track_mount(mnt)
+    smbd = None
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        smbd = start_smbd(appl, tmp_path, mnt, f"{appl.address}/24")
+        # smbd listens on the host-only address only.
+        listening = appl.run(["ss", "-ltnH", "sport = :445"], capture_output=True, text=True)
+        local = {line.split()[3].rsplit(":", 1)[0] for line in listening.stdout.splitlines()}
+        assert local == {appl.address}, listening.stdout
+        auth = tmp_path / "desk.auth"
+        auth.write_text(f"username = desk\npassword = {SMB_PASSWORD}\n")
+        auth.chmod(0o600)
+        good = ["-A", str(auth)]
+
+        # The account reads every file byte-identically.
+        out = tmp_path / "got"
+        out.mkdir()
+        for i, rel in enumerate(sorted(tree)):
+            remote = "tools\\" + rel.replace("/", "\\")
+            got = smbclient(desk, appl.address, tmp_path, f'get "{remote}" {out}/{i}', auth=good)
+            assert got.returncode == 0, got.stdout + got.stderr
+            assert hashlib.sha256((out / str(i)).read_bytes()).hexdigest() == tree[rel], rel
+        listing = smbclient(desk, appl.address, tmp_path, "ls tools\\docs\\*", auth=good)
+        assert "n1.txt" in listing.stdout and "deep" in listing.stdout
+
+        # No anonymous access, no guest, no wrong password.
+        for bad, what in (
+            (["-N"], "anonymous"),
+            (["-U", "guest%"], "guest"),
+            (["-U", "desk%wrong-password"], "wrong password"),
+            (["-U", f"root%{SMB_PASSWORD}"], "another account"),
+        ):
+            refused = smbclient(desk, appl.address, tmp_path, "ls", auth=bad)
+            assert refused.returncode != 0, what
+            assert "NT_STATUS_" in refused.stdout + refused.stderr, what
+            assert "n1.txt" not in refused.stdout and "tools" not in refused.stdout, what
+
+        # Every write is refused.
+        local_file = tmp_path / "upload.txt"
+        local_file.write_text("x")
+        for command in (
+            f"put {local_file} tools\\new.txt",
+            "mkdir tools\\newdir",
+            "del tools\\docs\\n1.txt",
+            "rename tools\\big.img tools\\big2.img",
+        ):
+            w = smbclient(desk, appl.address, tmp_path, command, auth=good)
+            assert "NT_STATUS_ACCESS_DENIED" in w.stdout + w.stderr, (command, w.stdout, w.stderr)
+        assert sorted(os.listdir(mnt / "tools")) == sorted(os.listdir(tmp_path / "src"))
+    finally:
+        if smbd is not None:
+            stop(smbd)
+        stop(daemon)

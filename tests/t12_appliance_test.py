@@ -8,6 +8,7 @@ the link with ``p2pfs mount --appliance``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -115,13 +116,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
-    work = tmp_path_factory.mktemp("appliance")
+    with running_appliance(tmp_path_factory.mktemp("appliance")) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def running_appliance(work: Path, *, desktop_pin: bool = False) -> Iterator[Appliance]:
     home = work / "home"
     tree = make_tree(work / "src", big_mib=3)
     run_cli(home, "init", check=True)
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(work / "src"), "tools", check=True)
-    write_config(home, "127.0.0.1:0")
+    write_config(home, "127.0.0.1:0", desktop_pin=desktop_pin)
     run_cli(
         home, "appliance", "token", "add", "alice", "--out", str(work / "alice.token"), check=True
     )
@@ -188,6 +194,23 @@ async def test_pin_is_refused_by_the_default_policy(appliance: Appliance) -> Non
         with pytest.raises(LinkError, match="not allowed from desktops by this appliance's policy"):
             await call(appliance, op, volume="tools", path="/docs")
     assert appliance.status()["pins"] == 0
+
+
+def test_desktops_pin_and_unpin_when_the_policy_allows(tmp_path: Path) -> None:
+    with running_appliance(tmp_path, desktop_pin=True) as app:
+        link = ["--token", str(app.token), "--appliance", str(app.address)]
+        pin = run_cli(None, "appliance", "pin", *link, "tools:/docs", check=True)
+        assert "pinned tools:/docs: complete" in pin.stdout
+        assert [p["name"] for p in app_pins(app)] == ["tools:/docs"]
+        run_cli(None, "appliance", "unpin", *link, "tools:/docs", check=True)
+        assert app_pins(app) == []
+        status = run_cli(None, "appliance", "status", *link, check=True)
+        assert json.loads(status.stdout)["desktop_link"]["desktop_pin"] is True
+
+
+def app_pins(app: Appliance) -> list[dict[str, Any]]:
+    pins: list[dict[str, Any]] = control.call(app.home / "run" / "control.sock", "pins")["pins"]
+    return pins
 
 
 async def test_unknown_operations_are_refused(appliance: Appliance) -> None:

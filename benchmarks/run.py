@@ -6,7 +6,14 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ["bench_chunking", "bench_import", "bench_mount", "bench_estate", "bench_discovery"]
+BENCHMARKS = [
+    "bench_chunking",
+    "bench_import",
+    "bench_mount",
+    "bench_estate",
+    "bench_discovery",
+    "bench_appliance",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

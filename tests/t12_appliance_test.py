@@ -32,7 +32,7 @@ import trio
 from harness import require_lab, run_cli
 
 from p2pfs import control, fuse, wire
-from p2pfs.appliance import SMB_TEMPLATE, render_smb_conf, smb_state_dirs
+from p2pfs.appliance import start_smbd_in_lab
 from p2pfs.cli import _alive as cli_alive
 from p2pfs.control import ControlServer
 from p2pfs.daemon import Daemon
@@ -536,18 +536,7 @@ def smbclient(
 
 
 def start_smbd(appl: Host, work: Path, mount: Path, interface: str) -> subprocess.Popen[bytes]:
-    """smbd in the appliance's namespace, in a mount namespace of its own where the
-    desktop's account exists (so this machine's /etc/passwd is never touched)."""
-    state = work / "samba"
-    for d in smb_state_dirs(state):
-        d.mkdir(parents=True, exist_ok=True)
-    (state / "private").chmod(0o700)
-    conf = work / "smb.conf"
-    conf.write_text(
-        render_smb_conf(
-            SMB_TEMPLATE.read_text(), interface=interface, mount=mount, users=["desk"], state=state
-        )
-    )
+    proc = start_smbd_in_lab(appl, work, mount, interface, "desk", SMB_PASSWORD)
     # What Samba itself makes of the rendered file (the mount below is read-only too, so
     # a writable share would still refuse writes: check the share's own settings).
     for section, name, value in (
@@ -558,43 +547,11 @@ def start_smbd(appl: Host, work: Path, mount: Path, interface: str) -> subproces
         ("global", "bind interfaces only", "Yes"),
         ("global", "restrict anonymous", "2"),
     ):
+        argv = ["testparm", "-s", f"--section-name={section}", f"--parameter-name={name}"]
         got = subprocess.run(
-            ["testparm", "-s", f"--section-name={section}", f"--parameter-name={name}", str(conf)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [*argv, str(work / "smb.conf")], capture_output=True, text=True, timeout=60
         )
         assert got.stdout.strip() == value, (section, name, got.stdout, got.stderr)
-    passwd = work / "passwd"
-    passwd.write_text(
-        Path("/etc/passwd").read_text() + "desk:x:61234:61234::/nonexistent:/usr/sbin/nologin\n"
-    )
-    group = work / "group"
-    group.write_text(Path("/etc/group").read_text() + "desk:x:61234:\n")
-    script = (
-        "set -e\n"
-        f"mount --bind {passwd} /etc/passwd\n"
-        f"mount --bind {group} /etc/group\n"
-        f'printf \'%s\\n%s\\n\' "$PW" "$PW" | smbpasswd -c {conf} -s -a desk >/dev/null\n'
-        # smbd signals its process group on exit: the lab gives it a session of its own.
-        f"exec smbd -s {conf} --foreground --no-process-group --debug-stdout -d 1\n"
-    )
-    log = open(work / "smbd.log", "ab")  # noqa: SIM115
-    proc = appl.popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        stdout=log,
-        stderr=log,
-        env={**os.environ, "PW": SMB_PASSWORD},
-    )
-    log.close()
-    deadline = time.monotonic() + 60
-    while (
-        "LISTEN"
-        not in appl.run(["ss", "-ltn", "sport = :445"], capture_output=True, text=True).stdout
-    ):
-        assert proc.poll() is None, (work / "smbd.log").read_text()
-        assert time.monotonic() < deadline, "smbd did not listen"
-        time.sleep(0.2)
     return proc
 
 

@@ -118,10 +118,12 @@ def main(argv: list[str]) -> int:
                 client_conf = work / "client.conf"
                 client_conf.write_text("[global]\n   client min protocol = SMB2_10\n")
 
+                share = f"//{appl.address}/p2pfs"
+                get = ["-A", str(auth), "-c", "get tools\\big.bin /dev/null"]
+
                 def smb() -> None:
                     desk.run(
-                        ["smbclient", "-s", str(client_conf), f"//{appl.address}/p2pfs"]
-                        + ["-A", str(auth), "-c", "get tools\\big.bin /dev/null"],
+                        ["smbclient", "-s", str(client_conf), share, *get],
                         check=True,
                         capture_output=True,
                         timeout=600,

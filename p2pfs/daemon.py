@@ -180,11 +180,13 @@ class Daemon:
         self.reload_heads()
         control = ControlServer(self.home.control_socket)
         self._register(control)
+        await self._bind_desktop_link(control)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.attach(nursery)
             await nursery.start(control.run)
-            await self._start_desktop_link(nursery, control)
+            if self.desktop_link is not None:
+                await nursery.start(self.desktop_link.run)
             await nursery.start(self.keeper.run)
             for name in self.heads:
                 if self.registry.is_publisher(name):
@@ -204,8 +206,9 @@ class Daemon:
             log.info("unmounted %s", self.mountpoint)
         return 0
 
-    async def _start_desktop_link(self, nursery: trio.Nursery, control: ControlServer) -> None:
-        """Appliance mode: serve the user API to desktops ([appliance] user_listen)."""
+    async def _bind_desktop_link(self, control: ControlServer) -> None:
+        """Appliance mode: the user API for desktops ([appliance] user_listen), bound now
+        so that a bad address is a clear start-up error."""
         if not self.config.appliance_listen:
             return
         self.desktop_link = DesktopServer(
@@ -217,7 +220,7 @@ class Daemon:
             allow_pin=self.config.desktop_pin,
             frame_timeout=self.config.frame_timeout_s,
         )
-        await nursery.start(self.desktop_link.run)
+        await self.desktop_link.listen()
 
     async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.

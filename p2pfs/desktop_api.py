@@ -183,32 +183,38 @@ class DesktopServer:
         self.stats = LinkStats()
         self.listening: list[str] = []
         self._handle_key = b""
+        self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
 
     # -- serving ----------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self) -> None:
+        """Make the link's keys if missing and bind every address (before ``run``), so a
+        bad address or a busy port is a clear start-up error of the daemon."""
         await trio.to_thread.run_sync(self.keys.ensure)
         self._handle_key = self.keys.handle_key()
         self._context = self.keys.server_context()
-        listeners: list[trio.SocketListener] = []
         for address in self.addresses:
             try:
-                listeners += await address.listen()
+                self._listeners += await address.listen()
             except OSError as e:
-                for listener in listeners:
+                for listener in self._listeners:
                     await listener.aclose()
                 raise P2pfsError(
                     f"cannot listen for desktops on {address}: {e.strerror or e}"
                 ) from None
-        for listener in listeners:
+        for listener in self._listeners:
             name = listener.socket.getsockname()
             self.listening.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self._listeners:
+            await self.listen()
         log.info("serving desktops on %s", ", ".join(self.listening))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+            await trio.serve_listeners(self._serve, self._listeners, handler_nursery=nursery)
 
     async def _serve(self, transport: trio.SocketStream) -> None:
         self.stats.connections += 1

@@ -208,6 +208,19 @@ def test_desktops_pin_and_unpin_when_the_policy_allows(tmp_path: Path) -> None:
         assert json.loads(status.stdout)["desktop_link"]["desktop_pin"] is True
 
 
+def test_a_bad_desktop_listen_address_is_a_clear_start_up_error(home: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: binding fails, nothing is sent.
+    for listen, message in (
+        ("192.0.2.1:7421", "cannot listen for desktops on 192.0.2.1:7421"),
+        ("127.0.0.1:99999", "the port must be 0-65535"),
+    ):
+        write_config(home, listen)
+        proc = run_cli(home, "daemon", timeout=120)
+        assert proc.returncode != 0
+        assert f"p2pfs: error: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+
+
 def app_pins(app: Appliance) -> list[dict[str, Any]]:
     pins: list[dict[str, Any]] = control.call(app.home / "run" / "control.sock", "pins")["pins"]
     return pins

@@ -212,7 +212,7 @@ def test_a_bad_desktop_listen_address_is_a_clear_start_up_error(home: Path) -> N
     # 192.0.2.1 (TEST-NET-1) is on no interface here: binding fails, nothing is sent.
     for listen, message in (
         ("192.0.2.1:7421", "cannot listen for desktops on 192.0.2.1:7421"),
-        ("127.0.0.1:99999", "the port must be 0-65535"),
+        ("127.0.0.1:99999", "'127.0.0.1:99999': the port must be 0-65535"),
     ):
         write_config(home, listen)
         proc = run_cli(home, "daemon", timeout=120)

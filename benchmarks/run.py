@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_discovery",
     "bench_write",
     "bench_live",
+    "bench_appliance",
 ]
 
 

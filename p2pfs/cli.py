@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, control, estate_cli
+from . import __version__, appliance_cli, control, estate_cli
 from .chunker import ChunkParams
 from .errors import EXIT_ERROR, NotFound, NotRunning, P2pfsError, UsageError
 from .estate import Estate
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument(
         "--read-only", action="store_true", help="mount even the volumes published here read-only"
     )
+    appliance_cli.add_mount_arguments(mo)
 
     um = sub.add_parser("umount", help="unmount and stop the node's daemon")
     um.add_argument("mountpoint", type=Path)
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true")
 
     COMMANDS.update(estate_cli.add_commands(sub))
+    COMMANDS.update(appliance_cli.add_commands(sub))
     return p
 
 
@@ -268,6 +270,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import check_mountpoint
 
+    if args.appliance or args.token:  # a desktop's thin mount of its appliance
+        return appliance_cli.cmd_mount_thin(args)
     home = _home(args).require()
     mp = args.mountpoint.absolute()
     check_mountpoint(mp)
@@ -330,6 +334,8 @@ def _read_line(fd: int, timeout: float) -> str:
 def cmd_umount(args: argparse.Namespace) -> int:
     home = _home(args)
     mp = args.mountpoint.absolute()
+    if (thin := appliance_cli.umount_thin(mp)) is not None:
+        return thin
     try:
         st = control.call(home.control_socket, "status", timeout=10)
     except NotRunning:

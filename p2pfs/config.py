@@ -26,6 +26,10 @@ scrub_rate_mb_s = 50        # its speed limit
 settle_s = 2.0              # the publisher commits this long after the last change (0: only
                             # `p2pfs commit`)
 max_delay_s = 30.0          # ... and at the latest this long after the first one
+
+[appliance]                 # appliance mode: the desktop link (docs/appliance.md)
+user_listen = ["192.168.122.2:7421"]   # where desktops reach the user API (TCP, or vsock:CID:PORT)
+desktop_pin = false         # may desktops pin and unpin?
 ```
 """
 
@@ -61,6 +65,8 @@ class Config:
     scrub_rate_bytes_s: float = 50e6
     settle_s: float = 2.0
     max_delay_s: float = 30.0
+    appliance_listen: tuple[str, ...] = field(default_factory=tuple)
+    desktop_pin: bool = False
 
 
 def _num(section: dict[str, Any], key: str, lo: float, hi: float, where: str) -> float | None:
@@ -170,4 +176,21 @@ def load(path: Path) -> Config:
         values["hedge_after_s"] = h
     if (k := _num(fetch, "peers_without_digest", 0, 64, where)) is not None:
         values["peers_without_digest"] = int(k)
+    values.update(_appliance(doc.get("appliance", {}), where))
     return Config(**values)
+
+
+def _appliance(section: object, where: str) -> dict[str, Any]:
+    """The [appliance] table: where desktops reach the user API, and what they may do."""
+    if not isinstance(section, dict):
+        raise P2pfsError(f"{where}: [appliance] must be a table")
+    values: dict[str, Any] = {}
+    listen = section.get("user_listen", [])
+    if isinstance(listen, str):
+        listen = [listen]
+    if not isinstance(listen, list) or not all(isinstance(a, str) and a for a in listen):
+        raise P2pfsError(f'{where}: [appliance] user_listen must be "ADDR:PORT" or a list of them')
+    values["appliance_listen"] = tuple(listen)
+    if (pin := _bool(section, "desktop_pin", where)) is not None:
+        values["desktop_pin"] = pin
+    return values

@@ -25,6 +25,8 @@ from . import chunker, fuse
 from . import config as config_mod
 from .content import Content
 from .control import AFTER_REPLY, ControlServer
+from .desktop_api import DesktopServer
+from .desktop_link import parse_address
 from .errors import Busy, NotFound, P2pfsError, UsageError
 from .estate import Estate
 from .home import Home
@@ -117,6 +119,7 @@ class Daemon:
         self._inflight: dict[bytes, trio.Event] = {}
         self.started = time.time()
         self.mounted = False
+        self.desktop_link: DesktopServer | None = None
 
     def _ready(self, line: str) -> None:
         if self.ready_fd is not None:
@@ -192,10 +195,13 @@ class Daemon:
         self.reload_heads()
         control = ControlServer(self.home.control_socket)
         self._register(control)
+        await self._bind_desktop_link(control)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.attach(nursery)
             await nursery.start(control.run)
+            if self.desktop_link is not None:
+                await nursery.start(self.desktop_link.run)
             await nursery.start(self.keeper.run)
             if self.live is not None:
                 await nursery.start(self.live.run)
@@ -221,6 +227,22 @@ class Daemon:
             await self.live.commit_all()
             self.live.close()
         return 0
+
+    async def _bind_desktop_link(self, control: ControlServer) -> None:
+        """Appliance mode: the user API for desktops ([appliance] user_listen), bound now
+        so that a bad address is a clear start-up error."""
+        if not self.config.appliance_listen:
+            return
+        self.desktop_link = DesktopServer(
+            self.home,
+            self.content,
+            lambda: self.heads,
+            control,
+            [parse_address(a) for a in self.config.appliance_listen],
+            allow_pin=self.config.desktop_pin,
+            frame_timeout=self.config.frame_timeout_s,
+        )
+        await self.desktop_link.listen()
 
     async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
@@ -506,6 +528,7 @@ class Daemon:
             "fuse_errors": self.fs.errors,
             "inodes": self.fs.inode_count,
             **self._network_status(),
+            **self._desktop_link_status(),
         }
 
     def _volumes_status(self) -> list[dict[str, Any]]:
@@ -524,6 +547,10 @@ class Daemon:
                 entry["live"] = self.live.status(name)
             out.append(entry)
         return out
+
+    def _desktop_link_status(self) -> dict[str, Any]:
+        link = self.desktop_link
+        return {"desktop_link": link.status()} if link is not None else {}
 
     def _cache_status(self) -> dict[str, Any]:
         u = self.store.cache_usage()

@@ -13,23 +13,26 @@ LAYERS: list[set[str]] = [
     {"chunker", "chunker_ref", "_fastcdc", "codec", "keys", "index"},
     {"objects"},
     {"store"},
-    {"home", "config", "volumes", "pins", "importer", "estate", "worktree"},
+    {"home", "config", "volumes", "pins", "importer", "estate", "worktree", "desktop_auth"},
     {"content"},
     # net: framing, messages, connections, discovery, fetching
     {"wire", "messages", "tlsstream", "connection", "peers", "discovery", "fetcher", "digest"},
+    {"desktop_link"},
     {"server", "volume_sync", "pinning", "keeper", "publish"},
     {"vfs", "vfs_write", "live"},
     {"fuse"},
-    {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"},
+    # (and appliance mode: the daemon serves the desktop face; the desktop's thin client)
+    {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"}
+    | {"desktop_api", "thin_fs", "appliance_cli", "appliance"},
 ]
 # Heavy libraries live in one module each (so they can be swapped or stubbed in one place).
 HOMES = {
     "msgpack": {"codec"},
-    "cryptography": {"keys", "estate"},
+    "cryptography": {"keys", "estate", "desktop_auth"},
     "sqlite3": {"index", "worktree"},
     "pyfuse3": {"fuse"},
     "zeroconf": {"discovery"},
-    "ssl": {"estate", "tlsstream"},
+    "ssl": {"estate", "tlsstream", "desktop_auth"},
 }
 
 

@@ -289,6 +289,8 @@ def generate(s: State) -> list[Op]:
                     extra |= flag
             if rng.random() < 0.15:
                 extra |= os.O_APPEND
+            if access == os.O_RDONLY:
+                extra &= ~os.O_TRUNC  # undefined by POSIX; t10_posix_test checks Linux's way
             s.next_slot += 1
             mode = rng.choice([0o644, 0o600, 0o755, 0o444])
             return [

@@ -431,6 +431,40 @@ def test_a_replayed_older_snapshot_is_refused(live: Live, tmp_path: Path) -> Non
     assert walk(tools(b), skip=SKIP) == walk(live.mirror, skip=SKIP)
 
 
+def test_uncommitted_changes_survive_kill_9_and_a_stop_commits_them(live: Live) -> None:
+    a, b, c = (live.lab.node(n) for n in "abc")
+    before = seq_of(a)
+    for root in (tools(a), live.mirror):
+        (root / "crash").mkdir()
+        (root / "crash" / "closed.txt").write_text("written and closed before a kill -9\n")
+        with open(root / "config.ini", "r+") as f:
+            f.write("[TOOL]")  # in place, same length
+    expected = walk(live.mirror, skip=SKIP)
+    a.kill()
+    a.start()
+    wait_until_meshed([a, b, c])
+    # Nothing was committed, nothing was lost: a's mount shows every closed change.
+    assert walk(tools(a), skip=SKIP) == expected, diff_walks(walk(tools(a), skip=SKIP), expected)
+    assert seq_of(b) == before
+    report = commit(a)
+    assert report["changed"] is True and report["seq"] > before, report
+    for node in (b, c):
+        wait_for_tree(node, expected)
+    # A clean stop commits what was written and closed; peers get it at the next start.
+    before = report["seq"]
+    for root in (tools(a), live.mirror):
+        (root / "crash" / "before-stop.txt").write_text("written, closed, then SIGTERM\n")
+    expected = walk(live.mirror, skip=SKIP)
+    a.stop()
+    a.start()
+    wait_until_meshed([a, b, c])
+    assert seq_of(a) > before
+    assert walk(tools(a), skip=SKIP) == expected, diff_walks(walk(tools(a), skip=SKIP), expected)
+    for node in (b, c):
+        wait_for(f"{node.name} past seq {before}", lambda node=node: seq_of(node) > before)
+        wait_for_tree(node, expected)
+
+
 def test_an_automatic_commit_reaches_the_followers(live: Live) -> None:
     a, b, c = (live.lab.node(n) for n in "abc")
     a.stop()

@@ -183,6 +183,11 @@ def change_tree(root: Path) -> None:
     (root / "newdir" / "empty").mkdir()
     with open(root / "docs" / "note-2.txt", "ab") as f:
         f.write(b"appended\n")
+    os.truncate(root / "docs" / "note-3.txt", 1000)
+    os.chmod(root / "docs" / "note-4.txt", 0o600)
+    (root / "empty.txt").touch()
+    (root / "newlink").symlink_to("newdir/sub/data.bin")
+    os.rename(root / "bin", root / "sbin")  # a whole directory moves
 
 
 def test_a_commit_reaches_every_follower(live: Live) -> None:

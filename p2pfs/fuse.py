@@ -62,7 +62,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_blksize = 128 * 1024
     e.st_blocks = attr.blocks
-    e.st_atime_ns = attr.mtime_ns
+    e.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns
     e.generation = 0
@@ -183,6 +183,7 @@ class Operations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
         )
         return _entry(changed)
 

@@ -82,6 +82,7 @@ class Attr:
     entry_timeout: float
     attr_timeout: float
     ctime_ns: int | None = None  # None: the mtime (snapshots keep no ctime)
+    atime_ns: int | None = None  # None: the mtime (snapshots keep no atime)
 
     @property
     def blocks(self) -> int:
@@ -182,7 +183,9 @@ class FileSystem:
     @staticmethod
     def _wattr(a: WAttr) -> Attr:
         t = WRITABLE_TIMEOUT
-        return Attr(a.ino, a.mode, a.size, a.mtime_ns, a.nlink, a.uid, a.gid, t, t, a.ctime_ns)
+        return Attr(
+            a.ino, a.mode, a.size, a.mtime_ns, a.nlink, a.uid, a.gid, t, t, a.ctime_ns, a.atime_ns
+        )
 
     # -- nodes --------------------------------------------------------------
 
@@ -562,10 +565,13 @@ class FileSystem:
         gid: int | None = None,
         size: int | None = None,
         mtime_ns: int | None = None,
+        atime_ns: int | None = None,
     ) -> Attr:
         w = self._rw(ino)
         return self._wattr(
-            await w.setattr(ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns)
+            await w.setattr(
+                ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns
+            )
         )
 
     def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -53,6 +53,7 @@ class WAttr:
     size: int
     mtime_ns: int
     ctime_ns: int
+    atime_ns: int
     nlink: int
     uid: int
     gid: int
@@ -118,7 +119,15 @@ class WritableVolume:
         else:
             mode, nlink = stat.S_IFREG, n.nlink
         return WAttr(
-            self.fuse_ino(n), mode | n.mode, n.size, n.mtime_ns, n.ctime_ns, nlink, n.uid, n.gid
+            self.fuse_ino(n),
+            mode | n.mode,
+            n.size,
+            n.mtime_ns,
+            n.ctime_ns,
+            n.atime_ns,
+            nlink,
+            n.uid,
+            n.gid,
         )
 
     # -- names -----------------------------------------------------------------------
@@ -250,6 +259,7 @@ class WritableVolume:
         gid: int | None = None,
         size: int | None = None,
         mtime_ns: int | None = None,
+        atime_ns: int | None = None,
     ) -> WAttr:
         n = self.node(fuse_ino)
         if size is not None:
@@ -258,8 +268,10 @@ class WritableVolume:
             if n.kind is not Kind.FILE:
                 raise TreeError(errno.EINVAL)
             await self._truncate(n, size)
-        if any(v is not None for v in (mode, uid, gid, mtime_ns)):
-            self.tree.set_attrs(n, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
+        if any(v is not None for v in (mode, uid, gid, mtime_ns, atime_ns)):
+            self.tree.set_attrs(
+                n, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, atime_ns=atime_ns
+            )
         self.on_change()
         return self.attr(n)
 
@@ -309,11 +321,11 @@ class WritableVolume:
         if n.kind is not Kind.FILE:
             raise TreeError(errno.EINVAL)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable:
-            if flags & os.O_TRUNC:
-                await self._truncate(n, 0)
-            else:
-                await self._stage(n)
+        if flags & os.O_TRUNC:
+            # Even with O_RDONLY: Linux truncates (the kernel checked write permission).
+            await self._truncate(n, 0)
+        elif writable:
+            await self._stage(n)
         return self._open_handle(n, writable=writable)
 
     def release(self, fh: int) -> None:

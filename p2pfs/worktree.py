@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS inode (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
+    atime_ns INTEGER NOT NULL,
     nlink INTEGER NOT NULL,
     blob BLOB,
     target BLOB,
@@ -88,6 +89,7 @@ class Chunked:
 
 class WNode:
     __slots__ = (
+        "atime_ns",
         "blob",
         "changed",
         "children",
@@ -119,7 +121,7 @@ class WNode:
         self.uid = uid
         self.gid = gid
         self.size = 0
-        self.mtime_ns = self.ctime_ns = 0
+        self.mtime_ns = self.ctime_ns = self.atime_ns = 0  # atime: set, never moved by reads
         self.nlink = 1
         self.blob: bytes | None = None  # clean files
         self.target: bytes | None = None  # symlinks
@@ -195,7 +197,7 @@ class WorkTree:
 
     def _save(self, n: WNode) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 n.ino,
                 int(n.kind),
@@ -205,6 +207,7 @@ class WorkTree:
                 n.size,
                 n.mtime_ns,
                 n.ctime_ns,
+                n.atime_ns,
                 n.nlink,
                 n.blob,
                 n.target,
@@ -231,6 +234,7 @@ class WorkTree:
                 size,
                 mtime,
                 ctime,
+                atime,
                 nlink,
                 blob,
                 target,
@@ -239,7 +243,8 @@ class WorkTree:
                 staged,
             ) = row
             n = WNode(ino, Kind(kind), mode, uid, gid)
-            n.size, n.mtime_ns, n.ctime_ns, n.nlink = size, mtime, ctime, nlink
+            n.size, n.mtime_ns, n.ctime_ns, n.atime_ns = size, mtime, ctime, atime
+            n.nlink = nlink
             n.blob, n.target, n.tree, n.staged = blob, target, tree, bool(staged)
             if loaded:
                 n.children = {}
@@ -324,7 +329,7 @@ class WorkTree:
             self.set_meta("dirty", 0)
             self.nodes.clear()
             root = WNode(ROOT, Kind.DIR, 0o755, *self._default_owner)
-            root.mtime_ns = root.ctime_ns = time_ns
+            root.mtime_ns = root.ctime_ns = root.atime_ns = time_ns
             if root_tree is None:
                 root.children = {}
             else:
@@ -363,7 +368,7 @@ class WorkTree:
         for e in entries:
             n = WNode(self.next_ino, e.kind, e.mode, *self._default_owner)
             self.next_ino += 1
-            n.size, n.mtime_ns, n.ctime_ns = e.size, e.mtime_ns, e.mtime_ns
+            n.size, n.mtime_ns, n.ctime_ns, n.atime_ns = e.size, e.mtime_ns, e.mtime_ns, e.mtime_ns
             if e.kind is Kind.FILE:
                 n.blob = e.id
             elif e.kind is Kind.DIR:
@@ -435,7 +440,7 @@ class WorkTree:
         now = time.time_ns()
         n = WNode(self.next_ino, kind, stat.S_IMODE(mode), uid, gid)
         self.next_ino += 1
-        n.mtime_ns = n.ctime_ns = now
+        n.mtime_ns = n.ctime_ns = n.atime_ns = now
         if kind is Kind.DIR:
             n.children = {}
         elif kind is Kind.SYMLINK:
@@ -588,8 +593,11 @@ class WorkTree:
         uid: int | None = None,
         gid: int | None = None,
         mtime_ns: int | None = None,
+        atime_ns: int | None = None,
     ) -> None:
         now = time.time_ns()
+        if atime_ns is not None:
+            n.atime_ns = atime_ns
         if mode is not None:
             n.mode = stat.S_IMODE(mode)
         if uid is not None:

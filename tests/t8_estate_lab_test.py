@@ -37,6 +37,7 @@ from p2pfs.lab_estate import (
     wait_until_meshed,
 )
 from p2pfs.objects import Snapshot, decode_snapshot
+from p2pfs.store import Store
 from p2pfs.volumes import VolumeRegistry
 
 pytestmark = pytest.mark.fuse
@@ -425,8 +426,14 @@ def test_read_fails_with_eio_when_no_peer_has_the_chunk(
         if n is not d:
             n.stop()
     wait_for("d to lose its peers", lambda: not connected_peers(d))
-    # d never read snapshot 2's new file and nobody is left to serve it: EIO within
-    # the deadline (on the lookup if d lacks the tree too, else on the read).
+    # d never read snapshot 2's new file, but it may hold its chunk as the chunk's home
+    # (when b read it): drop it, so nobody is left to serve it. EIO within the deadline
+    # (on the lookup if d lacks the tree too, else on the read).
+    store = Store(Home(d.home).store_dir)
+    try:
+        store.path_of(blake3.blake3(b"second snapshot\n").digest()).unlink(missing_ok=True)
+    finally:
+        store.close()
     with pytest.raises(OSError) as e:
         (d.mountpoint / "tools" / "new.txt").read_bytes()
     assert e.value.errno == errno.EIO

@@ -160,6 +160,12 @@ def test_followers_mount_read_only_and_refuse_writes(live: Live) -> None:
         assert e.value.errno == errno.EROFS, f"{what} on b: {e.value!r}"
     # Nothing changed, on b or anywhere.
     assert walk(root, skip=SKIP) == expected
+    # Only the publisher commits; a refusal is one line, not a traceback (docs/cli.md: 1 is
+    # a user error, 3 something named that does not exist).
+    for node, volume, code in ((b, VOLUME, 1), (a, "no-such-volume", 3)):
+        proc = node.cli("commit", volume, check=False)
+        assert proc.returncode == code, (node.name, volume, proc.returncode, proc.stderr)
+        assert proc.stderr.strip() and "Traceback" not in proc.stderr, proc.stderr
     assert (root / "config.ini").read_text() == "[tool]\nversion = 1\n"
 
 

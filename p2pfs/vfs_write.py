@@ -191,6 +191,8 @@ class WritableVolume:
         uid: int,
         gid: int,
         target: bytes | None = None,
+        *,
+        keep_fd: bool = False,
     ) -> WAttr:
         d = await self._loaded(self.node(parent))
         self._check_name(d, name)
@@ -202,6 +204,12 @@ class WritableVolume:
             if kind is Kind.DIR:
                 mode |= stat.S_ISGID
         n = self.tree.make(d, name, kind, mode, uid, gid, target)
+        fd, self.tree.created_fd = self.tree.created_fd, None
+        if fd is not None:
+            if keep_fd:
+                self._fds[n.ino] = fd
+            else:
+                os.close(fd)
         n.lookups += 1
         self.on_change()
         return self.attr(n)
@@ -209,7 +217,7 @@ class WritableVolume:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, WAttr]:
-        attr = await self.make(parent, name, Kind.FILE, mode, uid, gid)
+        attr = await self.make(parent, name, Kind.FILE, mode, uid, gid, keep_fd=True)
         n = self.node(attr.ino)
         return self._open_handle(n, writable=flags & os.O_ACCMODE != os.O_RDONLY), attr
 
@@ -336,10 +344,9 @@ class WritableVolume:
         n.opens -= 1
         if f.writable:
             n.writers -= 1
-            if n.staged and n.links:
-                self.tree.save(n)  # size and mtime as closed
-                if n.writers == 0:
-                    self.on_closed(n)
+            # No row to write: a staged file's size and mtime are its staging file's.
+            if n.staged and n.links and n.writers == 0:
+                self.on_closed(n)
         if n.opens == 0:
             self._close_fd(n)
         self._maybe_drop(n)

@@ -174,6 +174,9 @@ class WorkTree:
         self.clock = 1
         self.captured = 0  # clock of the last capture: nodes changed after it are dirty
         self._default_owner = (uid, gid)
+        # The open staging file of the file ``make`` just created, for the caller to keep
+        # (its first write needs it; opening it again costs a path walk).
+        self.created_fd: int | None = None
         self._load()
 
     # -- persistence --------------------------------------------------------------
@@ -446,11 +449,12 @@ class WorkTree:
         elif kind is Kind.SYMLINK:
             n.target, n.size = target, len(target or b"")
         else:
-            # The staging file exists before the row that names it (see _recover).
-            fd = os.open(self.staging_path(n.ino), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            os.close(fd)
-            st = os.stat(self.staging_path(n.ino))
-            n.staged, n.mtime_ns = True, st.st_mtime_ns
+            # The staging file exists before the row that names it (see _recover). Its
+            # mtime is set to ours: recovery takes a staged file's mtime from it.
+            flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
+            self.created_fd = os.open(self.staging_path(n.ino), flags, 0o600)
+            os.utime(self.created_fd, ns=(now, now))
+            n.staged = True
         with self._txn():
             self._save(n)
             self._add_name(parent, name, n, now)

@@ -169,6 +169,7 @@ class Daemon:
                 self.fs,
                 self.config,
                 self._committed,
+                self._keep_published,
             )
             self.live.open()
         self.keeper = Keeper(
@@ -265,11 +266,15 @@ class Daemon:
             del self._inflight[cid]
             event.set()
 
-    async def _keep_published(self, name: str) -> None:
+    async def _keep_published(self, name: str) -> bool:
+        """Pin a volume published here as its origin; True once done (a writable
+        volume's work-tree pins may then go)."""
         try:
             await self.keeper.keep_published(name)
         except P2pfsError as e:
             log.error("could not pin volume %s on its publisher: %s", name, e)
+            return False
+        return True
 
     async def _fetch_once(self, cid: bytes, *, proxy: bool) -> bytes:
         assert self.network is not None
@@ -324,16 +329,9 @@ class Daemon:
     def _heads_changed(self, names: list[str]) -> None:
         self.reload_heads()
 
-    async def _committed(self, name: str) -> bool:
-        """A commit moved a writable volume's head: show it, announce it, pin it as its
-        origin. True once the head is pinned (the work tree's pins may then go)."""
+    def _committed(self, name: str) -> None:
+        """A commit moved a writable volume's head: show it and announce it."""
         self.reload_heads(keep_published=False)
-        try:
-            await self.keeper.keep_published(name)
-        except P2pfsError as e:
-            log.error("could not pin volume %s on its publisher: %s", name, e)
-            return False
-        return True
 
     def reload_heads(self, *, keep_published: bool = True) -> list[str]:
         """Load every volume's verified head; returns the names whose head changed."""

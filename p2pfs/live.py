@@ -38,7 +38,8 @@ class LiveVolumes:
         content: Content,
         fs: FileSystem,
         config: Config,
-        on_committed: Callable[[str], Awaitable[bool]],
+        on_committed: Callable[[str], None],
+        keep: Callable[[str], Awaitable[bool]],
     ) -> None:
         self.work_dir = work_dir
         self.registry = registry
@@ -47,6 +48,7 @@ class LiveVolumes:
         self.fs = fs
         self.config = config
         self.on_committed = on_committed
+        self.keep = keep
         self.publishers: dict[str, Publisher] = {}
         self.volumes: dict[str, WritableVolume] = {}
 
@@ -65,6 +67,7 @@ class LiveVolumes:
                 settle_s=self.config.settle_s,
                 max_delay_s=self.config.max_delay_s,
                 on_committed=self.on_committed,
+                keep=self.keep,
                 on_absorbed=volume.dropped_staging,
             )
             volume.on_change = publisher.changed

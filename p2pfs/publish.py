@@ -137,7 +137,8 @@ class Publisher:
         *,
         settle_s: float,
         max_delay_s: float,
-        on_committed: Callable[[str], Awaitable[bool]],
+        on_committed: Callable[[str], None],
+        keep: Callable[[str], Awaitable[bool]],
         on_absorbed: Callable[[WNode], None] = lambda n: None,
     ) -> None:
         self.name = name
@@ -148,6 +149,8 @@ class Publisher:
         self.settle_s = settle_s
         self.max_delay_s = max_delay_s
         self.on_committed = on_committed
+        self.keep = keep
+        self._nursery: trio.Nursery | None = None
         self.on_absorbed = on_absorbed
         self._closed: set[int] = set()
         self._wake_absorber = trio.Event()
@@ -187,6 +190,7 @@ class Publisher:
         if self.tree.dirty:
             self.changed()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._absorber)
             if self.settle_s > 0:
                 nursery.start_soon(self._timer)
@@ -337,12 +341,21 @@ class Publisher:
                     len(ids),
                     chunked,
                 )
-                if await self.on_committed(self.name):
-                    await self._release_work_pins(committing_gen)
+                self.on_committed(self.name)
+                # Re-pinning the whole head takes a while on a big volume: the commit
+                # returns first (the work pins hold everything meanwhile).
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._keep_then_release, committing_gen)
+                else:  # stopping: no background left
+                    await self._keep_then_release(committing_gen)
             result.seconds = time.monotonic() - started
             self.last_commit = result
             self.last_error = None
             return result
+
+    async def _keep_then_release(self, upto: int) -> None:
+        if await self.keep(self.name):
+            await self._release_work_pins(upto)
 
     async def _release_work_pins(self, upto: int) -> None:
         """The head's own pin now holds what the work pins of generations up to ``upto``

@@ -8,7 +8,8 @@ Every operation runs on the mount and on a directory of the native filesystem (t
 the results (value or errno) must be equal. Every ten steps, and at the end with every fd
 closed, the two trees must be equal: names, kinds, modes, sizes, contents, symlink targets,
 link counts. A commit compares ``.snapshots/<seq>/`` with the oracle at that moment, and with
-the live tree, mtimes included.
+the live tree, mtimes included; every eighth seed also restarts the daemon (umount, mount)
+three quarters in and checks that the tree, mtimes included, is unchanged.
 
 The operations are chosen from the oracle's state only, so a seed always gives the same
 sequence. On a mismatch the sequence is shrunk (operations deleted while a mismatch remains)
@@ -37,6 +38,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(600)]
 _spec = os.environ.get("P2PFS_MODEL_SEEDS", "40")
 SEEDS = range(*map(int, _spec.split(":"))) if ":" in _spec else range(int(_spec))
 STEPS = 150
+RESTART_EVERY = 8  # every eighth seed also umounts and mounts again, three quarters in
 COMPARE_EVERY = 10
 SHRINK_BUDGET_S = 60.0
 NAMES = ["a", "b", "c", "d"]
@@ -188,6 +190,8 @@ def describe(op: Op) -> str:
             return f"{op[0]}({path!r}, {mode:#o})"
         case ("commit",):
             return "p2pfs commit tools  (then compare .snapshots/<seq>/)"
+        case ("restart",):
+            return "close every fd; p2pfs umount; p2pfs mount  (then compare)"
     slot_ops = ("close", "read", "pread", "ftruncate", "fsync", "fstat")
     args = [f"fd{op[1]}" if op[0] in slot_ops else repr(op[1]), *map(repr, op[2:])]
     return f"{op[0]}({', '.join(args)})"
@@ -293,8 +297,6 @@ def generate(s: State) -> list[Op]:
                     extra |= flag
             if rng.random() < 0.15:
                 extra |= os.O_APPEND
-            if access == os.O_RDONLY:
-                extra &= ~os.O_TRUNC  # undefined by POSIX; t10_posix_test checks Linux's way
             s.next_slot += 1
             mode = rng.choice([0o644, 0o600, 0o755, 0o444])
             return [
@@ -372,6 +374,9 @@ class Run:
         if op == ("commit",):
             self.check_commit()
             return
+        if op == ("restart",):
+            self.check_restart()
+            return
         want = execute(self.oracle_root, self.fds[0], op)
         got = execute(self.mine_root, self.fds[1], op)
         if want != got:
@@ -403,6 +408,18 @@ class Run:
                 f"{diff_walks(want, shown)}"
             )
 
+    def check_restart(self) -> None:
+        """Every fd closed, umount and mount: the tree is as it was, mtimes included."""
+        self.finish()
+        before = walk(self.mine_root, mtime=True, nlink=True)
+        self.target.restart()
+        after = walk(self.mine_root, mtime=True, nlink=True)
+        if after != before:
+            raise Mismatch(
+                f"the tree changed across a restart (after != before):\n{diff_walks(after, before)}"
+            )
+        self.compare_trees("after a restart")
+
     def finish(self) -> None:
         for fds in self.fds:
             for fd in fds.values():
@@ -423,7 +440,13 @@ def play(target: Target, oracle_top: Path, name: str, seed: int) -> tuple[list[O
     ops: list[Op] = []
     try:
         for i in range(STEPS):
-            batch = [("commit",)] if i == STEPS // 2 else generate(state)
+            if i == STEPS // 2:
+                batch: list[Op] = [("commit",)]
+            elif i == STEPS * 3 // 4 and seed % RESTART_EVERY == 0:
+                batch = [("restart",)]
+                state.slots.clear()
+            else:
+                batch = generate(state)
             for op in batch:
                 ops.append(op)
                 run.step(op)

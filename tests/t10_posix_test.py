@@ -140,8 +140,7 @@ def test_open_flags_excl_trunc_and_missing(work: Path) -> None:
 
 
 def test_o_rdonly_o_trunc_truncates_as_on_linux(work: Path) -> None:
-    """POSIX leaves O_RDONLY|O_TRUNC undefined; Linux filesystems truncate (the oracle of
-    t10_model_test, which therefore leaves the combination out)."""
+    """POSIX leaves O_RDONLY|O_TRUNC undefined; Linux filesystems truncate."""
     f = work / "f"
     f.write_bytes(b"x" * 65536)
     fd = os.open(f, os.O_RDONLY | os.O_TRUNC)

@@ -491,7 +491,9 @@ def firstboot(home: Home, *, label: str = SEED_LABEL, wait_s: float = 20.0) -> i
     device = find_seed_device(label, wait_s)
     try:
         if device is None:
-            raise SeedError(f"no seed disk: attach a disk labelled {label} ('p2pfs appliance seed')")
+            raise SeedError(
+                f"no seed disk: attach a disk labelled {label} ('p2pfs appliance seed')"
+            )
         with tempfile.TemporaryDirectory(prefix="p2pfs-seed-") as tmp:
             copy = Path(tmp) / "seed"
             _copy_seed(device, Path(tmp) / "mnt", copy)

@@ -136,9 +136,9 @@ class ApplianceVM:
         self.work.mkdir(parents=True, exist_ok=True)
         disk = self.work / "disk.qcow2"
         disk.unlink(missing_ok=True)
+        backing = ["-F", "raw", "-b", str(self.image.disk)]
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image.disk)]
-            + [str(disk)],
+            ["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(disk)],
             check=True,
             capture_output=True,
         )
@@ -153,7 +153,10 @@ class ApplianceVM:
             taps.append(f"{ns}:p2vm{self.tag}{role}:{opt}")
             n = len(taps) - 1
             nics += ["-netdev", f"tap,id=n{i},fd={{tapfd{n}}}"]
-            nics += ["-device", f"virtio-net-pci,netdev=n{i},mac=52:54:00:9e:{self.tag[:2]}:0{i},addr=0x1{i}"]
+            nics += [
+                "-device",
+                f"virtio-net-pci,netdev=n{i},mac=52:54:00:9e:{self.tag[:2]}:0{i},addr=0x1{i}",
+            ]
         qemu = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus)]
         qemu += ["-m", str(self.memory_mib), "-nodefaults", "-display", "none", "-no-reboot"]
         qemu += ["-monitor", "none", "-serial", f"file:{self.console}"]

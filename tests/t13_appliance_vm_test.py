@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from harness import require_lab, run_cli
 
+from p2pfs import config
 from p2pfs.appliance_seed import (
     SEED_STATUS,
     SeedError,
@@ -126,7 +127,9 @@ def test_seed_reader_names_what_is_wrong(tmp_path: Path) -> None:
     apply_seed(home, tree, seed, system_root=None)
     assert home.node_id().hex() == seed.node
     assert (home.root / "appliance" / "link.pem").exists()
-    assert "max_bytes" in home.config_file.read_text()
+    cfg = config.load(home.config_file)
+    assert cfg.follow_volumes == ("tools",) and cfg.cache_max_bytes == 1 << 30
+    assert cfg.appliance_listen == (f"{HOST_ONLY_APPLIANCE}:7421",)
 
 
 def test_status_shows_a_bad_seed(tmp_path: Path) -> None:

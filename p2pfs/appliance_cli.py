@@ -24,6 +24,9 @@ from typing import Any
 
 import trio
 
+from .appliance_image import ACTIONS as IMAGE_ACTIONS
+from .appliance_image import add_actions as add_image_actions
+from .appliance_image import cmd_action as cmd_image_action
 from .desktop_auth import ApplianceKeys, load_token
 from .desktop_link import ApplianceLink, parse_address, with_link
 from .errors import NotFound, P2pfsError, UsageError
@@ -63,6 +66,7 @@ def add_commands(
         if name == "pin":
             p.add_argument("--follow", action="store_true")
         p.add_argument("--json", action="store_true")
+    add_image_actions(asub)  # build, seed, firstboot: the VM image (appliance_image.py)
 
     tm = sub.add_parser("thin-mount", help="(desktop) the thin client in the foreground")
     tm.add_argument("mountpoint", type=Path)
@@ -100,6 +104,8 @@ def _address(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_appliance(args: argparse.Namespace) -> int:
     if args.appliance_command == "token":
         return _cmd_token(args)
+    if args.appliance_command in IMAGE_ACTIONS:
+        return cmd_image_action(args)
     return _cmd_desktop(args)
 
 

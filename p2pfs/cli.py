@@ -394,9 +394,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         st = control.call(home.control_socket, "status", timeout=10)
     except NotRunning:
         st = _offline_status(home)
+    from .appliance_seed import seed_status
+
+    if (seed := seed_status(home)) is not None:
+        st["seed"] = seed  # an appliance: what its first boot made of the seed disk
     if args.json:
         _print_json(st)
         return 0
+    if seed is not None and not seed.get("ok"):
+        print(f"seed: ERROR: {seed.get('error')}")
     d = st["daemon"]
     print(f"node {st['node_id']} at {st['home']}")
     if d is None:

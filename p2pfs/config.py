@@ -30,6 +30,7 @@ max_delay_s = 30.0          # ... and at the latest this long after the first on
 [appliance]                 # appliance mode: the desktop link (docs/appliance.md)
 user_listen = ["192.168.122.2:7421"]   # where desktops reach the user API (TCP, or vsock:CID:PORT)
 desktop_pin = false         # may desktops pin and unpin?
+volumes = ["tools"]         # follow only these volumes (default: every endorsed volume)
 ```
 """
 
@@ -67,6 +68,7 @@ class Config:
     max_delay_s: float = 30.0
     appliance_listen: tuple[str, ...] = field(default_factory=tuple)
     desktop_pin: bool = False
+    follow_volumes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _num(section: dict[str, Any], key: str, lo: float, hi: float, where: str) -> float | None:
@@ -193,4 +195,8 @@ def _appliance(section: object, where: str) -> dict[str, Any]:
     values["appliance_listen"] = tuple(listen)
     if (pin := _bool(section, "desktop_pin", where)) is not None:
         values["desktop_pin"] = pin
+    follow = section.get("volumes", [])
+    if not isinstance(follow, list) or not all(isinstance(v, str) and v for v in follow):
+        raise P2pfsError(f"{where}: [appliance] volumes must be a list of volume names")
+    values["follow_volumes"] = tuple(follow)
     return values

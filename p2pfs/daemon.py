@@ -189,6 +189,7 @@ class Daemon:
                 self.estate,
                 on_change=self._heads_changed,
                 announce=lambda head: self.network.announce(head) if self.network else None,
+                only=frozenset(self.config.follow_volumes),
             )
             self.network = Network(self.estate, store, self.sync, self.config)
             # A peer that made us a chunk's home: fetch it (never via another home).

@@ -40,12 +40,14 @@ class VolumeSync:
         *,
         on_change: Callable[[list[str]], None],
         announce: Callable[[messages.VolumeHead], None],
+        only: frozenset[str] = frozenset(),
     ) -> None:
         self.registry = registry
         self.store = store
         self.estate = estate
         self.on_change = on_change
         self.announce = announce
+        self.only = only  # follow only these volumes (empty: all)
         self.accepted = 0
         self.refused = 0
         self.refusals: deque[str] = deque(maxlen=20)
@@ -93,6 +95,8 @@ class VolumeSync:
         pass
 
     async def on_volume_head(self, peer: Peer, head: messages.VolumeHead) -> None:
+        if self.only and head.name not in self.only:
+            return
         try:
             current = self.registry.get(head.name)
         except P2pfsError:

@@ -23,7 +23,8 @@ LAYERS: list[set[str]] = [
     {"fuse"},
     # (and appliance mode: the daemon serves the desktop face; the desktop's thin client)
     {"control", "daemon", "cli", "estate_cli", "lab", "lab_estate", "demo", "__main__", "__init__"}
-    | {"desktop_api", "thin_fs", "appliance_cli", "appliance"},
+    | {"desktop_api", "thin_fs", "appliance_cli", "appliance"}
+    | {"appliance_seed", "appliance_image", "appliance_vm"},
 ]
 # Heavy libraries live in one module each (so they can be swapped or stubbed in one place).
 HOMES = {

@@ -346,6 +346,7 @@ class WritableVolume:
             n.writers -= 1
             # No row to write: a staged file's size and mtime are its staging file's.
             if n.staged and n.links and n.writers == 0:
+                self.tree.stamp(n)
                 self.on_closed(n)
         if n.opens == 0:
             self._close_fd(n)
@@ -407,6 +408,7 @@ class WritableVolume:
         n = self.file_node(fh)
         if n.staged:
             fd = self._fd(n)
+            self.tree.stamp(n)
             await trio.to_thread.run_sync(os.fsync, fd)
             self.tree.save(n)
         await trio.to_thread.run_sync(self.tree.sync)

@@ -640,9 +640,17 @@ class WorkTree:
         n.gen += 1
         n.size = size
         n.mtime_ns = n.ctime_ns = time.time_ns()
+        self.stamp(n)
         with self._txn():
             self._save(n)
             self.touch(n)
+
+    def stamp(self, n: WNode) -> None:
+        """Give a staged file's staging file our mtime (recovery reads it from there): at
+        truncate, last close and fsync, so a restart shows the same mtime."""
+        if n.staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.staging_path(n.ino), ns=(n.mtime_ns, n.mtime_ns))
 
     def save(self, n: WNode) -> None:
         """Record a staged file's size and mtime (at close and fsync)."""

@@ -39,9 +39,13 @@ from .worktree import Chunked, WNode, WorkTree
 log = logging.getLogger(__name__)
 
 ABSORB_BATCH_FILES = 1024
-# Closed files wait this long to be absorbed together: one durability barrier for
-# a burst of small files (tar x, git clone) instead of one each.
-ABSORB_DELAY_S = 1.0
+# Closed files are absorbed once writing pauses this long: one durability barrier for a
+# burst of small files (tar x, git clone) instead of one each, and no chunking competing
+# with the writer for two cores and the GIL (it tripled the time per small file).
+ABSORB_QUIET_S = 0.5
+# ... or once a batch is waiting, whatever the writer does (so a long burst does not
+# leave all the chunking to the commit).
+ABSORB_BACKLOG_FILES = ABSORB_BATCH_FILES
 # Rounds of "chunk what changed" before a commit takes a file as last chunked.
 COMMIT_ROUNDS = 3
 
@@ -201,7 +205,10 @@ class Publisher:
             if not self._closed:
                 await self._wake_absorber.wait()
                 self._wake_absorber = trio.Event()
-                await trio.sleep(ABSORB_DELAY_S)
+                continue
+            quiet = time.monotonic() - self._last_change
+            if quiet < ABSORB_QUIET_S and len(self._closed) < ABSORB_BACKLOG_FILES:
+                await trio.sleep(ABSORB_QUIET_S - quiet)
                 continue
             queued = list(self._closed)
             inos, self._closed = queued[:ABSORB_BATCH_FILES], set(queued[ABSORB_BATCH_FILES:])
@@ -251,14 +258,19 @@ class Publisher:
             return results
 
         results = await trio.to_thread.run_sync(chunk_all)
-        clean: list[WNode] = []
-        for (n, gen, _path), result in zip(work, results, strict=True):
-            if result is not None and self.tree.absorbed(n, Chunked(result[0], result[1], gen)):
-                clean.append(n)
+        clean = self.tree.absorbed(
+            [
+                (n, Chunked(result[0], result[1], gen))
+                for (n, gen, _path), result in zip(work, results, strict=True)
+                if result is not None
+            ]
+        )
         if clean:
             await trio.to_thread.run_sync(self.tree.sync)
+            # Here, with no await between the check and the unlink: a file reopened for
+            # writing meanwhile has a new staging file, which must stay.
             for n in clean:
-                if not n.staged:  # not reopened for writing meanwhile
+                if not n.staged:
                     self.on_absorbed(n)
                     with contextlib.suppress(FileNotFoundError):
                         self.tree.staging_path(n.ino).unlink()

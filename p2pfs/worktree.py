@@ -657,18 +657,24 @@ class WorkTree:
         with self._txn():
             self._save(n)
 
-    def absorbed(self, n: WNode, chunked: Chunked) -> bool:
-        """The staging file was chunked into the store; True if it became clean (and the
-        caller must delete the staging file once this is durable)."""
-        if not n.staged or n.gen != chunked.gen:
-            return False
-        n.chunked = chunked
-        if n.writers or n.ino not in self.nodes:
-            return False
-        n.staged, n.blob, n.size = False, chunked.blob, chunked.size
-        with self._txn():
-            self._save(n)
-        return True
+    def absorbed(self, done: list[tuple[WNode, Chunked]]) -> list[WNode]:
+        """Staging files were chunked into the store (one transaction for all): the nodes
+        that became clean, whose staging files the caller deletes once this is durable.
+        A node written since, or still open for writing, stays staged."""
+        clean = []
+        for n, chunked in done:
+            if not n.staged or n.gen != chunked.gen:
+                continue
+            n.chunked = chunked
+            if n.writers or n.ino not in self.nodes:
+                continue
+            n.staged, n.blob, n.size = False, chunked.blob, chunked.size
+            clean.append(n)
+        if clean:
+            with self._txn():
+                for n in clean:
+                    self._save(n)
+        return clean
 
     def forgettable(self, n: WNode) -> bool:
         """A node with no name, no open file and no kernel reference: gone for good."""

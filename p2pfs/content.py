@@ -325,3 +325,30 @@ async def read_span(
     if len(parts) == 1:
         return parts[0]
     return b"".join(parts)
+
+
+# The kernel keeps several readahead requests in flight, so they may arrive slightly out
+# of order: a read that starts this near where the last one ended is still sequential.
+SEQUENTIAL_SLACK = 4 * 1024 * 1024
+# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
+# worker-thread trip (or concurrently from peers).
+READAHEAD_CHUNKS = 32
+PREFETCH_BATCH = 4
+
+
+def read_ahead(
+    chunks: ChunkCache,
+    layout: FileLayout,
+    end: int,
+    nursery: trio.Nursery,
+    window: int = READAHEAD_CHUNKS,
+) -> None:
+    """Start loading the ``window`` chunks after ``end`` that are not loaded or loading."""
+    last = layout.index_of(end - 1)
+    ahead = [
+        cid
+        for cid in layout.ids[last + 1 : last + 1 + window]
+        if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
+    ]
+    for k in range(0, len(ahead), PREFETCH_BATCH):
+        nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])

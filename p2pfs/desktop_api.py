@@ -43,7 +43,7 @@ import blake3
 import trio
 
 from . import wire
-from .content import Content
+from .content import SEQUENTIAL_SLACK, Content, read_ahead, read_span
 from .control import ControlServer
 from .desktop_auth import ApplianceKeys, TokenRefused
 from .desktop_link import (
@@ -64,9 +64,7 @@ log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 32
 MAX_PATH = 4096
-READAHEAD_CHUNKS = 16
-PREFETCH_BATCH = 4
-SEQUENTIAL_SLACK = 4 * 1024 * 1024
+READAHEAD_CHUNKS = 16  # chunks read ahead of a desktop reading sequentially
 
 ADMIN_REFUSED = "refused: admin operation over the desktop link"
 # What the admin does on the appliance's management channel: the control socket's
@@ -437,29 +435,10 @@ class DesktopServer:
         if len(session.next_offset) > 256:
             session.next_offset.clear()
         session.next_offset[blob] = max(end, last_end) if sequential else end
-        i = layout.index_of(offset)
-        parts: list[memoryview] = []
-        pos = offset
-        while pos < end:
-            cid = layout.ids[i]
-            data = chunks.get_cached(cid)
-            if data is None:
-                data = await chunks.get(cid)
-            start = layout.start_of(i)
-            stop = min(end, layout.ends[i])
-            parts.append(memoryview(data)[pos - start : stop - start])
-            pos = stop
-            i += 1
+        data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
-            last = layout.index_of(end - 1)
-            ahead = [
-                cid
-                for cid in layout.ids[last + 1 : last + 1 + READAHEAD_CHUNKS]
-                if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
-            ]
-            for k in range(0, len(ahead), PREFETCH_BATCH):
-                self._nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            read_ahead(chunks, layout, end, self._nursery, READAHEAD_CHUNKS)
+        return data
 
     def _statfs(self) -> dict[str, int]:
         st = os.statvfs(self.content.store.root)

@@ -36,6 +36,7 @@ import blake3
 import trio
 
 from . import fuse
+from .content import SEQUENTIAL_SLACK
 from .daemon import check_mountpoint, set_readahead
 from .desktop_auth import DesktopToken
 from .desktop_link import Address, ApplianceLink
@@ -54,7 +55,6 @@ MAX_REQUEST = 1024 * 1024
 READ_BLOCK = 1024 * 1024
 READAHEAD_BLOCKS = 4
 KEPT_BLOCKS = 8
-SEQUENTIAL_SLACK = 4 * 1024 * 1024
 _KINDS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .content import Content, FileLayout, read_span
+from .content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
 from .errors import P2pfsError
 from .objects import Entry, Kind, Snapshot, decode_snapshot
 from .vfs_write import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
@@ -46,11 +46,6 @@ SNAPSHOTS_DIR = b".snapshots"
 # The id of that synthetic directory: all zeros, which no BLAKE3 output will be.
 SNAPSHOTS_ID = bytes(32)
 MAX_HISTORY = 10_000
-# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
-# worker-thread trip (or concurrently from peers).
-READAHEAD_CHUNKS = 32
-PREFETCH_BATCH = 4
-SEQUENTIAL_SLACK = 4 * 1024 * 1024
 BLOCK_SIZE = 128 * 1024
 # Failures of the staging disk a writer should see as they are, not as a bug.
 ERRNO_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
@@ -507,14 +502,7 @@ class FileSystem:
         f.next_offset = max(end, f.next_offset) if sequential else end
         data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
-            last = layout.index_of(end - 1)
-            ahead = [
-                cid
-                for cid in layout.ids[last + 1 : last + 1 + READAHEAD_CHUNKS]
-                if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
-            ]
-            for k in range(0, len(ahead), PREFETCH_BATCH):
-                self._nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])
+            read_ahead(chunks, layout, end, self._nursery)
         return data
 
     # -- changes (writable volumes only) --------------------------------------------

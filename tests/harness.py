@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +123,44 @@ def require_lab() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"the lab must run in CI: {reason}")
         pytest.skip(f"lab unavailable: {reason}")
+
+
+# A member node's peer, run as a script in a lab host: it offers one volume head in its
+# hello and answers the target's snapshot request with the given bytes (a forged,
+# unendorsed or replayed snapshot). Arguments: HOME TARGET NAME VOLUME_ID SEQ HEAD
+# ENDORSEMENT|- SNAPSHOT_FILE. Prints "served" or "not asked".
+SNAPSHOT_PEER = textwrap.dedent(
+    """
+    import socket, ssl, sys
+    from pathlib import Path
+    from p2pfs import wire, messages
+    from p2pfs.estate import Estate
+    from p2pfs.home import Home
+    home, target, name, vid, seq, head, endorsement, snap_file = sys.argv[1:9]
+    est = Estate.load(Home(Path(home)))
+    payload = Path(snap_file).read_bytes()
+    raw = socket.create_connection((target, 7420), timeout=10)
+    s = est.client_context().wrap_socket(raw)
+    vol = messages.VolumeHead(
+        name, bytes.fromhex(vid), int(seq), bytes.fromhex(head),
+        bytes.fromhex(endorsement) if endorsement != "-" else None, None,
+    )
+    hello = messages.Hello(est.node_id, est.estate_id, 1, (vol,), est.revocation_number)
+    s.sendall(wire.encode(hello.to_wire()))
+    dec = wire.Decoder()
+    s.settimeout(15)
+    served = False
+    try:
+        while not served:
+            data = s.recv(65536)
+            if not data:
+                break
+            for h, _ in dec.feed(data):
+                if h["t"] == "snapshot":
+                    s.sendall(wire.encode(messages.answer(h["id"], vol=vol.to_wire()), payload))
+                    served = True
+    except (OSError, ssl.SSLError):
+        pass
+    print("served" if served else "not asked")
+    """
+)

@@ -18,7 +18,6 @@ import random
 import shutil
 import signal
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from typing import Any
 
 import blake3
 import pytest
-from harness import require_lab
+from harness import SNAPSHOT_PEER, require_lab
 from writable import diff_walks, walk
 
 from p2pfs.home import Home
@@ -362,43 +361,6 @@ def test_a_follower_down_during_commits_catches_up(live: Live) -> None:
     assert (tools(b) / ".snapshots" / str(seq - 1) / "config.ini").read_text() == (
         "[tool]\nversion = 3\n"
     )
-
-
-SNAPSHOT_PEER = textwrap.dedent(
-    """
-    import socket, ssl, sys
-    from pathlib import Path
-    from p2pfs import wire, messages
-    from p2pfs.estate import Estate
-    from p2pfs.home import Home
-    home, target, name, vid, seq, head, endorsement, snap_file = sys.argv[1:9]
-    est = Estate.load(Home(Path(home)))
-    payload = Path(snap_file).read_bytes()
-    raw = socket.create_connection((target, 7420), timeout=10)
-    s = est.client_context().wrap_socket(raw)
-    vol = messages.VolumeHead(
-        name, bytes.fromhex(vid), int(seq), bytes.fromhex(head),
-        bytes.fromhex(endorsement) if endorsement != "-" else None, None,
-    )
-    hello = messages.Hello(est.node_id, est.estate_id, 1, (vol,), est.revocation_number)
-    s.sendall(wire.encode(hello.to_wire()))
-    dec = wire.Decoder()
-    s.settimeout(15)
-    served = False
-    try:
-        while not served:
-            data = s.recv(65536)
-            if not data:
-                break
-            for h, _ in dec.feed(data):
-                if h["t"] == "snapshot":
-                    s.sendall(wire.encode(messages.answer(h["id"], vol=vol.to_wire()), payload))
-                    served = True
-    except (OSError, ssl.SSLError):
-        pass
-    print("served" if served else "not asked")
-    """
-)
 
 
 def test_a_replayed_older_snapshot_is_refused(live: Live, tmp_path: Path) -> None:

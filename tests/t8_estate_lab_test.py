@@ -23,7 +23,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from harness import require_lab
+from harness import SNAPSHOT_PEER, require_lab
 
 from p2pfs.home import Home
 from p2pfs.keys import SigningKey
@@ -301,43 +301,6 @@ def test_hostile_frames_close_only_their_connection(
     assert "closed" in proc.stdout, proc.stderr
     assert c.node_id() in connected_peers(b)
     read_all(b, digests, ["docs/note-3.txt"])
-
-
-SNAPSHOT_PEER = textwrap.dedent(
-    """
-    import socket, ssl, sys
-    from pathlib import Path
-    from p2pfs import wire, messages
-    from p2pfs.estate import Estate
-    from p2pfs.home import Home
-    home, target, name, vid, seq, head, endorsement, snap_file = sys.argv[1:9]
-    est = Estate.load(Home(Path(home)))
-    payload = Path(snap_file).read_bytes()
-    raw = socket.create_connection((target, 7420), timeout=10)
-    s = est.client_context().wrap_socket(raw)
-    vol = messages.VolumeHead(
-        name, bytes.fromhex(vid), int(seq), bytes.fromhex(head),
-        bytes.fromhex(endorsement) if endorsement != "-" else None, None,
-    )
-    hello = messages.Hello(est.node_id, est.estate_id, 1, (vol,), est.revocation_number)
-    s.sendall(wire.encode(hello.to_wire()))
-    dec = wire.Decoder()
-    s.settimeout(15)
-    served = False
-    try:
-        while not served:
-            data = s.recv(65536)
-            if not data:
-                break
-            for h, _ in dec.feed(data):
-                if h["t"] == "snapshot":
-                    s.sendall(wire.encode(messages.answer(h["id"], vol=vol.to_wire()), payload))
-                    served = True
-    except (OSError, ssl.SSLError):
-        pass
-    print("served" if served else "not asked")
-    """
-)
 
 
 def test_forged_unendorsed_and_replayed_snapshots_are_refused(

@@ -486,10 +486,19 @@ class Daemon:
 
     async def _op_fault(self, request: dict[str, Any]) -> dict[str, Any]:
         handler = str(request.get("handler", ""))
-        # "net:NAME" arms a fault in the network layer, anything else a FUSE handler.
+        # "net:NAME" arms a fault in the network layer, "publish:NAME" in every writable
+        # volume's commits, anything else in a FUSE handler.
         faults, key = self.fs.faults, handler
         if handler.startswith("net:") and self.network is not None:
             faults, key = self.network.faults, handler.removeprefix("net:")
+        if handler.startswith("publish:") and self.live is not None:
+            key = handler.removeprefix("publish:")
+            for publisher in self.live.publishers.values():
+                if request.get("clear"):
+                    publisher.faults.discard(key)
+                else:
+                    publisher.faults.add(key)
+            return {"disarmed" if request.get("clear") else "armed": handler}
         if request.get("clear"):
             faults.discard(key)
             return {"disarmed": handler}

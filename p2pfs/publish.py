@@ -155,6 +155,8 @@ class Publisher:
         self.on_committed = on_committed
         self.keep = keep
         self._nursery: trio.Nursery | None = None
+        self.faults: set[str] = set()  # armed only through a --debug-faults daemon
+        self.stage: str | None = None  # what a running commit is doing
         self.on_absorbed = on_absorbed
         self._closed: set[int] = set()
         self._wake_absorber = trio.Event()
@@ -281,89 +283,101 @@ class Publisher:
 
     async def commit(self, *, include_open: bool = True) -> CommitResult:
         async with self._commit_lock:
-            started = time.monotonic()
-            chunked = 0
-            for _ in range(COMMIT_ROUNDS):
-                todo = [
-                    n
-                    for n in self.tree.staged_nodes()
-                    if (n.chunked is None or n.chunked.gen != n.gen)
-                    and (include_open or n.writers == 0)
-                ]
-                if not todo:
-                    break
-                chunked += await self._absorb(todo)
-            self._first_change = None  # changes from here on wait for the next commit
-            clock, plans = self.tree.capture()
-            # Chunks absorbed from here on belong to the next commit: a new pin set.
-            committing_gen = self._work_gen
-            self._work_gen += 1
-            record = self.registry.get(self.name)
-            head = await trio.to_thread.run_sync(self.registry.load_head, self.store, record)
-            pin = self.pin_name
+            try:
+                return await self._commit(include_open)
+            finally:
+                self.stage = None
 
-            def make_trees() -> dict[int, bytes]:
-                ids: dict[int, bytes] = {}
-                writer = PinnedWriter(self.store, pin)
-                for plan in plans:  # children before parents
-                    entries = tuple(
-                        e
-                        if e.name not in plan.subdirs
-                        else Entry(
-                            e.name, e.kind, e.mode, e.mtime_ns, 0, ids[plan.subdirs[e.name]], None
-                        )
-                        for e in plan.entries
+    async def _commit(self, include_open: bool) -> CommitResult:
+        self.stage = "chunking"
+        started = time.monotonic()
+        chunked = 0
+        for _ in range(COMMIT_ROUNDS):
+            todo = [
+                n
+                for n in self.tree.staged_nodes()
+                if (n.chunked is None or n.chunked.gen != n.gen)
+                and (include_open or n.writers == 0)
+            ]
+            if not todo:
+                break
+            chunked += await self._absorb(todo)
+        self._first_change = None  # changes from here on wait for the next commit
+        clock, plans = self.tree.capture()
+        # Chunks absorbed from here on belong to the next commit: a new pin set.
+        committing_gen = self._work_gen
+        self._work_gen += 1
+        record = self.registry.get(self.name)
+        head = await trio.to_thread.run_sync(self.registry.load_head, self.store, record)
+        pin = self.pin_name
+
+        def make_trees() -> dict[int, bytes]:
+            ids: dict[int, bytes] = {}
+            writer = PinnedWriter(self.store, pin)
+            for plan in plans:  # children before parents
+                entries = tuple(
+                    e
+                    if e.name not in plan.subdirs
+                    else Entry(
+                        e.name, e.kind, e.mode, e.mtime_ns, 0, ids[plan.subdirs[e.name]], None
                     )
-                    ids[plan.ino] = writer.put_object(Tree(entries).encode())
-                writer.flush()
-                return ids
-
-            ids = await trio.to_thread.run_sync(make_trees)
-            for ino, tid in ids.items():
-                self.tree.set_tree(ino, tid, clock)
-            root = self.tree.root_tree()
-            assert root is not None
-            if head is not None and record.head is not None and head.root == root:
-                self.tree.committed(record.head, clock)
-                result = CommitResult(self.name, record.seq, record.head, False, chunked, len(ids))
-            else:
-                snapshot = Snapshot.create(
-                    self.registry.publisher_key(self.name),
-                    name=self.name,
-                    seq=record.seq + 1,
-                    parent=record.head,
-                    root=root,
-                    time_ns=time.time_ns(),
-                    params=self.params.to_dict(),
+                    for e in plan.entries
                 )
+                ids[plan.ino] = writer.put_object(Tree(entries).encode())
+            writer.flush()
+            return ids
 
-                def publish() -> bytes:
-                    sid = self.store.put_object(snapshot.encode())  # durable
-                    self.registry.advance(record, snapshot, sid)
-                    return sid
+        ids = await trio.to_thread.run_sync(make_trees)
+        for ino, tid in ids.items():
+            self.tree.set_tree(ino, tid, clock)
+        root = self.tree.root_tree()
+        assert root is not None
+        if head is not None and record.head is not None and head.root == root:
+            self.tree.committed(record.head, clock)
+            result = CommitResult(self.name, record.seq, record.head, False, chunked, len(ids))
+        else:
+            snapshot = Snapshot.create(
+                self.registry.publisher_key(self.name),
+                name=self.name,
+                seq=record.seq + 1,
+                parent=record.head,
+                root=root,
+                time_ns=time.time_ns(),
+                params=self.params.to_dict(),
+            )
 
-                sid = await trio.to_thread.run_sync(publish)
-                self.tree.committed(sid, clock)
-                self.commits += 1
-                result = CommitResult(self.name, snapshot.seq, sid, True, chunked, len(ids))
-                log.info(
-                    "volume %s: committed snapshot %d (%d trees, %d files chunked)",
-                    self.name,
-                    snapshot.seq,
-                    len(ids),
-                    chunked,
-                )
-                self.on_committed(self.name)
-                # Re-pinning the whole head takes a while on a big volume: the commit
-                # returns first (the work pins hold everything meanwhile).
-                if self._nursery is not None:
-                    self._nursery.start_soon(self._keep_then_release, committing_gen)
-                else:  # stopping: no background left
-                    await self._keep_then_release(committing_gen)
-            result.seconds = time.monotonic() - started
-            self.last_commit = result
-            self.last_error = None
-            return result
+            def publish() -> bytes:
+                sid = self.store.put_object(snapshot.encode())  # durable
+                self.registry.advance(record, snapshot, sid)
+                return sid
+
+            if "stall-before-head" in self.faults:
+                # Test hook (daemon --debug-faults): hold a commit whose trees are
+                # stored but whose head has not moved, for a kill -9 to land there.
+                self.stage = "stalled before the head moved"
+                await trio.sleep_forever()
+            sid = await trio.to_thread.run_sync(publish)
+            self.tree.committed(sid, clock)
+            self.commits += 1
+            result = CommitResult(self.name, snapshot.seq, sid, True, chunked, len(ids))
+            log.info(
+                "volume %s: committed snapshot %d (%d trees, %d files chunked)",
+                self.name,
+                snapshot.seq,
+                len(ids),
+                chunked,
+            )
+            self.on_committed(self.name)
+            # Re-pinning the whole head takes a while on a big volume: the commit
+            # returns first (the work pins hold everything meanwhile).
+            if self._nursery is not None:
+                self._nursery.start_soon(self._keep_then_release, committing_gen)
+            else:  # stopping: no background left
+                await self._keep_then_release(committing_gen)
+        result.seconds = time.monotonic() - started
+        self.last_commit = result
+        self.last_error = None
+        return result
 
     async def _keep_then_release(self, upto: int) -> None:
         if await self.keep(self.name):
@@ -393,6 +407,7 @@ class Publisher:
             "commits": self.commits,
             "absorbed_files": self.absorbed_files,
             "auto_commit_in_s": None if due is None else round(due, 1),
+            "committing": self.stage,
             "last_commit": self.last_commit.as_dict() if self.last_commit else None,
             "error": self.last_error,
         }

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from harness import force_unmount, run_cli
 
+from p2pfs import control
+
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
 
@@ -181,5 +183,80 @@ def test_kill_during_commits_leaves_a_whole_snapshot(volume: tuple[Path, Path]) 
         final = json.loads(run_cli(home, "commit", "tools", "--json", check=True).stdout)
         assert _tree_digest(mnt / "tools" / ".snapshots" / str(final["seq"])) == expected
     finally:
+        force_unmount(mnt, home)
+    _fsck_clean(home)
+
+
+def _daemon(home: Path, mnt: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A foreground daemon (for --debug-faults, which `mount` does not pass on)."""
+    log = open(home / "log" / "crash-daemon.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pfs", "--home", str(home), "daemon", "--mount", str(mnt), *extra],
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    for _ in range(1200):
+        if os.path.ismount(mnt):
+            return proc
+        assert proc.poll() is None, (home / "log" / "crash-daemon.log").read_text()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not mount")
+
+
+def test_kill_while_a_commit_has_stored_its_trees_but_not_moved_the_head(
+    volume: tuple[Path, Path],
+) -> None:
+    """The one window a commit has: everything stored, the head not yet moved. A fault
+    holds the commit exactly there; kill -9; the old head stands, nothing is lost, and
+    the next commit makes the snapshot."""
+    home, mnt = volume
+    (home / "log").mkdir(exist_ok=True)
+    proc = _daemon(home, mnt, "--debug-faults")
+    try:
+        (mnt / "tools" / "one.txt").write_text("in snapshot 1\n")
+        assert json.loads(run_cli(home, "commit", "tools", "--json", check=True).stdout)["seq"] == 1
+        (mnt / "tools" / "two.txt").write_text("written for snapshot 2\n")
+        (mnt / "tools" / "one.txt").write_text("changed for snapshot 2\n")
+        sock = home / "run" / "control.sock"
+        control.call(sock, "inject-fault", handler="publish:stall-before-head")
+        with subprocess.Popen(
+            [sys.executable, "-m", "p2pfs", "--home", str(home), "commit", "tools"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as commit:
+
+            def stalled() -> bool:
+                st = json.loads(run_cli(home, "status", "--json", check=True).stdout)
+                return st["volumes"][0]["live"]["committing"] == "stalled before the head moved"
+
+            for _ in range(600):
+                if stalled():
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the commit never reached the stall")
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            commit.communicate(timeout=60)
+            assert commit.returncode != 0  # it never answered
+        _mount(home, mnt)
+        status = json.loads(run_cli(home, "status", "--json", check=True).stdout)
+        assert status["volumes"][0]["seq"] == 1  # the old head stands
+        snap1 = mnt / "tools" / ".snapshots" / "1"
+        assert sorted(os.listdir(snap1)) == ["one.txt"]
+        assert (snap1 / "one.txt").read_text() == "in snapshot 1\n"
+        assert (mnt / "tools" / "one.txt").read_text() == "changed for snapshot 2\n"
+        assert (mnt / "tools" / "two.txt").read_text() == "written for snapshot 2\n"
+        done = json.loads(run_cli(home, "commit", "tools", "--json", check=True).stdout)
+        assert done["changed"] and done["seq"] == 2
+        snap2 = mnt / "tools" / ".snapshots" / "2"
+        assert (snap2 / "one.txt").read_text() == "changed for snapshot 2\n"
+        assert (snap2 / "two.txt").read_text() == "written for snapshot 2\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         force_unmount(mnt, home)
     _fsck_clean(home)

@@ -35,7 +35,6 @@ from .thin_fs import DEFAULT_DEADLINE, ThinMount, read_state, state_dir, state_f
 
 log = logging.getLogger(__name__)
 
-MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 30.0
 
 
@@ -184,40 +183,15 @@ def cmd_mount_thin(args: argparse.Namespace) -> int:
     mp = args.mountpoint.absolute()
     state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = state_file(mp).with_suffix(".log")
-    r, w = os.pipe()
     cmd = [sys.executable, "-m", "p2pfs", *(["-v"] * args.verbose), "thin-mount", str(mp)]
     cmd += ["--token", str(args.token.absolute()), "--deadline", str(args.deadline)]
     if args.appliance:
         cmd += ["--appliance", args.appliance]
-    cmd += ["--ready-fd", str(w)]
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            pass_fds=(w,),
-            start_new_session=True,
-        )
-    os.close(w)
-    from .cli import _read_line
+    from .cli import start_until_ready
 
-    line = _read_line(r, MOUNT_TIMEOUT)
-    os.close(r)
-    if line == "ok":
-        print(f"mounted the appliance's volumes on {mp} (pid {proc.pid}, log {log_path})")
-        return 0
-    if line.startswith("error "):
-        _, code, msg = line.split(" ", 2)
-        err = P2pfsError(msg)
-        err.exit_code = int(code)
-        raise err
-    if proc.poll() is None:
-        proc.terminate()
-        raise P2pfsError(
-            f"the thin client did not mount within {MOUNT_TIMEOUT:.0f} s; see {log_path}"
-        )
-    raise P2pfsError(f"the thin client exited with code {proc.returncode}; see {log_path}")
+    pid = start_until_ready(cmd, log_path, "the thin client")
+    print(f"mounted the appliance's volumes on {mp} (pid {pid}, log {log_path})")
+    return 0
 
 
 def umount_thin(mp: Path) -> int | None:

@@ -283,14 +283,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         )
     home.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = home.log_dir / "daemon.log"
-    r, w = os.pipe()
     cmd = [sys.executable, "-m", "p2pfs", "--home", str(home.root)]
     cmd += ["-v"] * args.verbose
-    cmd += ["daemon", "--mount", str(mp), "--ready-fd", str(w)]
+    cmd += ["daemon", "--mount", str(mp)]
     cmd += ["--read-only"] if args.read_only else []
+    pid = start_until_ready(cmd, log_path, "the daemon")
+    print(f"mounted {home.root} on {mp} (daemon pid {pid}, log {log_path})")
+    return 0
+
+
+def start_until_ready(cmd: list[str], log_path: Path, what: str) -> int:
+    """Start ``cmd`` (plus ``--ready-fd N``) detached, logging to ``log_path``, and wait
+    for the line it writes once its mount is usable; its pid, or its error raised here."""
+    r, w = os.pipe()
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            cmd,
+            [*cmd, "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
@@ -301,8 +309,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     line = _read_line(r, MOUNT_TIMEOUT)
     os.close(r)
     if line == "ok":
-        print(f"mounted {home.root} on {mp} (daemon pid {proc.pid}, log {log_path})")
-        return 0
+        return proc.pid
     if line.startswith("error "):
         _, code, msg = line.split(" ", 2)
         err = P2pfsError(msg)
@@ -312,9 +319,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if rc is None:
         proc.terminate()
         raise P2pfsError(
-            f"the daemon did not become ready within {MOUNT_TIMEOUT:.0f} s; see {log_path}"
+            f"{what} did not become ready within {MOUNT_TIMEOUT:.0f} s; see {log_path}"
         )
-    raise P2pfsError(f"the daemon exited with code {rc} before mounting; see {log_path}")
+    raise P2pfsError(f"{what} exited with code {rc} before mounting; see {log_path}")
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -24,7 +24,7 @@ native: setup
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 
 demo: setup
-	$(PY) -m p2pfs.demo
+	$(PY) -m p2pfs.lab.demo
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -38,4 +38,4 @@ lint: setup
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info p2pfs/*.so native/*.c
+	rm -rf $(VENV) build *.egg-info p2pfs/*.so p2pfs/*/*.so native/*.c

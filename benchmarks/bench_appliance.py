@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2pfs.appliance import start_smbd_in_lab
-from p2pfs.lab import Lab, lab_unavailable
+from p2pfs.lab.netns import Lab, lab_unavailable
+from p2pfs.lab.smbd import start_smbd_in_lab
 
 from .common import drop_caches, p2pfs, ratio_line, workdir
 

@@ -8,7 +8,7 @@
   headers included) over --window-s (default 5 minutes): goal < 1 KB/min per host
 
 Everything runs inside lab namespaces (p2pfs.lab): nothing reaches this machine's
-interfaces. Each host runs ``python -m p2pfs.discovery``, which prints its events
+interfaces. Each host runs ``python -m p2pfs.net.discovery``, which prints its events
 with ``time.monotonic()`` stamps (one clock for every process on the machine).
 """
 
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2pfs.lab import Host, Lab, lab_unavailable
+from p2pfs.lab.netns import Host, Lab, lab_unavailable
 
 GOAL_VISIBLE_S = 3.0
 GOAL_IDLE_BYTES_PER_MIN = 1024.0
@@ -86,7 +86,14 @@ class Reader:
 class Node(Reader):
     def __init__(self, host: Host, estate: bytes, port: int) -> None:
         self.node = os.urandom(32)
-        argv = [sys.executable, "-m", "p2pfs.discovery", self.node.hex(), estate.hex(), str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "p2pfs.net.discovery",
+            self.node.hex(),
+            estate.hex(),
+            str(port),
+        ]
         super().__init__(host, argv)
 
     def seen(self, other: Node) -> float | None:

@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from p2pfs.lab import Lab, lab_unavailable
-from p2pfs.lab_estate import EstateLab, Node, wait_until_meshed
+from p2pfs.lab.estate import EstateLab, Node, wait_until_meshed
+from p2pfs.lab.netns import Lab, lab_unavailable
 
 from .common import workdir
 

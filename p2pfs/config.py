@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import P2pfsError
+from p2pfs.errors import P2pfsError
+from p2pfs.sizes import parse_size
 
 DEFAULT_PORT = 7420
 
@@ -96,27 +97,6 @@ def default_memory_cache() -> int:
     except (ValueError, OSError):
         ram = 4 << 30
     return int(min(2 << 30, max(256 << 20, ram // 16)))
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(value: object, what: str) -> int:
-    """A byte count: an integer, or a string like "20G", "512M", "64MiB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        text = value.strip().upper().removesuffix("IB").removesuffix("B")
-        number, unit = text[:-1] if text[-1:] in _UNITS else text, text[-1:]
-        if unit not in _UNITS or unit.isdigit():
-            number, unit = text, ""
-        try:
-            amount = float(number)
-        except ValueError:
-            amount = -1.0
-        if amount >= 0:
-            return int(amount * _UNITS[unit])
-    raise P2pfsError(f"{what} must be a size like 20G or 512M, not {value!r}")
 
 
 def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:

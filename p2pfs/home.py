@@ -22,9 +22,10 @@ from pathlib import Path
 
 import blake3
 
-from .errors import NotFound, P2pfsError
-from .ids import NodeId
-from .keys import SigningKey
+from p2pfs.errors import NotFound, P2pfsError
+from p2pfs.fsutil import write_atomic
+from p2pfs.ids import NodeId
+from p2pfs.keys import SigningKey
 
 ENV_HOME = "P2PFS_HOME"
 
@@ -34,26 +35,6 @@ def default_home() -> Path:
     if env:
         return Path(env)
     return Path.home() / ".local" / "share" / "p2pfs"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def node_id_of(public_key: bytes) -> NodeId:

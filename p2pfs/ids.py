@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NewType
 
-from .errors import UsageError
+from p2pfs.errors import UsageError
 
 ID_SIZE = 32
 

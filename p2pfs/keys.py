@@ -6,7 +6,6 @@ reads it), written atomically with mode 0600. A public key is its 32 raw bytes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -18,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .errors import NotFound, P2pfsError, SignatureError
+from p2pfs.errors import NotFound, P2pfsError, SignatureError
+from p2pfs.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +78,15 @@ class SigningKey:
         loses the ability to publish its volume.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise P2pfsError(f"key file {path} already exists; not overwriting it")
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                view = memoryview(pem)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            write_atomic(path, pem, 0o600, overwrite=overwrite)
+        except FileExistsError:
+            raise P2pfsError(f"key file {path} already exists; not overwriting it") from None
 
     @property
     def private_key(self) -> Ed25519PrivateKey:

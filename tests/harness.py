@@ -116,7 +116,7 @@ def require_lab() -> None:
     """Skip without the lab (namespaces need root) on a laptop; in CI, fail instead."""
     import pytest
 
-    from p2pfs.lab import lab_unavailable
+    from p2pfs.lab.netns import lab_unavailable
 
     reason = lab_unavailable()
     if reason:
@@ -133,8 +133,9 @@ SNAPSHOT_PEER = textwrap.dedent(
     """
     import socket, ssl, sys
     from pathlib import Path
-    from p2pfs import wire, messages
-    from p2pfs.estate import Estate
+    from p2pfs.net import wire
+    from p2pfs.net import messages
+    from p2pfs.trust.estate import Estate
     from p2pfs.home import Home
     home, target, name, vid, seq, head, endorsement, snap_file = sys.argv[1:9]
     est = Estate.load(Home(Path(home)))

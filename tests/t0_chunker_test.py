@@ -10,8 +10,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from p2pfs import _fastcdc, chunker
-from p2pfs.chunker import (
+from p2pfs.chunking import _fastcdc, chunker
+from p2pfs.chunking.chunker import (
     ALGORITHM,
     ChunkParams,
     ChunkRecord,

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs import codec
 from p2pfs.errors import DecodeError, NotFound, P2pfsError, SignatureError
 from p2pfs.keys import SigningKey, verify
-from p2pfs.objects import (
+from p2pfs.objects.model import (
     FORMAT_VERSION,
     MAX_BLOB_REFS,
     MAX_TREE_BYTES,
@@ -23,6 +22,7 @@ from p2pfs.objects import (
     Kind,
     Snapshot,
     Tree,
+    codec,
     decode_blob,
     decode_snapshot,
     decode_tree,
@@ -328,7 +328,7 @@ def test_snapshot_rules(key: SigningKey) -> None:
 
 
 def _resign(fields: dict[str, object], key: SigningKey) -> bytes:
-    from p2pfs.objects import SNAPSHOT_DOMAIN
+    from p2pfs.objects.model import SNAPSHOT_DOMAIN
 
     body = {k: v for k, v in fields.items() if k != "sig"}
     return _raw({**body, "sig": key.sign(SNAPSHOT_DOMAIN + _raw(body))})

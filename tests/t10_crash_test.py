@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from harness import force_unmount, run_cli
 
-from p2pfs import control
+from p2pfs.node import control
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024

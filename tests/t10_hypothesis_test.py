@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 )
 from writable import VOLUME, Target, walk, write_target
 
-from p2pfs import control
+from p2pfs.node import control
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(900)]
 

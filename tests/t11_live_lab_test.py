@@ -30,10 +30,10 @@ from harness import SNAPSHOT_PEER, require_lab
 from writable import diff_walks, walk
 
 from p2pfs.home import Home
-from p2pfs.lab_estate import EstateLab, Node, estate_lab, wait_for, wait_until_meshed
-from p2pfs.objects import decode_snapshot
-from p2pfs.store import Store
-from p2pfs.volumes import VolumeRegistry
+from p2pfs.lab.estate import EstateLab, Node, estate_lab, wait_for, wait_until_meshed
+from p2pfs.objects.model import decode_snapshot
+from p2pfs.store.cas import Store
+from p2pfs.volume.registry import VolumeRegistry
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024

@@ -31,14 +31,14 @@ import pytest
 import trio
 from harness import require_lab, run_cli
 
-from p2pfs import control, fuse, wire
-from p2pfs.appliance import start_smbd_in_lab
-from p2pfs.cli import _alive as cli_alive
-from p2pfs.control import ControlServer
-from p2pfs.daemon import Daemon
-from p2pfs.desktop_api import ADMIN_OPERATIONS, ADMIN_REFUSED, INFO_OPERATIONS, PIN_OPERATIONS
-from p2pfs.desktop_auth import DesktopToken, TokenRefused, load_token
-from p2pfs.desktop_link import (
+from p2pfs.appliance.thin_fs import ThinFileSystem, read_state
+from p2pfs.fs import fuse
+from p2pfs.fsutil import pid_alive as cli_alive
+from p2pfs.home import Home
+from p2pfs.lab.netns import Host, Lab
+from p2pfs.lab.smbd import start_smbd_in_lab
+from p2pfs.net import wire
+from p2pfs.net.link import (
     Address,
     ApplianceLink,
     LinkClient,
@@ -47,9 +47,11 @@ from p2pfs.desktop_link import (
     vsock_unavailable,
     with_link,
 )
-from p2pfs.home import Home
-from p2pfs.lab import Host, Lab
-from p2pfs.thin_fs import ThinFileSystem, read_state
+from p2pfs.node import control
+from p2pfs.node.control import ControlServer
+from p2pfs.node.daemon import Daemon
+from p2pfs.node.desktop_api import ADMIN_OPERATIONS, ADMIN_REFUSED, INFO_OPERATIONS, PIN_OPERATIONS
+from p2pfs.trust.desktop import DesktopToken, TokenRefused, load_token
 
 MIB = 1024 * 1024
 

@@ -27,7 +27,7 @@ import pytest
 from harness import require_lab, run_cli
 
 from p2pfs import config
-from p2pfs.appliance_seed import (
+from p2pfs.appliance.seed import (
     SEED_STATUS,
     SeedError,
     apply_seed,
@@ -168,8 +168,8 @@ def test_seed_image_is_a_labelled_fat_disk(tmp_path: Path) -> None:
 
 def require_vm() -> None:
     """Skip when asked (P2PFS_SKIP_VM) or unable, locally; in CI every skip fails."""
-    from p2pfs.appliance_image import build_unavailable
-    from p2pfs.appliance_vm import qemu_unavailable
+    from p2pfs.appliance.image import build_unavailable
+    from p2pfs.lab.vm import qemu_unavailable
 
     require_lab()
     reason = None
@@ -216,10 +216,10 @@ def test_appliance_vm_joins_serves_the_desktop_and_hides_the_admin_api(tmp_path:
         if os.environ.get("CI"):
             pytest.fail("nmap and smbclient must be installed in CI")
         pytest.skip("nmap or smbclient missing")
-    from p2pfs.appliance_image import build_cached
-    from p2pfs.appliance_vm import ApplianceVM
-    from p2pfs.lab import Lab
-    from p2pfs.lab_estate import EstateLab, wait_for
+    from p2pfs.appliance.image import build_cached
+    from p2pfs.lab.estate import EstateLab, wait_for
+    from p2pfs.lab.netns import Lab
+    from p2pfs.lab.vm import ApplianceVM
 
     image = build_cached()
     work = tmp_path

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from p2pfs.errors import NotFound, UsageError
-from p2pfs.index import SCHEMA_VERSION
-from p2pfs.objects import object_id
-from p2pfs.store import QuotaExceeded, Store
+from p2pfs.objects.model import object_id
+from p2pfs.store.cas import QuotaExceeded, Store
+from p2pfs.store.index import SCHEMA_VERSION
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -294,7 +294,9 @@ def test_concurrent_puts_never_exceed_the_quota(store: Store) -> None:
         # Renames and evictions happen under the store's lock; a temp file only
         # exists while its bytes are reserved. So a walk under that lock sees a
         # state the store really passed through.
-        while not stop.is_set():
+        # The pause lets the workers take the lock: Python's locks are not fair, and a
+        # monitor that retakes the lock at once can starve them for minutes.
+        while not stop.wait(0.001):
             with store._lock:
                 samples.append(disk_bytes(store.root))
 
@@ -502,8 +504,8 @@ def test_open_finishes_what_a_dead_writer_left(tmp_path: Path) -> None:
 _CHILD = r"""
 import os, random, sys
 from pathlib import Path
-from p2pfs.objects import object_id
-from p2pfs.store import QuotaExceeded, Store
+from p2pfs.objects.model import object_id
+from p2pfs.store.cas import QuotaExceeded, Store
 
 root, seed = Path(sys.argv[1]), int(sys.argv[2])
 def chunk(n, size):
@@ -566,7 +568,7 @@ def test_kill_9_during_puts_and_evictions_leaves_a_consistent_store(
         assert child.returncode == -signal.SIGKILL
         caplog.clear()
         with (
-            caplog.at_level(logging.WARNING, logger="p2pfs.store"),
+            caplog.at_level(logging.WARNING, logger="p2pfs.store.cas"),
             Store(root, max_bytes=QUOTA) as store,
         ):
             interrupted += "of a writer that died" in caplog.text
@@ -679,9 +681,9 @@ def test_store_in_tempdir_without_quota_behaves_as_before() -> None:
 def test_a_big_eviction_runs_in_batches_in_lru_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p2pfs.store
+    import p2pfs.store.cas
 
-    monkeypatch.setattr(p2pfs.store, "EVICT_BATCH", 4)
+    monkeypatch.setattr(p2pfs.store.cas, "EVICT_BATCH", 4)
     with Store(tmp_path / "store") as store:
         items = [chunk(i, 100) for i in range(30)]
         store.put_many(items)  # batch order is LRU order
@@ -696,8 +698,8 @@ def test_a_big_eviction_runs_in_batches_in_lru_order(
 _WRITER = r"""
 import random, sys
 from pathlib import Path
-from p2pfs.objects import object_id
-from p2pfs.store import Store
+from p2pfs.objects.model import object_id
+from p2pfs.store.cas import Store
 
 root, seed = Path(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(seed)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from p2pfs.errors import CorruptChunk, IntegrityError, MissingChunk
-from p2pfs.index import CachedFile
-from p2pfs.objects import Blob, ChunkRef, decode_blob, object_id
-from p2pfs.store import Store
+from p2pfs.objects.model import Blob, ChunkRef, decode_blob, object_id
+from p2pfs.store.cas import Store
+from p2pfs.store.index import CachedFile
 
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -97,7 +97,7 @@ def test_bit_flip_is_quarantined_counted_and_persistent(
     raw[500] ^= 0x10
     path.write_bytes(bytes(raw))
     with (
-        caplog.at_level(logging.WARNING, logger="p2pfs.store"),
+        caplog.at_level(logging.WARNING, logger="p2pfs.store.cas"),
         pytest.raises(CorruptChunk, match=cid.hex()),
     ):
         store.get(cid)
@@ -203,7 +203,7 @@ def test_damaged_index_is_rebuilt(
     bad_cid = items[7][0]
     store_path = root / "chunks" / bad_cid.hex()[:2] / bad_cid.hex()[2:4] / bad_cid.hex()
     store_path.write_bytes(b"rotten")
-    with caplog.at_level(logging.WARNING, logger="p2pfs.store"), Store(root) as store:
+    with caplog.at_level(logging.WARNING, logger="p2pfs.store.cas"), Store(root) as store:
         st = store.statistics()
         assert st.chunks == len(items) - 1
         assert st.corrupt_chunks == 1 and st.quarantined == 1
@@ -290,14 +290,14 @@ def test_failed_write_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPat
 
 
 def _put_many_fsync(store: Store) -> int:
-    import p2pfs.store
+    import p2pfs.store.cas
 
-    old = p2pfs.store.BATCH_BARRIER
-    p2pfs.store.BATCH_BARRIER = "fsync"
+    old = p2pfs.store.cas.BATCH_BARRIER
+    p2pfs.store.cas.BATCH_BARRIER = "fsync"
     try:
         return store.put_many([chunk(2), chunk(3)])
     finally:
-        p2pfs.store.BATCH_BARRIER = old
+        p2pfs.store.cas.BATCH_BARRIER = old
 
 
 def test_concurrent_reads_of_a_corrupt_chunk_count_it_once(store: Store) -> None:

@@ -14,7 +14,7 @@ import pytest
 from harness import run_cli
 
 from p2pfs.home import Home
-from p2pfs.store import Store
+from p2pfs.store.cas import Store
 
 
 def _import(home: Path, src: Path, volume: str = "tools") -> dict:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfs.content import Content
+from p2pfs.fs.vfs import ROOT_INO, FileSystem, FsError, Head
 from p2pfs.home import Home
-from p2pfs.importer import Importer
-from p2pfs.store import Store
-from p2pfs.vfs import ROOT_INO, FileSystem, FsError, Head
-from p2pfs.volumes import VolumeRegistry
+from p2pfs.store.cas import Store
+from p2pfs.volume.content import Content
+from p2pfs.volume.importer import Importer
+from p2pfs.volume.registry import VolumeRegistry
 
 
 class World:

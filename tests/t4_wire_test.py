@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2pfs import messages, wire
-from p2pfs.codec import pack
-from p2pfs.connection import Connection, PeerUnavailable
-from p2pfs.digest import Bloom, size_for
+from p2pfs.net import messages, wire
+from p2pfs.net.connection import Connection, PeerUnavailable
+from p2pfs.net.digest import Bloom, size_for
+from p2pfs.objects.codec import pack
 
 
 def test_frames_roundtrip_in_any_fragmentation() -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from harness import force_unmount, mounted, run_cli
 
-from p2pfs import control
+from p2pfs.fs.vfs import ROOT_TIMEOUT
 from p2pfs.home import Home
-from p2pfs.objects import decode_blob, decode_tree
-from p2pfs.store import Store
-from p2pfs.vfs import ROOT_TIMEOUT
-from p2pfs.volumes import VolumeRegistry
+from p2pfs.node import control
+from p2pfs.objects.model import decode_blob, decode_tree
+from p2pfs.store.cas import Store
+from p2pfs.volume.registry import VolumeRegistry
 
 pytestmark = pytest.mark.fuse
 

@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from harness import run_cli
 
-from p2pfs import codec, estate
 from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError, SignatureError
-from p2pfs.estate import Estate, PeerRejected
 from p2pfs.home import Home
 from p2pfs.keys import SigningKey
+from p2pfs.objects.model import codec
+from p2pfs.trust import estate
+from p2pfs.trust.estate import Estate, PeerRejected
 
 HANDSHAKE_TIMEOUT = 10
 

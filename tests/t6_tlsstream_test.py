@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfs import estate
-from p2pfs.estate import Estate
 from p2pfs.home import Home
-from p2pfs.tlsstream import TLSStream
+from p2pfs.trust import estate
+from p2pfs.trust.estate import Estate
+from p2pfs.trust.tlsstream import TLSStream
 
 
 def _member(tmp_path: Path, name: str, admin: Home) -> Estate:

@@ -1,7 +1,7 @@
 """mDNS discovery: TXT validation (pure), then real zeroconf between lab hosts.
 
 Discovery is only ever run inside lab namespaces here: nothing is sent on this
-machine's interfaces. Each host runs ``python -m p2pfs.discovery``, which prints a
+machine's interfaces. Each host runs ``python -m p2pfs.net.discovery``, which prints a
 JSON line per event; waits have generous deadlines and nothing asserts timing.
 """
 
@@ -23,7 +23,8 @@ import trio.testing
 from harness import require_lab
 from zeroconf import ServiceStateChange
 
-from p2pfs.discovery import (
+from p2pfs.lab.netns import Host, Lab
+from p2pfs.net.discovery import (
     INSTANCE_PREFIX,
     PROTOCOL_VERSION,
     SERVICE_TYPE,
@@ -34,7 +35,6 @@ from p2pfs.discovery import (
     txt_record,
     usable_address,
 )
-from p2pfs.lab import Host, Lab
 
 NODE = bytes(range(32))
 ESTATE = bytes(range(100, 132))
@@ -224,13 +224,13 @@ async def test_an_update_during_a_resolve_is_resolved_again(
 
 
 class Probe:
-    """``python -m p2pfs.discovery`` in a lab host; its JSON events collected by a thread."""
+    """``python -m p2pfs.net.discovery`` in a lab host; its JSON events collected by a thread."""
 
     def __init__(
         self, host: Host, node: bytes, estate: bytes, port: int, *extra: str, debug: bool = False
     ) -> None:
         self.host, self.node, self.estate, self.port = host, node, estate, port
-        argv = [sys.executable, "-m", "p2pfs.discovery", node.hex(), estate.hex(), str(port)]
+        argv = [sys.executable, "-m", "p2pfs.net.discovery", node.hex(), estate.hex(), str(port)]
         argv += list(extra) + (["--debug"] if debug else [])
         self.proc = host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from harness import require_lab
 
-from p2pfs.lab import STATE_DIR, Host, Lab, LabError, cleanup_stale
+from p2pfs.lab.netns import STATE_DIR, Host, Lab, LabError, cleanup_stale
 
 
 def netns_names() -> set[str]:
@@ -216,7 +216,7 @@ def test_ctrl_c_removes_the_lab(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import time
-        from p2pfs.lab import Lab
+        from p2pfs.lab.netns import Lab
         with Lab(2) as lab:
             lab.hosts[0].popen(["sleep", "1000"])
             print(lab.id, flush=True)
@@ -243,7 +243,7 @@ def test_leftovers_of_a_killed_lab_are_removed_at_the_next_start() -> None:
     script = textwrap.dedent(
         """
         import json, time
-        from p2pfs.lab import Lab
+        from p2pfs.lab.netns import Lab
         lab = Lab(2, prefix="p2lt").start()
         p = lab.hosts[1].popen(["sleep", "1000"])
         print(json.dumps([lab.id, p.pid]), flush=True)

@@ -27,7 +27,7 @@ from harness import SNAPSHOT_PEER, require_lab
 
 from p2pfs.home import Home
 from p2pfs.keys import SigningKey
-from p2pfs.lab_estate import (
+from p2pfs.lab.estate import (
     EstateLab,
     Node,
     connected_peers,
@@ -36,9 +36,9 @@ from p2pfs.lab_estate import (
     wait_for,
     wait_until_meshed,
 )
-from p2pfs.objects import Snapshot, decode_snapshot
-from p2pfs.store import Store
-from p2pfs.volumes import VolumeRegistry
+from p2pfs.objects.model import Snapshot, decode_snapshot
+from p2pfs.store.cas import Store
+from p2pfs.volume.registry import VolumeRegistry
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
@@ -166,7 +166,7 @@ def test_corrupt_peer_is_quarantined_and_nothing_corrupt_is_stored(
             flipped += 1
     assert flipped > 10
     d.cli("status")  # the daemon answers
-    from p2pfs import control
+    from p2pfs.node import control
 
     control.call(d.home / "run" / "control.sock", "inject-fault", handler="net:serve-unverified")
     # Leave E only the faulty D and the origin A, so D is asked first.
@@ -234,8 +234,9 @@ FAKE_PEER = textwrap.dedent(
     """
     import socket, ssl, sys, time
     from pathlib import Path
-    from p2pfs import wire, messages
-    from p2pfs.estate import Estate
+    from p2pfs.net import wire
+    from p2pfs.net import messages
+    from p2pfs.trust.estate import Estate
     from p2pfs.home import Home
     home, target, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     est = Estate.load(Home(home))
@@ -317,7 +318,7 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
     assert (b.mountpoint / "tools" / "new.txt").read_text() == "second snapshot\n"
     reg = VolumeRegistry(Home(a.home))
     record = reg.get("tools")
-    from p2pfs.store import Store
+    from p2pfs.store.cas import Store
 
     with Store(a.home / "store") as store:
         current = decode_snapshot(store.get_object(record.head or b""))

@@ -23,8 +23,8 @@ import blake3
 import pytest
 from harness import require_lab
 
-from p2pfs.chunker import ChunkParams
-from p2pfs.lab_estate import (
+from p2pfs.chunking.chunker import ChunkParams
+from p2pfs.lab.estate import (
     EstateLab,
     Node,
     connected_peers,

@@ -1,0 +1,1 @@
+"""Appliance mode: the desktop's thin client, Samba, the VM image and seed."""

@@ -1,0 +1,1 @@
+"""The p2pfs command line: one module per command group."""

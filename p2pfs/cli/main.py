@@ -1,0 +1,66 @@
+"""The ``p2pfs`` command line: parse, call one layer, print; user errors are one quiet line.
+
+Each command group lives in a module of its own (volumes, mounts, status, cache,
+estate, appliance); each registers its subcommands with ``add_commands`` and
+returns their handlers. Exit codes: docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from p2pfs import __version__
+from p2pfs.errors import P2pfsError
+
+from . import appliance, cache, estate, mounts, status, volumes
+from .common import Handler
+
+log = logging.getLogger("p2pfs")
+
+GROUPS = (volumes, mounts, status, cache, estate, appliance)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    p = argparse.ArgumentParser(
+        prog="p2pfs", description="A peer-to-peer, content-addressed FUSE cache."
+    )
+    p.add_argument(
+        "--home", type=Path, help="node home (default: $P2PFS_HOME or ~/.local/share/p2pfs)"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--version", action="version", version=f"p2pfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers: dict[str, Handler] = {}
+    for group in GROUPS:
+        handlers.update(group.add_commands(sub))
+    return p, handlers
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    daemon = args.command == "daemon"
+    level = logging.INFO if daemon else logging.WARNING
+    if args.verbose:
+        level = logging.DEBUG if args.verbose > 1 or daemon else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "p2pfs: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    try:
+        return handlers[args.command](args)
+    except P2pfsError as e:
+        print(f"p2pfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("p2pfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""A protocol adapter only: pyfuse3 calls in, one FileSystem method each, answers out.
+
+What the volumes look like as a filesystem is defined in ``vfs.py``. The one
+rule here: only ``FUSEError`` may leave a handler. pyfuse3 lets any other
+exception end ``pyfuse3.main()``, which would leave every process using the
+mount with "Transport endpoint is not connected"; so anything unexpected is
+logged with its traceback and answered with EIO, and the mount stays alive.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from p2pfs.objects.model import Kind
+
+from .vfs import Attr, FileSystem, errno_of
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _failsafe(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = errno_of(e)
+            if code is None:
+                ops = args[0]
+                assert isinstance(ops, Operations)
+                ops.fs.errors += 1
+                log.exception("unexpected error in %s; answering EIO", fn.__name__)
+                code = errno.EIO
+            elif code == errno.EIO:
+                log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = pyfuse3.InodeT(attr.ino)
+    e.st_mode = pyfuse3.ModeT(attr.mode)
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_size = attr.size
+    e.st_blksize = 128 * 1024
+    e.st_blocks = attr.blocks
+    e.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns
+    e.generation = 0
+    e.entry_timeout = attr.entry_timeout
+    e.attr_timeout = attr.attr_timeout
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    @_failsafe
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.lookup(parent_inode, name))
+
+    @_failsafe
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @_failsafe
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.getattr(inode))
+
+    @_failsafe
+    async def readlink(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileNameT:
+        return pyfuse3.FileNameT(await self.fs.readlink(inode))
+
+    @_failsafe
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        return pyfuse3.FileHandleT(await self.fs.opendir(inode))
+
+    @_failsafe
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        for name, attr, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), _entry(attr), next_id):
+                self.fs.forget(attr.ino, 1)  # the kernel did not take it
+                break
+
+    @_failsafe
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self.fs.releasedir(fh)
+
+    @_failsafe
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        # Content under a snapshot's inode never changes: let the kernel keep its pages.
+        keep = not self.fs.writable_ino(inode)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep)
+
+    @_failsafe
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Any:
+        return await self.fs.read(fh, off, size)
+
+    @_failsafe
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self.fs.release(fh)
+
+    @_failsafe
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        for key, value in self.fs.statfs().items():
+            setattr(out, key, value)
+        return out
+
+    @_failsafe
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @_failsafe
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(n) for n in await self.fs.listxattr(inode)]
+
+    @_failsafe
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # default_permissions makes the kernel check modes; only writes to snapshots
+        # are refused here.
+        if mode & os.W_OK and not self.fs.writable_ino(inode):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    # -- changes: writable volumes only (the rest answers EROFS) ----------------------
+
+    @_failsafe
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changed = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+        )
+        return _entry(changed)
+
+    @_failsafe
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            # A snapshot holds files, directories and symlinks only.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return _entry(await self.fs.make(parent_inode, name, Kind.FILE, mode, ctx.uid, ctx.gid))
+
+    @_failsafe
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.make(parent_inode, name, Kind.DIR, mode, ctx.uid, ctx.gid))
+
+    @_failsafe
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(
+            await self.fs.make(parent_inode, name, Kind.SYMLINK, 0o777, ctx.uid, ctx.gid, target)
+        )
+
+    @_failsafe
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), _entry(attr)
+
+    @_failsafe
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_failsafe
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @_failsafe
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @_failsafe
+    async def rename(  # type: ignore[override]  # pyfuse3's stub says str; it passes bytes
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_failsafe
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @_failsafe
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None  # close() reports nothing more: data goes to the staging file at write
+
+    @_failsafe
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_failsafe
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.fs.fsyncdir(fh)
+
+    @_failsafe
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        # Snapshots carry no extended attributes.
+        raise pyfuse3.FUSEError(errno.ENOTSUP if self.fs.writable_ino(inode) else errno.EROFS)
+
+    @_failsafe
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.ENODATA if self.fs.writable_ino(inode) else errno.EROFS)
+
+
+def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
+    opts = set(pyfuse3.default_options) | {"fsname=p2pfs", "subtype=p2pfs"}
+    if read_only:
+        opts.add("ro")
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def init(fs: FileSystem, mountpoint: str, *, allow_other: bool) -> None:
+    opts = mount_options(allow_other=allow_other, read_only=not fs.writable)
+    pyfuse3.init(Operations(fs), mountpoint, opts)
+
+
+async def serve() -> None:
+    await pyfuse3.main(min_tasks=4, max_tasks=64)
+
+
+def invalidate_entry(parent: int, name: bytes) -> None:
+    """Tell the kernel a name now points elsewhere (a volume moved to a new snapshot)."""
+    pyfuse3.invalidate_entry_async(
+        pyfuse3.InodeT(parent), pyfuse3.FileNameT(name), ignore_enoent=True
+    )
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(*, unmount: bool = True) -> None:
+    pyfuse3.close(unmount=unmount)

@@ -1,0 +1,646 @@
+"""What the volumes look like as a filesystem, free of FUSE.
+
+The FUSE adapter (``fuse.py``) only unpacks arguments and calls one method
+here. Inode numbers, lookup counts, open-file tables and errno choices live in
+this module and are tested without a mount.
+
+The root directory lists the volumes; each volume's directory is the root tree
+of its head snapshot. When a volume's head changes, its name resolves to a new
+inode: files opened before keep reading the version they opened.
+
+Atomicity: every table here is touched only from the trio thread; each handler
+mutates tables either before its first await or after its last one, so a
+concurrent handler never sees a half-made node.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from p2pfs.errors import P2pfsError
+from p2pfs.objects.model import Entry, Kind, Snapshot, decode_snapshot
+from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
+from p2pfs.volume.worktree import TreeError
+
+from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+XATTR_ID = b"user.p2pfs.id"
+XATTR_SNAPSHOT = b"user.p2pfs.snapshot"
+# Content under a snapshot never changes, so the kernel may keep it long.
+IMMUTABLE_TIMEOUT = 3600.0
+# The root's entries move to new snapshots: keep them short.
+ROOT_TIMEOUT = 1.0
+# Every volume's root has a hidden .snapshots/ (not listed, found by name) holding
+# one read-only directory per snapshot still reachable: .snapshots/<seq>/.
+SNAPSHOTS_DIR = b".snapshots"
+# The id of that synthetic directory: all zeros, which no BLAKE3 output will be.
+SNAPSHOTS_ID = bytes(32)
+MAX_HISTORY = 10_000
+BLOCK_SIZE = 128 * 1024
+# Failures of the staging disk a writer should see as they are, not as a bug.
+ERRNO_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+class FsError(Exception):
+    """An errno for the caller; the adapter turns it into FUSEError."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class Head:
+    snapshot_id: bytes
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int  # type and permission bits
+    size: int
+    mtime_ns: int
+    nlink: int
+    uid: int
+    gid: int
+    entry_timeout: float
+    attr_timeout: float
+    ctime_ns: int | None = None  # None: the mtime (snapshots keep no ctime)
+    atime_ns: int | None = None  # None: the mtime (snapshots keep no atime)
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+class Node:
+    __slots__ = ("entry", "ino", "key", "lookups", "opens", "parent", "snapshot_id", "volume")
+
+    def __init__(
+        self,
+        ino: int,
+        parent: int,
+        entry: Entry,
+        volume: str,
+        snapshot_id: bytes,
+        key: tuple[int, bytes] | None,
+    ) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.entry = entry
+        self.volume = volume
+        self.snapshot_id = snapshot_id
+        self.key = key
+        self.lookups = 0
+        self.opens = 0
+
+
+@dataclass
+class OpenFile:
+    node: Node
+    layout: FileLayout
+    next_offset: int = 0  # where a sequential reader will read next
+
+
+@dataclass
+class OpenDir:
+    ino: int
+    names: list[bytes]
+    entries: Sequence[Entry] | None  # None for the root (volumes)
+    snapshot_ids: list[bytes] | None = None  # per entry, in .snapshots/
+
+
+class FileSystem:
+    def __init__(
+        self,
+        content: Content,
+        heads: Callable[[], Mapping[str, Head]],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        self.content = content
+        self.heads = heads
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[int, bytes], int] = {}
+        self._next_ino = ROOT_INO + 1
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+        # The publisher's writable volumes, by name and by slot (the high bits of
+        # their inode numbers and file handles).
+        self.writable: dict[str, WritableVolume] = {}
+        self._slots: dict[int, WritableVolume] = {}
+        self._nursery: trio.Nursery | None = None
+        self.errors = 0  # unexpected failures turned into EIO (counted by the adapter)
+        # Handlers armed to fail with an unexpected exception until disarmed (the kernel
+        # retries a failed readahead with a second read): a test hook, reachable only
+        # through the admin control operation of a daemon started with --debug-faults.
+        self.faults: set[str] = set()
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the filesystem a nursery for background read-ahead."""
+        self._nursery = nursery
+
+    def add_writable(self, volume: WritableVolume) -> None:
+        self.writable[volume.name] = volume
+        self._slots[volume.slot] = volume
+
+    def _w(self, ino_or_fh: int) -> WritableVolume | None:
+        """The writable volume an inode number or file handle belongs to."""
+        if ino_or_fh >> SLOT_SHIFT == 0:
+            return None
+        w = self._slots.get(ino_or_fh >> SLOT_SHIFT)
+        if w is None:
+            raise FsError(errno.ENOENT)
+        return w
+
+    def _rw(self, ino: int) -> WritableVolume:
+        """The writable volume of ``ino``, or EROFS: everything else is a snapshot."""
+        w = self._w(ino)
+        if w is None:
+            raise FsError(errno.EROFS)
+        return w
+
+    @staticmethod
+    def _wattr(a: WAttr) -> Attr:
+        t = WRITABLE_TIMEOUT
+        return Attr(
+            a.ino, a.mode, a.size, a.mtime_ns, a.nlink, a.uid, a.gid, t, t, a.ctime_ns, a.atime_ns
+        )
+
+    # -- nodes --------------------------------------------------------------
+
+    def _root_attr(self) -> Attr:
+        return Attr(
+            ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, self.uid, self.gid, ROOT_TIMEOUT, ROOT_TIMEOUT
+        )
+
+    def _attr(self, node: Node) -> Attr:
+        e = node.entry
+        timeout = ROOT_TIMEOUT if node.parent == ROOT_INO else IMMUTABLE_TIMEOUT
+        if e.kind is Kind.DIR:
+            mode, nlink = stat.S_IFDIR, 1  # 1: "unknown", so find(1) does not guess leaves
+        elif e.kind is Kind.SYMLINK:
+            mode, nlink = stat.S_IFLNK, 1
+        else:
+            mode, nlink = stat.S_IFREG, 1
+        return Attr(
+            node.ino,
+            mode | e.mode,
+            e.size,
+            e.mtime_ns,
+            nlink,
+            self.uid,
+            self.gid,
+            timeout,
+            IMMUTABLE_TIMEOUT if node.parent != ROOT_INO else ROOT_TIMEOUT,
+        )
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def _remember(self, parent: int, entry: Entry, volume: str, snapshot_id: bytes) -> Node:
+        """The node for (parent, name), created on first sight; counts one lookup."""
+        key = (parent, entry.name)
+        ino = self._by_key.get(key)
+        node = self._nodes.get(ino) if ino is not None else None
+        if node is None or node.snapshot_id != snapshot_id:
+            if node is not None:  # the name moved to a newer snapshot
+                node.key = None
+            ino = self._next_ino
+            self._next_ino += 1
+            node = Node(ino, parent, entry, volume, snapshot_id, key)
+            self._nodes[ino] = node
+            self._by_key[key] = ino
+        node.lookups += 1
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        w = self._slots.get(ino >> SLOT_SHIFT) if ino >> SLOT_SHIFT else None
+        if w is not None:
+            w.forget(ino, count)
+            return
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.opens == 0:
+            del self._nodes[node.ino]
+            if node.key is not None and self._by_key.get(node.key) == node.ino:
+                del self._by_key[node.key]
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
+    def _volume_entry(self, name: str, head: Head) -> Entry:
+        snap = head.snapshot
+        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, snap.root, None)
+
+    async def _dir_listing(self, ino: int) -> tuple[list[bytes], Sequence[Entry] | None]:
+        if ino == ROOT_INO:
+            names = sorted(n.encode() for n in {*self.heads(), *self.writable})
+            return names, None
+        node = self._node(ino)
+        if node.entry.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        assert node.entry.id is not None
+        tree, names = await self.content.tree(node.entry.id)
+        return names, tree.entries
+
+    async def _history(self, snapdir: Node) -> list[tuple[Entry, bytes]]:
+        """(entry of .snapshots/<seq>, snapshot id) for every snapshot still reachable,
+        sorted by name; each parent fetched if needed and checked to continue the volume."""
+        head = self.heads().get(snapdir.volume)
+        if head is None:
+            raise FsError(errno.ENOENT)
+        snap, sid = head.snapshot, head.snapshot_id
+        out: list[tuple[Entry, bytes]] = []
+        while len(out) < MAX_HISTORY:
+            name = str(snap.seq).encode()
+            out.append((Entry(name, Kind.DIR, 0o555, snap.time_ns, 0, snap.root, None), sid))
+            parent_id = snap.parent
+            if parent_id is None:
+                break
+            try:
+                parent = decode_snapshot(await self.content.object_bytes(parent_id))
+            except P2pfsError as e:
+                log.info("history of %s stops at %d: %s", snapdir.volume, snap.seq, e)
+                break
+            if parent.volume_id != snap.volume_id or parent.seq != snap.seq - 1:
+                log.error("snapshot %s does not continue %s", parent_id.hex(), snapdir.volume)
+                break
+            snap, sid = parent, parent_id
+        out.sort(key=lambda pair: pair[0].name)
+        return out
+
+    # -- handlers -----------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if name == b".":
+            return await self._lookup_self(parent)
+        if name == b"..":
+            return await self._lookup_self(self._parent_of(parent))
+        w = self._w(parent)
+        if w is not None:
+            if parent == w.root_ino and name == SNAPSHOTS_DIR:
+                return self._snapshots_dir(parent, w.name)
+            return self._wattr(await w.lookup(parent, name))
+        if parent == ROOT_INO:
+            w = self.writable.get(name.decode(errors="surrogateescape"))
+            if w is not None:
+                return self._wattr(w.lookup_self(w.root_ino))
+            heads = self.heads()
+            head = heads.get(name.decode(errors="surrogateescape"))
+            if head is None:
+                raise FsError(errno.ENOENT)
+            vol = name.decode()
+            node = self._remember(ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id)
+            return self._attr(node)
+        pnode = self._node(parent)
+        if pnode.entry.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        assert pnode.entry.id is not None
+        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR:
+            return self._snapshots_dir(parent, pnode.volume)
+        if pnode.entry.id == SNAPSHOTS_ID:
+            for entry, sid in await self._history(pnode):
+                if entry.name == name:
+                    return self._attr(self._remember(parent, entry, pnode.volume, sid))
+            raise FsError(errno.ENOENT)
+        tree, names = await self.content.tree(pnode.entry.id)
+        i = _find(names, name)
+        if i < 0:
+            raise FsError(errno.ENOENT)
+        node = self._remember(parent, tree.entries[i], pnode.volume, pnode.snapshot_id)
+        return self._attr(node)
+
+    def _parent_of(self, ino: int) -> int:
+        if ino == ROOT_INO:
+            return ROOT_INO
+        w = self._w(ino)
+        if w is not None:
+            return w.parent_ino(ino) or ROOT_INO
+        return self._node(ino).parent
+
+    def _snapshots_dir(self, parent: int, volume: str) -> Attr:
+        head = self.heads().get(volume)
+        if head is None:  # nothing committed yet
+            raise FsError(errno.ENOENT)
+        entry = Entry(SNAPSHOTS_DIR, Kind.DIR, 0o555, head.snapshot.time_ns, 0, SNAPSHOTS_ID, None)
+        return self._attr(self._remember(parent, entry, volume, head.snapshot_id))
+
+    async def _lookup_self(self, ino: int) -> Attr:
+        if ino == ROOT_INO:
+            return self._root_attr()
+        w = self._w(ino)
+        if w is not None:
+            return self._wattr(w.lookup_self(ino))
+        node = self._node(ino)
+        node.lookups += 1
+        return self._attr(node)
+
+    def _fault(self, handler: str) -> None:
+        if handler in self.faults:
+            raise RuntimeError(f"injected fault in {handler}")
+
+    async def getattr(self, ino: int) -> Attr:
+        self._fault("getattr")
+        if ino == ROOT_INO:
+            return self._root_attr()
+        w = self._w(ino)
+        if w is not None:
+            return self._wattr(w.getattr(ino))
+        return self._attr(self._node(ino))
+
+    async def readlink(self, ino: int) -> bytes:
+        w = self._w(ino)
+        if w is not None:
+            return w.readlink(ino)
+        node = self._node(ino)
+        if node.entry.kind is not Kind.SYMLINK or node.entry.target is None:
+            raise FsError(errno.EINVAL)
+        return node.entry.target
+
+    async def opendir(self, ino: int) -> int:
+        w = self._w(ino)
+        if w is not None:
+            return await w.opendir(ino)
+        node = self._nodes.get(ino)
+        if node is not None and node.entry.id == SNAPSHOTS_ID:
+            history = await self._history(node)
+            listing = OpenDir(
+                ino, [e.name for e, _ in history], [e for e, _ in history], [s for _, s in history]
+            )
+        else:
+            names, entries = await self._dir_listing(ino)
+            listing = OpenDir(ino, names, entries)
+        fh = self._new_fh()
+        self._dirs[fh] = listing
+        return fh
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries from offset ``start``; each yielded entry counts one lookup.
+
+        The adapter must call ``forget(ino, 1)`` for an entry the kernel did not take.
+        """
+        w = self._w(fh)
+        if w is not None:
+            for name, wattr, nxt in w.readdir(fh, start):
+                yield name, self._wattr(wattr), nxt
+            return
+        d = self._dirs.get(fh)
+        if d is None:
+            raise FsError(errno.EBADF)
+        if d.entries is None:
+            heads = self.heads()
+            for i in range(start, len(d.names)):
+                vol = d.names[i].decode()
+                wv = self.writable.get(vol)
+                if wv is not None:
+                    yield d.names[i], self._wattr(wv.lookup_self(wv.root_ino)), i + 1
+                    continue
+                head = heads.get(vol)
+                if head is None:  # removed since opendir
+                    continue
+                node = self._remember(
+                    ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id
+                )
+                yield d.names[i], self._attr(node), i + 1
+            return
+        parent = self._nodes.get(d.ino)
+        if parent is None:
+            return
+        for i in range(start, len(d.entries)):
+            sid = d.snapshot_ids[i] if d.snapshot_ids else parent.snapshot_id
+            node = self._remember(d.ino, d.entries[i], parent.volume, sid)
+            yield d.names[i], self._attr(node), i + 1
+
+    def releasedir(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            w.releasedir(fh)
+            return
+        self._dirs.pop(fh, None)
+
+    async def open(self, ino: int, flags: int) -> int:
+        w = self._w(ino)
+        if w is not None:
+            return await w.open(ino, flags)
+        node = self._node(ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS)
+        if node.entry.kind is Kind.DIR:
+            raise FsError(errno.EISDIR)
+        if node.entry.kind is not Kind.FILE or node.entry.id is None:
+            raise FsError(errno.EINVAL)
+        layout = await self.content.layout(node.entry.id)
+        if layout.size != node.entry.size:
+            log.error(
+                "blob %s size %d != entry size %d",
+                node.entry.id.hex(),
+                layout.size,
+                node.entry.size,
+            )
+            raise FsError(errno.EIO)
+        fh = self._new_fh()
+        node.opens += 1
+        self._files[fh] = OpenFile(node, layout)
+        return fh
+
+    def open_chunk_ids(self) -> set[bytes]:
+        """Chunks of open files (never evicted while open). Called from store threads:
+        list() copies the values in one step under the GIL."""
+        return {cid for f in list(self._files.values()) for cid in f.layout.ids}
+
+    def release(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            w.release(fh)
+            return
+        f = self._files.pop(fh, None)
+        if f is not None:
+            f.node.opens -= 1
+            self._maybe_drop(f.node)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        self._fault("read")
+        w = self._w(fh)
+        if w is not None:
+            return await w.read(fh, offset, size)
+        f = self._files.get(fh)
+        if f is None:
+            raise FsError(errno.EBADF)
+        layout = f.layout
+        end = min(offset + size, layout.size)
+        if offset >= end:
+            return b""
+        chunks = self.content.chunks
+        # The kernel keeps several readahead requests in flight, so they may arrive
+        # slightly out of order: near the last end still counts as sequential.
+        sequential = abs(offset - f.next_offset) <= SEQUENTIAL_SLACK
+        f.next_offset = max(end, f.next_offset) if sequential else end
+        data = await read_span(chunks, layout, offset, end)
+        if sequential and self._nursery is not None:
+            read_ahead(chunks, layout, end, self._nursery)
+        return data
+
+    # -- changes (writable volumes only) --------------------------------------------
+
+    async def make(
+        self,
+        parent: int,
+        name: bytes,
+        kind: Kind,
+        mode: int,
+        uid: int,
+        gid: int,
+        target: bytes | None = None,
+    ) -> Attr:
+        w = self._rw(parent)
+        return self._wattr(await w.make(parent, name, kind, mode, uid, gid, target))
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attr]:
+        fh, attr = await self._rw(parent).create(parent, name, mode, flags, uid, gid)
+        return fh, self._wattr(attr)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        w = self._rw(parent)
+        if self._w(ino) is not w:
+            raise FsError(errno.EXDEV)
+        return self._wattr(await w.link(ino, parent, name))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._rw(parent).unlink(parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._rw(parent).rmdir(parent, name)
+
+    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        w = self._rw(p1)
+        if self._w(p2) is not w:
+            raise FsError(errno.EROFS if self._w(p2) is None else errno.EXDEV)
+        await w.rename(p1, n1, p2, n2, flags)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        atime_ns: int | None = None,
+    ) -> Attr:
+        w = self._rw(ino)
+        return self._wattr(
+            await w.setattr(
+                ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns
+            )
+        )
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return self._rw(fh).write(fh, offset, data)
+
+    async def fsync(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            await w.fsync(fh)
+
+    async def fsyncdir(self, fh: int) -> None:
+        w = self._w(fh)
+        if w is not None:
+            await w.fsyncdir()
+
+    def writable_ino(self, ino: int) -> bool:
+        return self._w(ino) is not None
+
+    def statfs(self) -> dict[str, int]:
+        st = os.statvfs(self.content.store.root)
+        # Writable volumes take what the disk holding the staging files has left.
+        free = st.f_bavail * st.f_frsize // BLOCK_SIZE if self.writable else 0
+        files = self.inode_count + sum(len(w.tree.nodes) for w in self.writable.values())
+        return {
+            "f_bsize": BLOCK_SIZE,
+            "f_frsize": BLOCK_SIZE,
+            "f_blocks": st.f_blocks * st.f_frsize // BLOCK_SIZE,
+            "f_bfree": free,
+            "f_bavail": free,
+            "f_files": files + (st.f_favail if self.writable else 0),
+            "f_ffree": st.f_favail if self.writable else 0,
+            "f_favail": st.f_favail if self.writable else 0,
+            "f_namemax": 255,
+        }
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == ROOT_INO:
+            raise FsError(errno.ENODATA)
+        w = self._w(ino)
+        if w is not None:
+            oid = w.tree.object_id(w.node(ino))
+            if name == XATTR_ID and oid is not None:
+                return oid.hex().encode()
+            raise FsError(errno.ENODATA)
+        node = self._node(ino)
+        if name == XATTR_ID and node.entry.id is not None:
+            return node.entry.id.hex().encode()
+        if name == XATTR_SNAPSHOT:
+            return node.snapshot_id.hex().encode()
+        raise FsError(errno.ENODATA)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        if ino == ROOT_INO:
+            return []
+        w = self._w(ino)
+        if w is not None:
+            return [XATTR_ID] if w.tree.object_id(w.node(ino)) is not None else []
+        node = self._node(ino)
+        names = [XATTR_SNAPSHOT]
+        if node.entry.id is not None:
+            names.insert(0, XATTR_ID)
+        return names
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+
+def _find(names: list[bytes], name: bytes) -> int:
+    i = bisect_left(names, name)
+    return i if i < len(names) and names[i] == name else -1
+
+
+def errno_of(e: BaseException) -> int | None:
+    """The errno a known failure maps to, or None for a bug."""
+    if isinstance(e, FsError | TreeError):
+        return e.errno
+    if isinstance(e, OSError) and e.errno is not None and e.errno in ERRNO_PASSED:
+        return e.errno
+    if isinstance(e, P2pfsError):
+        return e.errno
+    return None

@@ -1,0 +1,1 @@
+"""The peer network: frames, messages, connections, discovery, digests, fetching."""

@@ -1,0 +1,243 @@
+"""One authenticated connection to a peer: many requests in flight, both ways.
+
+Either side may send requests (they carry an id; the answer repeats it) and
+one-way notices. A reader task decodes frames and routes answers to their
+waiting requests and requests to the handler, each in its own task, bounded by
+``max_inflight`` so a peer cannot make us run unbounded work. Every wait is
+timed out: a frame that has started must finish within ``frame_timeout`` (a
+trickling sender is cut off), and a request without an answer within its
+timeout fails without harming the connection.
+
+Any protocol violation closes this connection only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from p2pfs.errors import P2pfsError
+
+from . import messages, wire
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+FRAME_TIMEOUT = 30.0
+
+
+class PeerUnavailable(P2pfsError):
+    """The peer did not answer (closed, timed out, or refused)."""
+
+
+Answer = tuple[dict[str, Any], bytes]
+RequestHandler = Callable[["Connection", dict[str, Any], bytes], Awaitable[Answer]]
+NoticeHandler = Callable[["Connection", dict[str, Any], bytes], Awaitable[None]]
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: Answer | None = None
+
+
+@dataclass
+class ConnectionStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class Connection:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        peer_id: bytes,
+        *,
+        on_request: RequestHandler,
+        on_notice: NoticeHandler,
+        max_inflight: int = 64,
+        frame_timeout: float = FRAME_TIMEOUT,
+        decoder: wire.Decoder | None = None,
+    ) -> None:
+        self.stream = stream
+        self.peer_id = peer_id
+        self.on_request = on_request
+        self.on_notice = on_notice
+        self.frame_timeout = frame_timeout
+        self.decoder = decoder or wire.Decoder()
+        self.stats = ConnectionStats()
+        self.last_received = trio.current_time()
+        self.closed = trio.Event()
+        self.ready = trio.Event()  # set once the peer's hello was accepted
+        self.close_reason = ""
+        self._send_lock = trio.Lock()
+        self._next_id = 1
+        self._waiters: dict[int, _Waiter] = {}
+        self._slots = trio.Semaphore(max_inflight)
+        self._nursery: trio.Nursery | None = None
+
+    # -- sending --------------------------------------------------------------
+
+    async def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        frame = wire.encode(header, payload)
+        if self.closed.is_set():
+            raise PeerUnavailable(f"connection to {self.peer_id.hex()} is closed")
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._close(f"send failed: {e}")
+            raise PeerUnavailable(f"connection to {self.peer_id.hex()} broke") from None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(frame)
+
+    async def request(
+        self, header: dict[str, Any], *, within: float, payload: bytes = b""
+    ) -> Answer:
+        """Send a request and wait for its answer; PeerUnavailable past ``within`` seconds."""
+        rid = self._next_id
+        self._next_id += 1
+        waiter = self._waiters[rid] = _Waiter()
+        try:
+            with trio.move_on_after(within):
+                await self.send({**header, "id": rid}, payload)
+                await waiter.done.wait()  # set by the answer, or by the connection closing
+        finally:
+            del self._waiters[rid]
+        if waiter.answer is None:
+            if self.closed.is_set():
+                raise PeerUnavailable(
+                    f"connection to {self.peer_id.hex()} closed: {self.close_reason}"
+                )
+            raise PeerUnavailable(
+                f"{header['t']} to {self.peer_id.hex()} got no answer within {within:.1f} s"
+            )
+        return waiter.answer
+
+    # -- receiving ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read frames until the peer leaves or breaks the protocol; then close."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._read_loop(nursery)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._close(self.close_reason or "closed")
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            # A frame that has begun must complete in time; between frames we wait freely.
+            deadline = (
+                trio.current_time() + self.frame_timeout if self.decoder.buffered else math.inf
+            )
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self.close_reason = f"receive failed: {e}"
+                    return
+            if scope.cancelled_caught:
+                self.close_reason = "a frame did not complete in time"
+                log.info("peer %s: %s; closing", self.peer_id.hex(), self.close_reason)
+                return
+            if not data:
+                self.close_reason = "peer closed the connection"
+                return
+            self.stats.bytes_in += len(data)
+            self.last_received = trio.current_time()
+            try:
+                frames = self.decoder.feed(data)
+            except wire.ProtocolError as e:
+                self.close_reason = str(e)
+                log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
+                return
+            for header, payload in frames:
+                self.stats.frames_in += 1
+                try:
+                    await self._dispatch(nursery, header, payload)
+                except wire.ProtocolError as e:
+                    self.close_reason = str(e)
+                    log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
+                    return
+
+    async def _dispatch(
+        self, nursery: trio.Nursery, header: dict[str, Any], payload: bytes
+    ) -> None:
+        kind = header["t"]
+        if kind == messages.ANSWER:
+            rid = messages.request_id(header)
+            waiter = self._waiters.get(rid)
+            if waiter is not None and not waiter.done.is_set():
+                waiter.answer = (header, payload)
+                waiter.done.set()
+            return  # an answer to a request we gave up on: drop it
+        if kind in messages.REQUESTS:
+            rid = messages.request_id(header)
+            await self._slots.acquire()  # backpressure: stop reading while at the limit
+            nursery.start_soon(self._serve_request, rid, header, payload)
+            return
+        if kind in messages.NOTICES:
+            await self._slots.acquire()
+            nursery.start_soon(self._serve_notice, header, payload)
+            return
+        raise wire.ProtocolError(f"unknown message type {kind!r}")
+
+    async def _serve_request(self, rid: int, header: dict[str, Any], payload: bytes) -> None:
+        try:
+            try:
+                answer, body = await self.on_request(self, header, payload)
+            except wire.ProtocolError as e:
+                self.close_reason = str(e)
+                log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
+                await self.aclose()
+                return
+            except P2pfsError as e:
+                answer, body = messages.answer(rid, error=str(e)), b""
+            answer = {**answer, "t": messages.ANSWER, "id": rid}
+            with contextlib.suppress(PeerUnavailable):
+                await self.send(answer, body)
+        finally:
+            self._slots.release()
+
+    async def _serve_notice(self, header: dict[str, Any], payload: bytes) -> None:
+        try:
+            await self.on_notice(self, header, payload)
+        except wire.ProtocolError as e:
+            self.close_reason = str(e)
+            log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
+            await self.aclose()
+        except P2pfsError as e:
+            log.info("peer %s: notice %s refused: %s", self.peer_id.hex(), header["t"], e)
+        finally:
+            self._slots.release()
+
+    # -- closing --------------------------------------------------------------
+
+    def _close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = self.close_reason or reason
+            self.closed.set()
+            for waiter in self._waiters.values():
+                waiter.done.set()
+
+    async def aclose(self) -> None:
+        self._close("closed by us")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        else:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()

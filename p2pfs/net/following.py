@@ -1,0 +1,165 @@
+"""Following volumes: which heads this node offers, and accepting newer ones from peers.
+
+A follower accepts a snapshot only when all of these hold (DESIGN.md, Trust):
+the volume key is endorsed by the estate CA for that name, the snapshot's
+Ed25519 signature verifies under that key, its bytes hash to the head id that
+was announced, and its sequence number is higher than the one held. Anything
+else is refused, logged and counted; the tree and file objects under an
+accepted snapshot are fetched lazily, on first use, and verified like chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from p2pfs.errors import P2pfsError
+from p2pfs.objects.model import MAX_SNAPSHOT_BYTES, decode_snapshot, object_id
+from p2pfs.store.cas import Store
+from p2pfs.trust.estate import Estate
+from p2pfs.volume.registry import VolumeRecord, VolumeRegistry
+
+from . import messages
+from .connection import PeerUnavailable
+from .peers import Peer
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT = 10.0
+
+
+class VolumeSync:
+    def __init__(
+        self,
+        registry: VolumeRegistry,
+        store: Store,
+        estate: Estate,
+        *,
+        on_change: Callable[[list[str]], None],
+        announce: Callable[[messages.VolumeHead], None],
+        only: frozenset[str] = frozenset(),
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.estate = estate
+        self.on_change = on_change
+        self.announce = announce
+        self.only = only  # follow only these volumes (empty: all)
+        self.accepted = 0
+        self.refused = 0
+        self.refusals: deque[str] = deque(maxlen=20)
+        self._busy: set[bytes] = set()
+
+    def _records(self) -> list[VolumeRecord]:
+        out = []
+        for name in self.registry.names():
+            try:
+                out.append(self.registry.get(name))
+            except P2pfsError as e:
+                log.error("volume %s unavailable: %s", name, e)
+        return out
+
+    def head_of(self, record: VolumeRecord) -> messages.VolumeHead | None:
+        if record.head is None:
+            return None
+        origin = record.origin
+        if origin is None and self.registry.is_publisher(record.name):
+            origin = self.estate.node_id
+        return messages.VolumeHead(
+            record.name, record.id, record.seq, record.head, record.endorsement, origin
+        )
+
+    def origins(self) -> set[bytes]:
+        return {r.origin for r in self._records() if r.origin is not None}
+
+    # -- LocalNode -------------------------------------------------------------
+
+    def volume_heads(self) -> list[messages.VolumeHead]:
+        heads = (self.head_of(r) for r in self._records() if r.endorsement is not None)
+        return [h for h in heads if h is not None]
+
+    def snapshot_for(self, volume_id: bytes) -> tuple[messages.VolumeHead, bytes] | None:
+        for record in self._records():
+            head = self.head_of(record)
+            if record.id == volume_id and head is not None and record.endorsement is not None:
+                try:
+                    return head, self.store.get_object(head.head)
+                except P2pfsError as e:
+                    log.error("cannot serve the snapshot of %s: %s", record.name, e)
+        return None
+
+    def on_revocations_changed(self) -> None:
+        pass
+
+    async def on_volume_head(self, peer: Peer, head: messages.VolumeHead) -> None:
+        if self.only and head.name not in self.only:
+            return
+        try:
+            current = self.registry.get(head.name)
+        except P2pfsError:
+            current = None
+        if current is not None and (
+            head.seq <= current.seq or self.registry.is_publisher(head.name)
+        ):
+            if current.id != head.volume_id:
+                self._refuse(peer, head, "another key than the volume known under this name")
+            return
+        if head.volume_id in self._busy:
+            return
+        self._busy.add(head.volume_id)
+        try:
+            await self._accept(peer, head)
+        except (P2pfsError, PeerUnavailable) as e:
+            self._refuse(peer, head, str(e))
+        finally:
+            self._busy.discard(head.volume_id)
+
+    def _refuse(self, peer: Peer, head: messages.VolumeHead, why: str) -> None:
+        self.refused += 1
+        text = f"snapshot {head.seq} of {head.name!r} from {peer.node_id.hex()[:8]}: {why}"
+        self.refusals.append(text)
+        log.warning("refused %s", text)
+
+    async def _accept(self, peer: Peer, head: messages.VolumeHead) -> None:
+        if head.endorsement is None:
+            raise P2pfsError("the volume is not endorsed by the estate")
+        self.estate.verify_endorsement(head.volume_id, head.name, head.endorsement)
+        conn = peer.conn
+        if conn is None:
+            raise PeerUnavailable("peer went away")
+        answer, data = await conn.request(
+            messages.snapshot(head.volume_id), within=SNAPSHOT_TIMEOUT
+        )
+        err = messages.answer_error(answer)
+        if err is not None:
+            raise P2pfsError(f"peer answered: {err}")
+        if len(data) > MAX_SNAPSHOT_BYTES:
+            raise P2pfsError("snapshot too large")
+        sid = object_id(data)
+        snapshot = decode_snapshot(data)  # verifies the signature under the volume key
+        if snapshot.volume_id != head.volume_id or snapshot.name != head.name:
+            raise P2pfsError("the snapshot names another volume than announced")
+        if sid != head.head:
+            # The peer may have moved on since its hello: fine if still newer than ours.
+            log.debug("snapshot of %s moved from %s to %s", head.name, head.head.hex(), sid.hex())
+        await trio.to_thread.run_sync(self.store.put_object, data)
+        record = self.registry.follow(snapshot, sid, head.endorsement, head.origin)
+        self.accepted += 1
+        log.info(
+            "volume %s: accepted snapshot %d from %s", head.name, snapshot.seq, peer.node_id.hex()
+        )
+        self.on_change([head.name])
+        new_head = self.head_of(record)
+        if new_head is not None:
+            self.announce(new_head)  # gossip: peers that missed the publisher hear it from us
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "recent_refusals": list(self.refusals),
+        }

@@ -1,0 +1,462 @@
+"""The node on the network: listener, dialer, discovery, and the protocol's handlers.
+
+Every connection is TLS 1.3 with mutual authentication against the estate CA;
+right after the handshake the peer's certificate yields its node id, and a
+revoked or unknown certificate ends the connection before a single frame is
+read or sent, so a machine outside the estate learns nothing. Then both sides
+send ``hello``; the connection serves requests both ways until it breaks.
+
+Followers learn volumes from hellos and announces; what to do with a newer
+snapshot is the daemon's business (``LocalNode.on_volume_head``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from p2pfs.config import Config
+from p2pfs.errors import MissingChunk, P2pfsError
+from p2pfs.store.cas import Store
+from p2pfs.trust.estate import Estate
+from p2pfs.trust.tlsstream import TLSStream
+
+from . import messages, wire
+from .connection import Connection, PeerUnavailable
+from .digest import Bloom
+from .discovery import Candidate, Discovery
+from .fetcher import Fetcher
+from .messages import Hello, VolumeHead
+from .peers import Peer, PeerTable
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 10.0
+DIGEST_INTERVAL = 2.0  # at most one digest per this many seconds, and only when the store changed
+MAX_CONNECTIONS = 256
+RETRY_MIN, RETRY_MAX = 1.0, 10.0
+
+
+class LocalNode(Protocol):
+    """What the network needs from the daemon."""
+
+    def volume_heads(self) -> list[VolumeHead]: ...
+
+    def snapshot_for(self, volume_id: bytes) -> tuple[VolumeHead, bytes] | None: ...
+
+    async def on_volume_head(self, peer: Peer, head: VolumeHead) -> None: ...
+
+    def on_revocations_changed(self) -> None: ...
+
+
+class Network:
+    def __init__(self, estate: Estate, store: Store, local: LocalNode, config: Config) -> None:
+        self.estate = estate
+        self.store = store
+        self.local = local
+        self.config = config
+        self.table = PeerTable()
+        self.fetcher = Fetcher(
+            estate.node_id,
+            self.table,
+            self,
+            deadline_s=config.fetch_deadline_s,
+            hedge_after_s=config.hedge_after_s,
+            others=config.peers_without_digest,
+            peer_fetch=config.peer_fetch,
+        )
+        self.port = 0
+        self.bytes_served = 0
+        self.chunks_served = 0
+        self.connections_refused = 0
+        self.protocol_errors = 0
+        self._nursery: trio.Nursery | None = None
+        self._conn_slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._dialing: set[bytes] = set()
+        self._store_changed = trio.Event()
+        self._digest_generation = 0
+        self._digest: tuple[Bloom, int] | None = None
+        self.on_peer_change: Callable[[], None] = lambda: None
+        # Fetches (and stores) a chunk for a peer that made us its home; set by the daemon.
+        self.fetch_for_peer: Callable[[bytes], Awaitable[bytes]] | None = None
+        # Test hooks, armed only through the admin control operation of a daemon started
+        # with --debug-faults: "serve-unverified" plays a faulty peer that sends what its
+        # disk holds without checking it.
+        self.faults: set[str] = set()
+
+    @property
+    def node_id(self) -> bytes:
+        return self.estate.node_id
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+            if self.config.discovery:
+                discovery = Discovery(self.node_id, self.estate.estate_id, self.port)
+                await nursery.start(discovery.run, self._on_candidate)
+            for host, port in self.config.static_peers:
+                nursery.start_soon(self._static_peer, host, port)
+            nursery.start_soon(self._digest_loop)
+            log.info("listening for peers on port %d", self.port)
+            task_status.started(self.port)
+
+    def store_changed(self) -> None:
+        self._store_changed.set()
+
+    # -- connecting --------------------------------------------------------------
+
+    def _on_candidate(self, cand: Candidate) -> None:
+        if cand.node_id == self.node_id or self._nursery is None:
+            return
+        peer = self.table.get(cand.node_id)
+        peer.address, peer.port = cand.address, cand.port
+        if peer.conn is None and not peer.quarantined and cand.node_id not in self._dialing:
+            self._nursery.start_soon(self._keep_connected, peer)
+
+    async def _static_peer(self, host: str, port: int) -> None:
+        """A configured peer: dial until it answers; its certificate tells who it is."""
+        delay = RETRY_MIN
+        while True:
+            try:
+                await self._dial(host, port, expect=None)
+                delay = RETRY_MIN
+            except Exception as e:  # a peer must never take the node down
+                log.debug("static peer %s:%d: %s", host, port, e)
+                delay = min(RETRY_MAX, delay * 2)
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def _keep_connected(self, peer: Peer) -> None:
+        self._dialing.add(peer.node_id)
+        delay = RETRY_MIN
+        try:
+            while not peer.quarantined and peer.address is not None:
+                if peer.conn is None:
+                    assert peer.port is not None
+                    try:
+                        await self._dial(peer.address, peer.port, expect=peer.node_id)
+                        delay = RETRY_MIN
+                    except Exception as e:  # a peer must never take the node down
+                        if not isinstance(e, OSError | P2pfsError | trio.BrokenResourceError):
+                            log.exception("connection to %s failed", peer.node_id.hex())
+                        peer.last_error = str(e) or type(e).__name__
+                        if peer.state != "rejected":
+                            peer.state = "unreachable"
+                        delay = min(RETRY_MAX, delay * 2)
+                        log.debug("peer %s: %s", peer.node_id.hex(), peer.last_error)
+                    self.on_peer_change()
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+        finally:
+            self._dialing.discard(peer.node_id)
+
+    async def _dial(self, host: str, port: int, *, expect: bytes | None) -> None:
+        if expect is not None:
+            self.table.get(expect).state = "connecting"
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, port)
+        stream = TLSStream(tcp, self.estate.client_context(), server_side=False)
+        await self._session(stream, address=host, port=port, expect=expect)
+
+    async def _accept(self, tcp: trio.SocketStream) -> None:
+        if self._conn_slots.value == 0:
+            await tcp.aclose()
+            return
+        stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
+        try:
+            addr = tcp.socket.getpeername()[0]
+        except OSError:
+            addr = None
+        try:
+            await self._session(stream, address=addr, port=None, expect=None)
+        except (OSError, P2pfsError, trio.BrokenResourceError, trio.TooSlowError) as e:
+            log.debug("incoming connection from %s: %s", addr, e)
+        except Exception:  # a peer must never take the node down
+            log.exception("incoming connection from %s failed", addr)
+
+    async def _session(
+        self,
+        stream: TLSStream,
+        *,
+        address: str | None,
+        port: int | None,
+        expect: bytes | None,
+    ) -> None:
+        async with self._conn_slots:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await stream.do_handshake()
+                    der = stream.getpeercert(binary_form=True)
+                    if not der:
+                        raise P2pfsError("peer sent no certificate")
+                    peer_id = self.estate.peer_node_id(der)
+            except (trio.BrokenResourceError, trio.TooSlowError, P2pfsError) as e:
+                self.connections_refused += 1
+                if expect is not None:
+                    peer = self.table.get(expect)
+                    peer.state = "rejected"
+                    peer.last_error = f"TLS: {e}"
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await stream.aclose()
+                raise P2pfsError(f"TLS with {address} failed: {e}") from None
+            if peer_id == self.node_id:
+                await stream.aclose()
+                return
+            if expect is not None and peer_id != expect:
+                log.warning("%s answered as %s, not %s", address, peer_id.hex(), expect.hex())
+            peer = self.table.get(peer_id)
+            if peer.quarantined:
+                await stream.aclose()
+                return
+            if port is not None:
+                peer.address, peer.port = address, port
+            elif peer.address is None:
+                peer.address = address
+            peer.state = "connecting"
+            conn = Connection(
+                stream,
+                peer_id,
+                on_request=self._on_request,
+                on_notice=self._on_notice,
+                frame_timeout=self.config.frame_timeout_s,
+            )
+            await self._run_conn(peer, conn)
+
+    async def _run_conn(self, peer: Peer, conn: Connection) -> None:
+        peer.conns.append(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._greet, conn)
+                nursery.start_soon(self._keepalive, conn)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            peer.conns.remove(conn)
+            if not peer.quarantined and peer.state != "rejected" and peer.conn is None:
+                peer.state = "unreachable" if peer.address else "candidate"
+                peer.last_error = conn.close_reason
+            self.on_peer_change()
+
+    async def _greet(self, conn: Connection) -> None:
+        """Each side speaks first with its hello; the other's must arrive in time."""
+        try:
+            await conn.send(self._hello().to_wire())
+            await self._send_digest(conn)
+        except PeerUnavailable:
+            return
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            await conn.ready.wait()
+        if not conn.ready.is_set():
+            conn.close_reason = "no hello in time"
+            await conn.aclose()
+
+    async def _keepalive(self, conn: Connection) -> None:
+        """A cut cable leaves TCP silent, not closed: ping a quiet peer, drop a mute one,
+        so ``peers`` tells the truth and the dialer can reconnect when the cable is back."""
+        period = self.config.keepalive_s
+        while True:
+            await trio.sleep_until(conn.last_received + period)
+            if trio.current_time() < conn.last_received + period:
+                continue  # something arrived meanwhile
+            try:
+                await conn.request({"t": "ping"}, within=period)
+            except PeerUnavailable as e:
+                conn.close_reason = f"no answer to a keepalive: {e}"
+                log.info("peer %s: %s; closing", conn.peer_id.hex(), conn.close_reason)
+                await conn.aclose()
+                return
+
+    def _hello(self) -> Hello:
+        return Hello(
+            node_id=self.node_id,
+            estate_id=self.estate.estate_id,
+            version=messages.PROTOCOL_VERSION,
+            volumes=tuple(self.local.volume_heads()),
+            revocation_number=self.estate.revocation_number,
+        )
+
+    # -- handling ---------------------------------------------------------------
+
+    async def _on_request(
+        self, conn: Connection, header: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        rid = messages.request_id(header)
+        kind = header["t"]
+        if kind == "get":
+            cid = messages.parse_get(header)
+            read = self._read_unverified if "serve-unverified" in self.faults else self.store.get
+            try:
+                data = await trio.to_thread.run_sync(read, cid)
+            except MissingChunk:
+                if not (messages.get_wants_fetch(header) and self.fetch_for_peer):
+                    return messages.answer(rid, error="missing"), b""
+                # We are this chunk's home: fetch it once, for everyone who asks.
+                try:
+                    data = await self.fetch_for_peer(cid)
+                except P2pfsError:
+                    return messages.answer(rid, error="missing"), b""
+            except P2pfsError as e:  # corrupt here: quarantined by the store; say missing
+                log.warning("not serving %s: %s", cid.hex(), e)
+                return messages.answer(rid, error="missing"), b""
+            self.bytes_served += len(data)
+            self.chunks_served += 1
+            return messages.answer(rid), data
+        if kind == "have":
+            ids = messages.parse_have(header)
+            bits = await trio.to_thread.run_sync(lambda: [self.store.has(i) for i in ids])
+            packed = bytearray((len(ids) + 7) // 8)
+            for i, yes in enumerate(bits):
+                if yes:
+                    packed[i >> 3] |= 1 << (i & 7)
+            return messages.answer(rid, bits=bytes(packed)), b""
+        if kind == "snapshot":
+            vid = messages.parse_snapshot(header)
+            found = self.local.snapshot_for(vid)
+            if found is None:
+                return messages.answer(rid, error="unknown volume"), b""
+            head, data = found
+            return messages.answer(rid, vol=head.to_wire()), data
+        if kind == "ping":
+            return messages.answer(rid), b""
+        if kind == "revocations":
+            return messages.answer(rid, n=self.estate.revocation_number), (
+                self.estate.revocation_list()
+            )
+        raise wire.ProtocolError(f"unknown request {kind!r}")
+
+    def _read_unverified(self, cid: bytes) -> bytes:
+        try:
+            return self.store.path_of(cid).read_bytes()
+        except FileNotFoundError:
+            raise MissingChunk(f"chunk {cid.hex()} is not here") from None
+
+    async def _on_notice(self, conn: Connection, header: dict[str, Any], payload: bytes) -> None:
+        kind = header["t"]
+        peer = self.table.get(conn.peer_id)
+        if kind == "hello":
+            hello = Hello.from_wire(header)
+            if hello.node_id != conn.peer_id:
+                raise wire.ProtocolError("hello names another node than the certificate")
+            if hello.estate_id != self.estate.estate_id:
+                raise wire.ProtocolError("hello names another estate")
+            peer.hello = hello
+            peer.state = "connected"
+            conn.ready.set()
+            peer.last_error = ""
+            self.on_peer_change()
+            if hello.revocation_number > self.estate.revocation_number:
+                await self._pull_revocations(conn)
+            elif hello.revocation_number < self.estate.revocation_number:
+                await conn.send(messages.revoked_notice(self.estate.revocation_number))
+            for head in hello.volumes:
+                await self.local.on_volume_head(peer, head)
+        elif kind == "announce":
+            await self.local.on_volume_head(peer, messages.parse_announce(header))
+        elif kind == "digest":
+            gen, k, _n = messages.parse_digest(header, payload)
+            if gen > peer.digest_generation:
+                peer.digest = Bloom(payload, k)
+                peer.digest_generation = gen
+        elif kind == "revoked" and messages.parse_revoked(header) > self.estate.revocation_number:
+            await self._pull_revocations(conn)
+
+    async def _pull_revocations(self, conn: Connection) -> None:
+        header, data = await conn.request({"t": "revocations"}, within=REQUEST_TIMEOUT)
+        if (
+            messages.answer_error(header) is None
+            and len(data) <= messages.MAX_REVOCATION_LIST
+            and self.estate.accept_revocation_list(data)
+        ):
+            self.revocations_changed()
+
+    def revocations_changed(self) -> None:
+        """Drop revoked peers at once and pass the news on."""
+        for peer in list(self.table.peers.values()):
+            if self.estate.is_revoked(peer.node_id):
+                peer.state = "rejected"
+                peer.last_error = "revoked"
+                for conn in list(peer.conns):
+                    if self._nursery is not None:
+                        self._nursery.start_soon(conn.aclose)
+        self.local.on_revocations_changed()
+        self.broadcast(messages.revoked_notice(self.estate.revocation_number))
+
+    # -- quarantine --------------------------------------------------------------
+
+    def quarantine(self, peer: Peer, reason: str) -> None:
+        if peer.quarantined:
+            return
+        log.error("quarantining peer %s: %s", peer.node_id.hex(), reason)
+        peer.state = "quarantined"
+        peer.quarantine_reason = reason
+        for conn in list(peer.conns):
+            if self._nursery is not None:
+                self._nursery.start_soon(conn.aclose)
+        self.on_peer_change()
+
+    # -- gossip ------------------------------------------------------------------
+
+    def broadcast(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self._nursery is None:
+            return
+        for peer in self.table.connected():
+            conn = peer.conn
+            if conn is not None:
+                self._nursery.start_soon(self._send_quietly, conn, header, payload)
+
+    async def _send_quietly(self, conn: Connection, header: dict[str, Any], payload: bytes) -> None:
+        try:
+            await conn.send(header, payload)
+        except PeerUnavailable as e:
+            log.debug("send to %s failed: %s", conn.peer_id.hex(), e)
+
+    def announce(self, head: VolumeHead) -> None:
+        self.broadcast(messages.announce(head))
+
+    async def _build_digest(self) -> tuple[Bloom, int]:
+        ids = await trio.to_thread.run_sync(self.store.chunk_ids)
+        return await trio.to_thread.run_sync(Bloom.of, ids, len(ids)), len(ids)
+
+    async def _send_digest(self, conn: Connection) -> None:
+        if self._digest is None:
+            self._digest = await self._build_digest()
+        bloom, count = self._digest
+        await conn.send(
+            messages.digest_notice(self._digest_generation, bloom.hashes, count), bloom.to_bytes()
+        )
+
+    async def _digest_loop(self) -> None:
+        """Refresh and push the digest when the store changed, at most every DIGEST_INTERVAL."""
+        while True:
+            await self._store_changed.wait()
+            self._store_changed = trio.Event()
+            await trio.sleep(DIGEST_INTERVAL)
+            self._digest = await self._build_digest()
+            self._digest_generation = time.time_ns()
+            bloom, count = self._digest
+            self.broadcast(
+                messages.digest_notice(self._digest_generation, bloom.hashes, count),
+                bloom.to_bytes(),
+            )
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "peers": [p.describe() for p in self.table.peers.values()],
+            "quarantined_peers": len(self.table.quarantined()),
+            "bytes_served": self.bytes_served,
+            "chunks_served": self.chunks_served,
+            "connections_refused": self.connections_refused,
+        }

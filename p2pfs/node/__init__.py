@@ -1,0 +1,1 @@
+"""The daemon assembled: services, control API, desktop API, keeper, status."""

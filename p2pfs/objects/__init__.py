@@ -1,0 +1,1 @@
+"""The object model: canonical msgpack, blobs, trees and signed snapshots."""

@@ -1,0 +1,412 @@
+"""The object model: blobs, trees and snapshots, their canonical encodings and checks.
+
+Every object is a canonical msgpack map ``{"v": FORMAT_VERSION, "t": TYPE, ...}``
+and its id is the BLAKE3-256 of those bytes (``object_id``). docs/objects.md is
+the specification. Decoding takes hostile bytes: sizes, counts and nesting are
+bounded, every field is type- and range-checked, non-canonical encodings are
+refused, and any violation raises ``DecodeError`` naming what is wrong. A decoded
+snapshot's signature has always been verified.
+
+The dataclasses check their own fields on construction (``DecodeError`` too), so
+an object that exists is a valid one and ``encode()`` cannot produce bytes that
+``decode_*`` would refuse.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+
+from p2pfs.errors import DecodeError
+from p2pfs.ids import ID_SIZE, ChunkId
+from p2pfs.keys import SIGNATURE_SIZE, SigningKey, verify
+
+from . import codec
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+MAX_BLOB_REFS = 4096
+MAX_BLOB_LEVEL = 8  # 4096**8 chunks: far beyond any file
+MAX_CHUNK_LENGTH = 64 * 1024 * 1024  # the chunker's largest max size
+MAX_TREE_ENTRIES = 1_000_000
+MAX_NAME = 255
+MAX_SYMLINK_TARGET = 4096
+MAX_PARAM_VALUE = 1 << 40
+MAX_ALGORITHM_NAME = 64
+
+MAX_BLOB_BYTES = 256 * 1024  # 4096 refs take about 160 KiB
+MAX_TREE_BYTES = 64 * 1024 * 1024
+MAX_SNAPSHOT_BYTES = 4 * 1024
+
+SNAPSHOT_DOMAIN = b"p2pfs-snapshot-v1\0"
+
+_U63 = (1 << 63) - 1
+_I64_MIN = -(1 << 63)
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+
+
+def object_id(data: bytes) -> ChunkId:
+    """An object's (or chunk's) id: BLAKE3-256 of its bytes."""
+    return ChunkId(blake3.blake3(data).digest())
+
+
+# -- field checks (all raise DecodeError naming the field) -----------------------
+
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DecodeError(f"{what} must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise DecodeError(f"{what} {value} is out of range {lo}..{hi}")
+    return value
+
+
+def _id(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != ID_SIZE:
+        raise DecodeError(f"{what} must be {ID_SIZE} bytes")
+    return value
+
+
+def _opt_id(value: object, what: str) -> bytes | None:
+    return None if value is None else _id(value, what)
+
+
+def validate_name(name: bytes) -> None:
+    """A directory entry's name: 1..255 bytes, not . or .., no / or NUL."""
+    if not isinstance(name, bytes):
+        raise DecodeError(f"entry name must be bytes, not {type(name).__name__}")
+    if not name:
+        raise DecodeError("entry name is empty")
+    if len(name) > MAX_NAME:
+        raise DecodeError(f"entry name is {len(name)} bytes, more than {MAX_NAME}")
+    if name in (b".", b".."):
+        raise DecodeError(f"entry name {name!r} is not allowed")
+    if b"/" in name or b"\0" in name:
+        raise DecodeError(f"entry name {name!r} contains '/' or NUL")
+
+
+def validate_volume_name(name: str) -> None:
+    """1..64 characters of [A-Za-z0-9._-], not starting with '.'."""
+    if not isinstance(name, str):
+        raise DecodeError(f"volume name must be a string, not {type(name).__name__}")
+    if not _VOLUME_NAME.fullmatch(name):
+        raise DecodeError(
+            f"volume name {name[:80]!r} must be 1..64 characters of A-Z a-z 0-9 . _ -, "
+            "not starting with '.'"
+        )
+
+
+def validate_params(params: object) -> dict[str, int | str]:
+    """The structure of chunking parameters (their meaning is the chunker's)."""
+    if not isinstance(params, dict):
+        raise DecodeError(f"chunk parameters must be a map, not {type(params).__name__}")
+    if set(params) != {"algorithm", "min", "avg", "max"}:
+        keys = sorted(str(k)[:32] for k in params)[:8]
+        raise DecodeError(f"chunk parameters must have keys algorithm, min, avg, max; got {keys}")
+    algorithm = params["algorithm"]
+    if not isinstance(algorithm, str) or not 0 < len(algorithm) <= MAX_ALGORITHM_NAME:
+        raise DecodeError(f"chunk algorithm must be a string of 1..{MAX_ALGORITHM_NAME} characters")
+    mn = _int(params["min"], "chunk parameter min", 1, MAX_PARAM_VALUE)
+    avg = _int(params["avg"], "chunk parameter avg", 1, MAX_PARAM_VALUE)
+    mx = _int(params["max"], "chunk parameter max", 1, MAX_PARAM_VALUE)
+    if not mn <= avg <= mx:
+        raise DecodeError(f"chunk parameters need min <= avg <= max; got {mn}, {avg}, {mx}")
+    return {"algorithm": algorithm, "min": mn, "avg": avg, "max": mx}
+
+
+def _header(obj: object, kind: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{kind} must be a msgpack map, not {type(obj).__name__}")
+    v = obj.get("v")
+    if v != FORMAT_VERSION or isinstance(v, bool):
+        raise DecodeError(
+            f"{kind} has unknown format version {v!r} (this version reads {FORMAT_VERSION})"
+        )
+    if obj.get("t") != kind:
+        raise DecodeError(f"object is a {obj.get('t')!r}, not a {kind}")
+    if set(obj) != keys:
+        missing = sorted(keys - set(obj))
+        extra = sorted(str(k)[:32] for k in set(obj) - keys)[:8]
+        raise DecodeError(f"{kind} fields wrong: missing {missing}, unknown {extra}")
+    return obj
+
+
+def _unpack(data: bytes, kind: str, max_size: int) -> object:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"{kind} data must be bytes, not {type(data).__name__}")
+    try:
+        return codec.unpack(data, max_size=max_size, canonical=True, max_depth=4)
+    except DecodeError as e:
+        raise DecodeError(f"{kind}: {e}") from None
+
+
+def _list(value: object, what: str, max_len: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise DecodeError(f"{what} must be an array, not {type(value).__name__}")
+    if len(value) > max_len:
+        raise DecodeError(f"{what} has {len(value)} items, more than {max_len}")
+    return value
+
+
+# -- blob -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """A chunk (level 0) or child blob (level > 0) and the bytes it covers."""
+
+    id: bytes
+    length: int
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A file's content: ``refs`` cover ``size`` bytes in order.
+
+    Level 0 refs are chunks; level n > 0 refs are blobs of level n - 1 and their
+    length is the size of that blob.
+    """
+
+    size: int
+    level: int
+    refs: tuple[ChunkRef, ...]
+
+    def __post_init__(self) -> None:
+        _int(self.size, "blob size", 0, _U63)
+        _int(self.level, "blob level", 0, MAX_BLOB_LEVEL)
+        if not isinstance(self.refs, tuple):
+            raise DecodeError("blob refs must be a tuple")
+        if len(self.refs) > MAX_BLOB_REFS:
+            raise DecodeError(f"blob has {len(self.refs)} refs, more than {MAX_BLOB_REFS}")
+        max_len = MAX_CHUNK_LENGTH if self.level == 0 else _U63
+        total = 0
+        for i, ref in enumerate(self.refs):
+            if not isinstance(ref, ChunkRef):
+                raise DecodeError(f"blob ref {i} is not a ChunkRef")
+            _id(ref.id, f"blob ref {i} id")
+            total += _int(ref.length, f"blob ref {i} length", 1, max_len)
+        if total != self.size:
+            raise DecodeError(f"blob refs cover {total} bytes but its size is {self.size}")
+        if self.level > 0 and not self.refs:
+            raise DecodeError(f"blob of level {self.level} has no refs")
+
+    def encode(self) -> bytes:
+        return codec.pack(
+            {  # keys in canonical order: pack need not copy to sort them
+                "l": self.level,
+                "r": [[r.id, r.length] for r in self.refs],
+                "s": self.size,
+                "t": "blob",
+                "v": FORMAT_VERSION,
+            }
+        )
+
+
+def decode_blob(data: bytes) -> Blob:
+    obj = _header(_unpack(data, "blob", MAX_BLOB_BYTES), "blob", {"v", "t", "s", "l", "r"})
+    refs = []
+    for i, item in enumerate(_list(obj["r"], "blob refs", MAX_BLOB_REFS)):
+        pair = _list(item, f"blob ref {i}", 2)
+        if len(pair) != 2:
+            raise DecodeError(f"blob ref {i} must be [id, length]")
+        refs.append(ChunkRef(pair[0], pair[1]))
+    return Blob(size=obj["s"], level=obj["l"], refs=tuple(refs))
+
+
+# -- tree -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name in a directory.
+
+    ``id`` is the blob id of a FILE and the tree id of a DIR; ``target`` is the
+    link target of a SYMLINK (whose ``size`` is the target's length).
+    """
+
+    name: bytes
+    kind: Kind
+    mode: int
+    mtime_ns: int
+    size: int
+    id: bytes | None
+    target: bytes | None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not isinstance(self.kind, Kind):
+            try:
+                object.__setattr__(self, "kind", Kind(_int(self.kind, "entry kind", 1, 3)))
+            except ValueError:
+                raise DecodeError(f"entry kind {self.kind!r} is unknown") from None
+        _int(self.mode, "entry mode", 0, 0o7777)
+        _int(self.mtime_ns, "entry mtime_ns", _I64_MIN, _U63)
+        _int(self.size, "entry size", 0, _U63)
+        if self.kind is Kind.SYMLINK:
+            if self.id is not None:
+                raise DecodeError(f"symlink {self.name!r} must not have an object id")
+            t = self.target
+            if not isinstance(t, bytes) or not 0 < len(t) <= MAX_SYMLINK_TARGET:
+                raise DecodeError(
+                    f"symlink {self.name!r} target must be 1..{MAX_SYMLINK_TARGET} bytes"
+                )
+            if b"\0" in t:
+                raise DecodeError(f"symlink {self.name!r} target contains NUL")
+            if self.size != len(t):
+                raise DecodeError(f"symlink {self.name!r} size must be its target's length")
+        else:
+            _id(self.id, f"{self.kind.name.lower()} {self.name!r} id")
+            if self.target is not None:
+                raise DecodeError(f"{self.kind.name.lower()} {self.name!r} must not have a target")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A directory: entries sorted by name bytes, names unique."""
+
+    entries: tuple[Entry, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, tuple):
+            raise DecodeError("tree entries must be a tuple")
+        if len(self.entries) > MAX_TREE_ENTRIES:
+            raise DecodeError(f"tree has {len(self.entries)} entries, more than {MAX_TREE_ENTRIES}")
+        prev: bytes | None = None
+        for e in self.entries:
+            if not isinstance(e, Entry):
+                raise DecodeError("tree entries must be Entry objects")
+            if prev is not None and e.name <= prev:
+                what = "duplicate" if e.name == prev else "unsorted"
+                raise DecodeError(f"tree entry {e.name!r} is {what} (after {prev!r})")
+            prev = e.name
+
+    def encode(self) -> bytes:
+        return codec.pack(
+            {  # keys in canonical order
+                "e": [
+                    [e.name, int(e.kind), e.mode, e.mtime_ns, e.size, e.id, e.target]
+                    for e in self.entries
+                ],
+                "t": "tree",
+                "v": FORMAT_VERSION,
+            }
+        )
+
+
+def decode_tree(data: bytes) -> Tree:
+    obj = _header(_unpack(data, "tree", MAX_TREE_BYTES), "tree", {"v", "t", "e"})
+    entries = []
+    for i, item in enumerate(_list(obj["e"], "tree entries", MAX_TREE_ENTRIES)):
+        row = _list(item, f"tree entry {i}", 7)
+        if len(row) != 7:
+            raise DecodeError(
+                f"tree entry {i} must be [name, kind, mode, mtime_ns, size, id, target]"
+            )
+        entries.append(Entry(*row))
+    return Tree(tuple(entries))
+
+
+# -- snapshot -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A signed version of a volume. ``volume_id`` is the publisher's public key."""
+
+    volume_id: bytes
+    name: str
+    seq: int
+    parent: bytes | None
+    root: bytes
+    time_ns: int
+    params: dict[str, int | str] = field(hash=False)
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _id(self.volume_id, "snapshot volume id")
+        validate_volume_name(self.name)
+        _int(self.seq, "snapshot seq", 1, _U63)
+        _opt_id(self.parent, "snapshot parent")
+        if (self.seq == 1) != (self.parent is None):
+            raise DecodeError("a snapshot has a parent exactly when its seq is above 1")
+        _id(self.root, "snapshot root")
+        _int(self.time_ns, "snapshot time_ns", 0, _U63)
+        object.__setattr__(self, "params", validate_params(self.params))
+        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
+            raise DecodeError(f"snapshot signature must be {SIGNATURE_SIZE} bytes")
+
+    @classmethod
+    def create(
+        cls,
+        key: SigningKey,
+        *,
+        name: str,
+        seq: int,
+        parent: bytes | None,
+        root: bytes,
+        time_ns: int,
+        params: dict[str, int | str],
+    ) -> Snapshot:
+        """A new snapshot of the volume whose publisher key is ``key``, signed."""
+        unsigned = cls(
+            key.public_bytes(), name, seq, parent, root, time_ns, params, bytes(SIGNATURE_SIZE)
+        )
+        signature = key.sign(SNAPSHOT_DOMAIN + unsigned._body())
+        return cls(key.public_bytes(), name, seq, parent, root, time_ns, params, signature)
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "v": FORMAT_VERSION,
+            "t": "snapshot",
+            "vol": self.volume_id,
+            "name": self.name,
+            "seq": self.seq,
+            "parent": self.parent,
+            "root": self.root,
+            "time": self.time_ns,
+            "params": dict(self.params),
+        }
+
+    def _body(self) -> bytes:
+        """The canonical bytes the signature covers: every field but the signature."""
+        return codec.pack(self._fields())
+
+    def verify(self) -> None:
+        """SignatureError unless ``signature`` is the volume key's over the body."""
+        verify(self.volume_id, self.signature, SNAPSHOT_DOMAIN + self._body())
+
+    def encode(self) -> bytes:
+        return codec.pack({**self._fields(), "sig": self.signature})
+
+
+_SNAPSHOT_KEYS = {"v", "t", "vol", "name", "seq", "parent", "root", "time", "params", "sig"}
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    """Decode and validate a snapshot and verify its signature (SignatureError)."""
+    obj = _header(_unpack(data, "snapshot", MAX_SNAPSHOT_BYTES), "snapshot", _SNAPSHOT_KEYS)
+    snap = Snapshot(
+        volume_id=obj["vol"],
+        name=obj["name"],
+        seq=obj["seq"],
+        parent=obj["parent"],
+        root=obj["root"],
+        time_ns=obj["time"],
+        params=obj["params"],
+        signature=obj["sig"],
+    )
+    snap.verify()
+    return snap

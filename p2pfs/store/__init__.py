@@ -1,0 +1,1 @@
+"""The local content-addressed store: chunk files, the SQLite index, quota, fsck."""

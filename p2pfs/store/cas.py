@@ -1,0 +1,1065 @@
+"""The local content-addressed store: one file per chunk or object, and an index.
+
+Layout under ``root`` (docs/objects.md, "Store layout"):
+
+- ``chunks/xx/yy/<64 hex digits>``: a chunk's or object's bytes, named by its
+  BLAKE3-256 id; ``xx`` and ``yy`` are the id's first two bytes in hex.
+- ``tmp/``: files being written (``<pid>-<random>.tmp``); renamed into
+  ``chunks/`` only once complete and durable, so a crash never leaves a half
+  chunk under a real id. Temp files of dead processes are removed on open.
+- ``quarantine/``: files that failed verification, kept for inspection.
+- ``index.sqlite``: the index (p2pfs/index.py). The chunk files are the truth:
+  a missing, truncated or garbage index is moved aside and rebuilt from them.
+
+Every read verifies the bytes against the id. A mismatch moves the file to
+``quarantine/``, drops its index row, adds one to the persistent
+``corrupt_chunks`` counter and raises ``CorruptChunk``: a wrong byte is never
+returned.
+
+Quota and pins. The bytes of stored chunks and objects never exceed the
+effective quota, ``min(max_bytes, stored + free - min_free_bytes)``, not even
+while puts are in flight: a put first reserves its bytes (a put intent in the
+index, in the same transaction that reads the totals and, if needed, deletes
+the rows of least recently used victims), deletes the victims' files, and only
+then writes. Pinned chunks (held by any pin set) and protected ones (the
+protector's answer: chunks of open files) are never victims; when they leave
+no room, ``QuotaExceeded`` and nothing is stored.
+
+Crash safety. Files change only after an intent naming them is committed
+(put: reserve, write, rename, index; evict: delete row + record intent, unlink,
+drop intent), so after a kill -9 the index and the files disagree only about
+ids named by intents of a dead writer; opening the store finishes them
+(``_recover``). ``fsck`` compares everything.
+
+All methods block (disk, fsync, hashing): trio callers run them with
+``trio.to_thread.run_sync``. They are safe to call from several threads at
+once: files are only ever created by an atomic rename, the index is behind its
+own lock, and the check-then-act sequences (reserve and evict victims; does the
+file exist? rename it in and index it) are under ``self._lock``. The protector
+is called without that lock held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from p2pfs.errors import (
+    EXIT_ERROR,
+    CorruptChunk,
+    IntegrityError,
+    MissingChunk,
+    NotFound,
+    P2pfsError,
+    UsageError,
+)
+from p2pfs.fsutil import pid_alive, process_token, token_alive, write_all
+from p2pfs.ids import ID_SIZE, ChunkId
+from p2pfs.objects.model import object_id
+from p2pfs.sizes import format_size
+
+from .index import (
+    INDEX_HEADROOM_BYTES,
+    PINNED_BYTES,
+    FilesCache,
+    Index,
+    IndexCorrupt,
+    Intent,
+    PinSet,
+    Reservation,
+)
+
+__all__ = ["CacheUsage", "FsckReport", "PinSet", "QuotaExceeded", "Store", "StoreStats"]
+
+log = logging.getLogger(__name__)
+
+CORRUPT_COUNTER = "corrupt_chunks"
+# put_many's durability barrier: "syncfs" (one syncfs(2) on the store's file
+# system for the whole batch) or "fsync" (one fsync(2) per file). Measured in
+# docs/objects.md: syncfs is faster for batches of small chunks on ext4.
+BATCH_BARRIER = "syncfs"
+# touch() and get() note accesses in memory; they reach the index at most this
+# often, when this many are pending, before any eviction, and on close.
+TOUCH_FLUSH_SECONDS = 5.0
+TOUCH_FLUSH_MAX = 50_000
+MAX_PIN_NAME = 4096  # bytes of UTF-8
+EVICT_BATCH = 1024  # chunks per transaction (and per hold of the store's lock) in evict()
+FSCK_MAX_LINES = 100  # findings listed one by one in a report; the counts are always whole
+
+
+class QuotaExceeded(P2pfsError):
+    """The store cannot make room: what is left is pinned or in use."""
+
+    exit_code = EXIT_ERROR
+    errno = errno.ENOSPC
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    chunks: int  # chunks and objects in the index
+    bytes: int  # their total size
+    corrupt_chunks: int  # chunks ever found corrupt (persistent)
+    quarantined: int  # files now in quarantine/
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    bytes: int  # stored chunks and objects
+    quota: int | None  # the effective quota now (None: no limit)
+    max_bytes: int | None  # the configured quota
+    min_free_bytes: int  # the free-space floor
+    pinned_bytes: int  # stored bytes held by pin sets (each chunk once)
+    evictions: int  # chunks ever evicted (persistent)
+    chunks: int  # stored chunks and objects
+    reserved: int  # bytes of puts in flight and evicted files not yet deleted (all processes)
+
+
+@dataclass
+class FsckReport:
+    """What ``Store.fsck`` found and, with ``repair``, did. Counts are findings."""
+
+    repair: bool
+    files: int = 0  # chunk files looked at
+    rows: int = 0  # index rows looked at
+    verified: int = 0  # files whose hash was checked
+    unindexed: int = 0  # files without an index row
+    missing: int = 0  # index rows without a file
+    size_mismatches: int = 0  # row size differs from the file's
+    corrupt: int = 0  # files whose bytes do not hash to their name
+    stray: int = 0  # entries in chunks/ not named by an id in its place
+    temp_files: int = 0  # temp files of writers that are gone
+    stale_intents: int = 0  # unfinished puts and evictions of writers that are gone
+    counters: int = 0  # totals or pin counts that disagreed with a recount
+    findings: list[str] = field(default_factory=list)  # the first FSCK_MAX_LINES, one each
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.unindexed
+            or self.missing
+            or self.size_mismatches
+            or self.corrupt
+            or self.stray
+            or self.temp_files
+            or self.stale_intents
+            or self.counters
+        )
+
+    def note(self, text: str) -> None:
+        if len(self.findings) < FSCK_MAX_LINES:
+            self.findings.append(text)
+        elif len(self.findings) == FSCK_MAX_LINES:
+            self.findings.append("... (more findings not listed; the counts are complete)")
+
+    def lines(self) -> list[str]:
+        checked = f"checked {self.files} files and {self.rows} index rows"
+        checked += f", verified {self.verified}" if self.verified else " (hashes not verified)"
+        out = [checked]
+        for count, what in (
+            (self.unindexed, "files not in the index"),
+            (self.missing, "index rows without a file"),
+            (self.size_mismatches, "size mismatches"),
+            (self.corrupt, "corrupt files (hash mismatch)"),
+            (self.stray, "stray entries in chunks/"),
+            (self.temp_files, "leftover temp files"),
+            (self.stale_intents, "unfinished puts or evictions of a dead writer"),
+            (self.counters, "wrong totals or pin counts"),
+        ):
+            if count:
+                out.append(f"{count} {what}")
+        out.extend(f"  {line}" for line in self.findings)
+        if self.clean:
+            out.append("clean: the index and the files agree")
+        elif self.repair:
+            out.append("repaired: the index now follows the files")
+        else:
+            out.append("not repaired (run with repair to make the index follow the files)")
+        return out
+
+
+def _check_id(cid: bytes) -> None:
+    if not isinstance(cid, bytes) or len(cid) != ID_SIZE:
+        raise UsageError(f"a chunk id must be {ID_SIZE} bytes")
+
+
+def _checked_ids(ids: Iterable[bytes]) -> Iterator[bytes]:
+    for cid in ids:
+        _check_id(cid)
+        yield cid
+
+
+def _check_pin_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise UsageError("a pin name must be a non-empty string")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("a pin name must be valid Unicode (no lone surrogates)") from None
+    if len(raw) > MAX_PIN_NAME:
+        raise UsageError(f"a pin name must be at most {MAX_PIN_NAME} bytes of UTF-8")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise UsageError("a pin name must not contain control characters")
+
+
+def _hash(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data, max_threads=1).digest()
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) on the file system holding ``fd``; falls back to sync(2)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+
+
+def _discard(paths: Iterable[Path | None]) -> None:
+    for p in paths:
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+_owners: dict[int, str] = {}
+
+
+def _owner() -> str:
+    """This process as an intent owner: pid and start time, so a reused pid differs."""
+    pid = os.getpid()
+    if pid not in _owners:
+        _owners[pid] = process_token(pid)
+    return _owners[pid]
+
+
+class Store:
+    """A local CAS of chunks and objects under ``root``, with pins and a quota."""
+
+    def __init__(
+        self, root: Path, *, max_bytes: int | None = None, min_free_bytes: int = 0
+    ) -> None:
+        self.root = Path(root)
+        self.chunks_dir = self.root / "chunks"
+        self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self.index_path = self.root / "index.sqlite"
+        for d in (self.root, self.chunks_dir, self.tmp_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.RLock()  # re-entrant: fsck and recovery quarantine under it
+        self._room = threading.Condition(self._lock)  # notified when a reservation ends
+        self._inflight = 0  # bytes this Store has reserved and not yet committed
+        self._max_bytes, self._min_free = self._check_quota(max_bytes, min_free_bytes)
+        self._protector: Callable[[], Collection[bytes]] | None = None
+        self._touch_lock = threading.Lock()
+        self._touched: dict[bytes, int] = {}
+        self._last_flush = time.monotonic()
+        self._clock = 0
+        self._clean_tmp()
+        self.index = self._open_index()
+        self._recover()
+        if self._max_bytes is not None or self._min_free:
+            self._fit_quota()
+
+    # -- opening, recovering and rebuilding ----------------------------------------
+
+    def _open_index(self) -> Index:
+        try:
+            index = Index(self.index_path)
+        except IndexCorrupt as e:
+            aside = self.index_path.with_name(f"index.sqlite.corrupt-{time.time_ns()}")
+            log.error("%s; moving it to %s and rebuilding from the chunk files", e, aside.name)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.index_path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            index = Index(self.index_path)
+            self.index = index
+            sets = index.salvage_pins(Path(str(aside)))
+            if sets:
+                log.warning("kept %d pin sets from the damaged index", sets)
+            self.rebuild_index()
+            return index
+        self.index = index
+        if index.created and self._any_chunk_file():
+            log.warning("index %s was missing; rebuilding it from the chunk files", self.index_path)
+            self.rebuild_index()
+        return index
+
+    def _any_chunk_file(self) -> bool:
+        for _ in self._chunk_files():
+            return True
+        return False
+
+    def _chunk_files(self) -> Iterable[Path]:
+        for d1 in sorted(self.chunks_dir.iterdir()):
+            if not d1.is_dir():
+                continue
+            for d2 in sorted(d1.iterdir()):
+                if not d2.is_dir():
+                    continue
+                yield from sorted(d2.iterdir())
+
+    def _dead_temp_files(self) -> list[Path]:
+        dead = []
+        for p in self.tmp_dir.iterdir():
+            pid_text = p.name.split("-", 1)[0]
+            if not (pid_text.isdigit() and pid_alive(int(pid_text))):
+                dead.append(p)
+        return dead
+
+    def _clean_tmp(self) -> None:
+        """Remove temp files left by processes that are gone."""
+        for p in self._dead_temp_files():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                log.info("removed stale temp file %s", p)
+
+    def _recover(self, intents: list[Intent] | None = None) -> list[str]:
+        """Finish the puts and evictions of writers that died (kill -9, power cut).
+
+        A put intent's file, if it was renamed into place, is verified and
+        indexed; an evict intent's file is deleted unless the id was stored
+        again since. Returns what was done, one line each.
+        """
+        if intents is None:
+            intents = [i for i in self.index.intents() if not token_alive(i.owner)]
+        done: list[str] = []
+        if not intents:
+            return done
+        with self._lock:
+            for i in sorted(intents, key=lambda i: i.op != "put"):  # puts first
+                path = self.path_of(i.id)
+                if i.op == "put":
+                    try:
+                        data = path.read_bytes()
+                    except FileNotFoundError:
+                        done.append(f"put of {i.id.hex()} never completed; dropped")
+                        continue
+                    if _hash(data) != i.id:
+                        self._quarantine(path, i.id)
+                        done.append(f"put of {i.id.hex()} left a corrupt file; quarantined")
+                        continue
+                    if self.index.add_chunks([(i.id, len(data), "recovered")], self._now()):
+                        done.append(f"put of {i.id.hex()} completed; indexed")
+                elif not self.index.has_chunk(i.id):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        done.append(f"eviction of {i.id.hex()} completed; file deleted")
+            self.index.drop_intents(i.seq for i in intents)
+        log.warning(
+            "finished %d puts or evictions of a writer that died: %d changes",
+            len(intents),
+            len(done),
+        )
+        return done
+
+    def rebuild_index(self) -> tuple[int, list[ChunkId]]:
+        """Rebuild the chunk index from the chunk files, verifying each one.
+
+        Files whose bytes do not match their name are quarantined and counted;
+        files whose name is not an id are quarantined too. Pin sets are kept.
+        Returns (good, bad ids).
+        """
+        rows: list[tuple[bytes, int, str]] = []
+        bad: list[ChunkId] = []
+        for path in self._chunk_files():
+            cid = self._id_of(path)
+            if cid is None:
+                log.warning("quarantining stray file %s in the store", path)
+                self._quarantine(path, None)
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                log.warning("cannot read %s while rebuilding: %s", path, e)
+                continue
+            if _hash(data) != cid:
+                self._quarantine(path, cid)
+                bad.append(ChunkId(cid))
+                continue
+            rows.append((cid, len(data), "rebuilt"))
+        self.index.replace_chunks(rows, time.time_ns())
+        # The counter lived in the old index; what is in quarantine/ is a floor.
+        self.index.raise_counter(CORRUPT_COUNTER, self._quarantine_count())
+        log.info("index rebuilt: %d chunks, %d corrupt", len(rows), len(bad))
+        return len(rows), bad
+
+    def close(self) -> None:
+        with contextlib.suppress(IndexCorrupt):
+            self.flush_touches()
+        self.index.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def files_cache(self) -> FilesCache:
+        return self.index.files
+
+    # -- paths ---------------------------------------------------------------------
+
+    def _shard_dir(self, cid: bytes) -> Path:
+        h = cid.hex()
+        return self.chunks_dir / h[0:2] / h[2:4]
+
+    def path_of(self, cid: bytes) -> Path:
+        _check_id(cid)
+        return self._shard_dir(cid) / cid.hex()
+
+    def _id_of(self, path: Path) -> bytes | None:
+        """The id a file under chunks/ is named by, or None if it is not in its place."""
+        try:
+            cid = bytes.fromhex(path.name)
+        except ValueError:
+            return None
+        if len(cid) != ID_SIZE or path.name != cid.hex() or path.parent != self._shard_dir(cid):
+            return None
+        return cid
+
+    def _temp(self) -> tuple[int, Path]:
+        path = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return fd, path
+
+    def _now(self) -> int:
+        """Nanoseconds since the epoch, strictly increasing within this Store (LRU order)."""
+        with self._touch_lock:
+            self._clock = max(time.time_ns(), self._clock + 1)
+            return self._clock
+
+    # -- quota ---------------------------------------------------------------------
+
+    @staticmethod
+    def _check_quota(max_bytes: int | None, min_free_bytes: int) -> tuple[int | None, int]:
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise UsageError(f"the cache quota must be a number of bytes >= 0, not {max_bytes!r}")
+        if not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+            raise UsageError(f"the free-space floor must be bytes >= 0, not {min_free_bytes!r}")
+        return max_bytes, min_free_bytes
+
+    def set_quota(self, max_bytes: int | None, min_free_bytes: int = 0) -> None:
+        """Change the quota; evicts (LRU, unpinned, unprotected) until the store fits it,
+        as far as pins and the protector allow."""
+        limits = self._check_quota(max_bytes, min_free_bytes)
+        with self._lock:
+            self._max_bytes, self._min_free = limits
+        self._fit_quota()
+
+    def set_protector(self, protect: Callable[[], Collection[bytes]] | None) -> None:
+        """``protect()`` answers the ids that must not be evicted right now (chunks
+        of open files). It is called at eviction time, from the evicting thread,
+        without the store's lock held."""
+        self._protector = protect
+
+    def _protected(self) -> Collection[bytes]:
+        protect = self._protector
+        if protect is None:
+            return frozenset()
+        ids = protect()
+        return ids if isinstance(ids, set | frozenset) else frozenset(ids)
+
+    def _disk_room(self, *, headroom: bool = True) -> int | None:
+        """Free bytes on the store's file system above the floor; None without any quota.
+
+        With a floor, puts also leave INDEX_HEADROOM_BYTES free: the index (on the
+        same file system) may grow by that much after a check (its WAL is bounded),
+        and the floor must hold through that too. The quota reported by
+        ``cache_usage`` is the plain ``stored + free - min_free_bytes``."""
+        if self._max_bytes is None and self._min_free == 0:
+            return None
+        st = os.statvfs(self.root)
+        extra = INDEX_HEADROOM_BYTES if self._min_free and headroom else 0
+        return st.f_bavail * st.f_frsize - self._min_free - extra
+
+    def _reserve(self, items: list[tuple[bytes, int]]) -> list[int]:
+        """Reserve room for ``items``, evicting as needed; returns the put intents.
+
+        Raises QuotaExceeded (having changed nothing) when pinned and protected
+        chunks leave no room. A failure caused only by this Store's own puts in
+        flight waits for them to finish and tries again.
+        """
+        need = sum(size for _, size in items)
+        protected: Collection[bytes] | None = None if self._protector else frozenset()
+        while True:
+            with self._lock:
+                r = self.index.reserve(
+                    _owner(),
+                    items,
+                    max_bytes=self._max_bytes,
+                    disk_room=self._disk_room(),
+                    protected=protected,
+                    touched=self._take_touched(),
+                )
+                if r.fits:
+                    self._inflight += need
+                    self._unlink_evicted(r.victims)
+                    return r.put_seqs
+                if not r.ask_protector:
+                    if self._inflight == 0:
+                        raise QuotaExceeded(self._no_room(r, need))
+                    self._room.wait()  # our own puts in flight become evictable when done
+                    protected = None if self._protector else frozenset()
+                    continue
+            protected = self._protected()
+
+    def _no_room(self, r: Reservation, need: int) -> str:
+        limit = 0 if r.limit is None else r.limit
+        how = [f"max_bytes {format_size(self._max_bytes)}"] if self._max_bytes is not None else []
+        if self._min_free:
+            how.append(f"min_free_bytes {format_size(self._min_free)} of free disk kept")
+        count, names = self.index.pin_set_names(3)
+        pinned = f"{format_size(r.pinned)} is pinned"
+        if count:
+            more = f" and {count - len(names)} more" if count > len(names) else ""
+            pinned += f" by {count} pin set{'s' * (count > 1)}: " + ", ".join(map(repr, names))
+            pinned += more
+        return (
+            f"cannot store {format_size(need)}: the local store's quota is {format_size(limit)}"
+            f" ({'; '.join(how) or 'disk full'}): {format_size(r.stored)} is stored, {pinned}"
+            + (
+                ""
+                if r.protected is None
+                else f", {format_size(r.protected)} is in use by open files"
+            )
+            + f" and {format_size(r.reserved)} is being written; unpin something or raise the quota"
+        )
+
+    def _unlink_evicted(self, victims: list[Intent]) -> None:
+        """Delete evicted files (rows already gone, intents recorded); under self._lock."""
+        if not victims:
+            return
+        for v in victims:
+            with contextlib.suppress(FileNotFoundError):
+                self.path_of(v.id).unlink()
+        self.index.drop_intents(v.seq for v in victims)
+        log.debug("evicted %d chunks (%d bytes)", len(victims), sum(v.size for v in victims))
+
+    def _end_reservation(self, need: int) -> None:
+        """Under self._lock: the reservation's bytes are committed or released."""
+        self._inflight -= need
+        self._room.notify_all()
+
+    def _abandon(self, seqs: list[int], need: int) -> None:
+        with self._lock:
+            try:
+                self.index.drop_intents(seqs)
+            finally:
+                self._end_reservation(need)
+
+    def evict(self, nbytes: int) -> tuple[int, int]:
+        """Evict least recently used, unpinned, unprotected chunks worth at least
+        ``nbytes`` (or all there are): returns (chunks evicted, bytes freed).
+
+        Works in batches of EVICT_BATCH chunks, each one transaction and its
+        unlinks, so puts from other threads interleave with a big eviction."""
+        count = freed = 0
+        if nbytes <= 0:
+            return 0, 0
+        protected = self._protected()
+        while freed < nbytes:
+            with self._lock:
+                victims = self.index.evict(
+                    _owner(), nbytes - freed, protected, self._take_touched(), EVICT_BATCH
+                )
+                self._unlink_evicted(victims)
+            count += len(victims)
+            freed += sum(v.size for v in victims)
+            if len(victims) < EVICT_BATCH:
+                break
+        return count, freed
+
+    def cache_usage(self) -> CacheUsage:
+        with self._lock:
+            room = self._disk_room(headroom=False)
+            chunks, stored, pinned, evictions, reserved = self.index.usage()
+        limit = self._max_bytes
+        if room is not None:
+            limit = stored + room if limit is None else min(limit, stored + room)
+        return CacheUsage(
+            bytes=stored,
+            quota=None if limit is None else max(0, limit),
+            max_bytes=self._max_bytes,
+            min_free_bytes=self._min_free,
+            pinned_bytes=pinned,
+            evictions=evictions,
+            chunks=chunks,
+            reserved=reserved,
+        )
+
+    # -- access times --------------------------------------------------------------
+
+    def touch(self, cids: Iterable[bytes]) -> None:
+        """Mark ids as just used (LRU). Kept in memory; see TOUCH_FLUSH_SECONDS."""
+        now = self._now()
+        with self._touch_lock:
+            for cid in cids:
+                self._touched[cid] = now
+        self._maybe_flush()
+
+    def _take_touched(self) -> dict[bytes, int]:
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
+            self._last_flush = time.monotonic()
+        return touched
+
+    def _maybe_flush(self) -> None:
+        if (
+            len(self._touched) >= TOUCH_FLUSH_MAX
+            or time.monotonic() - self._last_flush >= TOUCH_FLUSH_SECONDS
+        ):
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the access times noted in memory to the index."""
+        touched = self._take_touched()
+        if touched:
+            self.index.touch(touched)
+
+    # -- pins ----------------------------------------------------------------------
+
+    def pin(self, name: str, ids: Iterable[bytes]) -> None:
+        """Add ids to pin set ``name`` (creating it), in one transaction. Ids need
+        not be stored yet: a pin is recorded before its chunks are fetched."""
+        _check_pin_name(name)
+        self.index.pin(name, _checked_ids(ids), time.time_ns())
+
+    def unpin(self, name: str) -> None:
+        """Drop pin set ``name``; its chunks become evictable (unless another set holds
+        them). NotFound if there is no such set."""
+        _check_pin_name(name)
+        if not self.index.unpin(name):
+            raise NotFound(f"no pin set named {name!r}")
+
+    def pin_sets(self) -> list[PinSet]:
+        return self.index.pin_sets()
+
+    def pinned_missing(self, name: str) -> list[bytes]:
+        """Ids of pin set ``name`` that are not stored (what a resumed pin must fetch)."""
+        _check_pin_name(name)
+        missing = self.index.pinned_missing(name)
+        if missing is None:
+            raise NotFound(f"no pin set named {name!r}")
+        return missing
+
+    def is_pinned(self, cid: bytes) -> bool:
+        _check_id(cid)
+        return self.index.is_pinned(cid)
+
+    def pinned_bytes(self) -> int:
+        """Bytes of stored pinned chunks, each counted once."""
+        return self.index.counter(PINNED_BYTES)
+
+    # -- writing -------------------------------------------------------------------
+
+    def chunk_ids(self) -> list[bytes]:
+        """Every id the index lists (chunks and objects): what this node can serve."""
+        return self.index.chunk_ids()
+
+    def has(self, cid: bytes) -> bool:
+        return self.path_of(cid).exists()
+
+    def put(
+        self,
+        cid: bytes,
+        data: bytes | memoryview,
+        *,
+        verify: bool = True,
+        source: str = "local",
+        durable: bool = True,
+    ) -> bool:
+        """Store ``data`` under ``cid``; True if it was not stored before.
+
+        With ``verify`` (the default) the bytes must hash to ``cid``, else
+        IntegrityError and nothing is stored. QuotaExceeded (nothing stored) if
+        the quota leaves no room. ``durable=False`` skips the fsync: for chunks
+        fetched into the cache, which peers or the origin still hold; a file torn
+        by a power cut fails verification when read, is quarantined and fetched
+        again (an fsync per fetched chunk cost a quarter of a peer read's CPU).
+        """
+        _check_id(cid)
+        if verify and _hash(data) != cid:
+            raise IntegrityError(f"data does not hash to chunk id {cid.hex()}; not stored")
+        if self.path_of(cid).exists():
+            return False
+        size = len(memoryview(data).cast("B"))
+        seqs = self._reserve([(cid, size)])
+        tmp: Path | None = None
+        try:
+            fd, tmp = self._temp()
+            try:
+                write_all(fd, data)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _discard([tmp])  # before the reservation ends: the bytes stay counted
+            self._abandon(seqs, size)
+            raise
+        return self._commit(seqs, [(cid, tmp, size)], size, source) == 1
+
+    def put_many(
+        self, items: Iterable[tuple[bytes, bytes | memoryview]], *, source: str = "local"
+    ) -> int:
+        """Store many verified chunks with one durability barrier; returns how many were new.
+
+        Every item is verified before anything is written (IntegrityError names
+        the first bad one). Then: one reservation for the whole batch (all or
+        nothing: QuotaExceeded stores none), temp files, one barrier, renames,
+        one index transaction.
+        """
+        todo: dict[bytes, bytes | memoryview] = {}
+        for cid, data in items:
+            _check_id(cid)
+            if cid in todo:
+                continue
+            if _hash(data) != cid:
+                raise IntegrityError(
+                    f"data does not hash to chunk id {cid.hex()}; batch not stored"
+                )
+            if not self.path_of(cid).exists():
+                todo[cid] = data
+        if not todo:
+            return 0
+        sizes = [(cid, len(memoryview(data).cast("B"))) for cid, data in todo.items()]
+        need = sum(size for _, size in sizes)
+        seqs = self._reserve(sizes)
+        written: list[tuple[bytes, Path, int]] = []
+        try:
+            for (cid, size), data in zip(sizes, todo.values(), strict=True):
+                fd, tmp = self._temp()
+                written.append((cid, tmp, size))
+                try:
+                    write_all(fd, data)
+                    if BATCH_BARRIER == "fsync":
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if BATCH_BARRIER == "syncfs":
+                dfd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    _syncfs(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException:
+            _discard(tmp for _, tmp, _ in written)
+            self._abandon(seqs, need)
+            raise
+        return self._commit(seqs, written, need, source)
+
+    def _commit(
+        self, seqs: list[int], written: list[tuple[bytes, Path, int]], need: int, source: str
+    ) -> int:
+        """Rename durable temp files into place, index them and end their reservation;
+        returns how many were new. Whatever was renamed is indexed even if a later
+        rename fails; temp files not renamed are deleted before the reservation
+        ends, so they never count outside the quota."""
+        rows: list[tuple[bytes, int, str, int]] = []
+        with self._lock:
+            try:
+                for cid, tmp, size in written:
+                    final = self.path_of(cid)
+                    if final.exists():
+                        continue
+                    try:
+                        os.rename(tmp, final)
+                    except FileNotFoundError:
+                        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                        os.rename(tmp, final)
+                    rows.append((cid, size, source, self._now()))  # batch order is LRU order
+            finally:
+                try:
+                    _discard(tmp for _, tmp, _ in written)
+                    self.index.commit_puts(seqs, rows)
+                finally:
+                    self._end_reservation(need)
+        return len(rows)
+
+    def put_object(self, data: bytes) -> ChunkId:
+        """Store an encoded object (blob, tree, snapshot); returns its id."""
+        oid = object_id(data)
+        self.put(oid, data, verify=False, source="object")
+        return oid
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, cid: bytes) -> bytes:
+        """The bytes of ``cid``, verified; MissingChunk if absent, CorruptChunk if bad.
+
+        Marks ``cid`` as just used (like ``touch``)."""
+        data = self._read(cid)
+        with self._touch_lock:
+            self._clock = max(time.time_ns(), self._clock + 1)
+            self._touched[cid] = self._clock
+        self._maybe_flush()
+        return data
+
+    def _read(self, cid: bytes) -> bytes:
+        path = self.path_of(cid)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            # Under the lock: a put renames and indexes as one step, so a file that
+            # appeared since our open is seen here and its fresh row is kept.
+            with self._lock:
+                if not path.exists() and self.index.has_chunk(cid):
+                    log.warning("chunk %s is indexed but its file is gone", cid.hex())
+                    self.index.remove_chunk(cid)
+            raise MissingChunk(f"chunk {cid.hex()} is not in the local store") from None
+        if _hash(data) != cid:
+            self._quarantine(path, cid)
+            raise CorruptChunk(f"chunk {cid.hex()} in the local store is corrupt (quarantined)")
+        return data
+
+    def get_object(self, oid: bytes) -> bytes:
+        return self.get(oid)
+
+    def _quarantine(self, path: Path, cid: bytes | None) -> None:
+        """Move a bad file to quarantine/, drop its index row and count it.
+
+        Under the lock, so that a good copy put meanwhile keeps its row."""
+        dest = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
+        with self._lock:
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                return  # another thread got there first and counted it
+            if cid is not None:
+                self.index.remove_chunk(cid)
+                self.index.add_counter(CORRUPT_COUNTER)
+        if cid is not None:
+            log.warning("chunk %s failed verification; moved to %s", cid.hex(), dest)
+
+    def scrub(self) -> tuple[int, list[ChunkId]]:
+        """Verify every stored file; quarantine the bad ones. Returns (good, bad ids).
+
+        Does not count as use: the LRU order is left alone."""
+        good = 0
+        bad: list[ChunkId] = []
+        for path in list(self._chunk_files()):
+            cid = self._id_of(path)
+            if cid is None:
+                continue
+            try:
+                self._read(cid)
+            except CorruptChunk:
+                bad.append(ChunkId(cid))
+            except MissingChunk:
+                continue
+            else:
+                good += 1
+        return good, bad
+
+    # -- fsck --------------------------------------------------------------------------
+
+    def fsck(self, *, repair: bool, verify: bool = True) -> FsckReport:
+        """Compare the index with the files; with ``repair``, make the index follow them.
+
+        Finds files without a row (repair: verify and index them), rows without
+        a file (drop them), sizes that disagree (verify the file: fix the row or
+        quarantine), files that fail their hash (with ``verify``, the default:
+        quarantine), stray entries in chunks/ (quarantine), temp files and
+        unfinished intents of dead writers (finish them), and totals or pin
+        counts that disagree with a recount (recount). Ids a live writer is
+        working on are skipped; each finding is re-checked under the store's
+        lock before it is reported, so fsck can run while the store is in use.
+        Walks the files and the index rows side by side in id order (one shard
+        directory and one batch of rows in memory at a time).
+        """
+        report = FsckReport(repair)
+        for p in self._dead_temp_files():
+            report.temp_files += 1
+            report.note(f"temp file {p.name} of a writer that is gone" + (" removed" * repair))
+            if repair:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        stale = [i for i in self.index.intents() if not token_alive(i.owner)]
+        report.stale_intents = len(stale)
+        if repair:
+            for line in self._recover(stale):
+                report.note(line)
+        else:
+            for i in stale:
+                report.note(f"{i.id.hex()}: unfinished {i.op} of a writer that is gone")
+        busy = {i.id for i in stale}
+        files = self._walk_ids(report)
+        rows = self.index.iter_chunks()
+        f, r = next(files, None), next(rows, None)
+        while f is not None or r is not None:
+            if r is None or (f is not None and f[0] < r[0]):
+                assert f is not None
+                if f[0] not in busy:
+                    self._fsck_unindexed(f[0], f[1], report)
+                f = next(files, None)
+                continue
+            report.rows += 1
+            if f is None or r[0] < f[0]:
+                if r[0] not in busy:
+                    self._fsck_missing(r[0], report)
+            else:
+                self._fsck_pair(f[1], r[0], r[1], verify, report)
+                f = next(files, None)
+            r = next(rows, None)
+        for line in self.index.check_totals(repair):
+            report.counters += 1
+            report.note(line + (" (recounted)" if repair else ""))
+        if repair and report.unindexed:
+            self._fit_quota()
+        log.log(
+            logging.INFO if report.clean else logging.WARNING,
+            "fsck of %s: %s",
+            self.root,
+            "; ".join(report.lines()[1:3]),
+        )
+        return report
+
+    def _fit_quota(self) -> None:
+        usage = self.cache_usage()
+        if usage.quota is not None and usage.bytes + usage.reserved > usage.quota:
+            n, freed = self.evict(usage.bytes + usage.reserved - usage.quota)
+            log.info(
+                "quota %s: evicted %d chunks (%s)", format_size(usage.quota), n, format_size(freed)
+            )
+
+    def _walk_ids(self, report: FsckReport) -> Iterator[tuple[bytes, Path]]:
+        """(id, path) of the chunk files in id order; strays are noted (and quarantined)."""
+
+        def shard(p: Path) -> bool:
+            return p.is_dir() and len(p.name) == 2 and all(c in "0123456789abcdef" for c in p.name)
+
+        for d1 in sorted(self.chunks_dir.iterdir()):
+            if not shard(d1):
+                self._fsck_stray(d1, report)
+                continue
+            for d2 in sorted(d1.iterdir()):
+                if not shard(d2):
+                    self._fsck_stray(d2, report)
+                    continue
+                for p in sorted(d2.iterdir()):
+                    cid = self._id_of(p)
+                    if cid is None or not p.is_file():
+                        self._fsck_stray(p, report)
+                        continue
+                    report.files += 1
+                    yield cid, p
+
+    def _fsck_stray(self, path: Path, report: FsckReport) -> None:
+        report.stray += 1
+        rel = path.relative_to(self.root)
+        if not report.repair:
+            report.note(f"{rel}: not a chunk file in its place")
+            return
+        dest = self.quarantine_dir / f"stray-{path.name}.{time.time_ns()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, dest)
+        report.note(f"{rel}: not a chunk file in its place; moved to quarantine/{dest.name}")
+
+    def _fsck_unindexed(self, cid: bytes, path: Path, report: FsckReport) -> None:
+        with self._lock:
+            if not path.exists() or self.index.has_chunk(cid) or self.index.has_intent(cid):
+                return  # a put or an eviction got there meanwhile
+            report.unindexed += 1
+            if not report.repair:
+                report.note(f"{cid.hex()}: file not in the index")
+                return
+            data = path.read_bytes()
+            if _hash(data) != cid:
+                self._quarantine(path, cid)
+                report.note(f"{cid.hex()}: file not in the index and corrupt; quarantined")
+                return
+            self.index.add_chunks([(cid, len(data), "fsck")], self._now())
+            report.note(f"{cid.hex()}: file not in the index; verified and indexed")
+
+    def _fsck_missing(self, cid: bytes, report: FsckReport) -> None:
+        with self._lock:
+            if self.path_of(cid).exists() or not self.index.has_chunk(cid):
+                return
+            report.missing += 1
+            if report.repair:
+                self.index.remove_chunk(cid)
+            report.note(f"{cid.hex()}: index row without a file" + (" dropped" * report.repair))
+
+    def _fsck_pair(
+        self, path: Path, cid: bytes, size: int, verify: bool, report: FsckReport
+    ) -> None:
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            return  # evicted meanwhile
+        if actual != size:
+            with self._lock:
+                size_now = self.index.chunk_size(cid)
+                try:
+                    actual = path.stat().st_size
+                except FileNotFoundError:
+                    return
+                if size_now is None or size_now == actual:
+                    return
+                report.size_mismatches += 1
+                what = f"{cid.hex()}: index says {size_now} bytes, file has {actual}"
+                if not report.repair:
+                    report.note(what)
+                    return
+                data = path.read_bytes()
+                if _hash(data) == cid:
+                    self.index.set_size(cid, len(data))
+                    report.note(what + "; file verified, row fixed")
+                else:
+                    self._quarantine(path, cid)
+                    report.note(what + "; file corrupt, quarantined")
+            return
+        if not verify:
+            return
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        report.verified += 1
+        if _hash(data) == cid:
+            return
+        with self._lock:
+            try:
+                if _hash(path.read_bytes()) == cid:
+                    return  # replaced by a good copy meanwhile
+            except FileNotFoundError:
+                return
+            report.corrupt += 1
+            if report.repair:
+                self._quarantine(path, cid)
+            report.note(
+                f"{cid.hex()}: bytes do not match the id" + (" quarantined" * report.repair)
+            )
+
+    # -- counters --------------------------------------------------------------------
+
+    def _quarantine_count(self) -> int:
+        return sum(1 for _ in self.quarantine_dir.iterdir())
+
+    def statistics(self) -> StoreStats:
+        chunks, total = self.index.chunk_totals()
+        return StoreStats(
+            chunks=chunks,
+            bytes=total,
+            corrupt_chunks=self.index.counter(CORRUPT_COUNTER),
+            quarantined=self._quarantine_count(),
+        )

@@ -1,0 +1,1 @@
+"""Who is who: the estate CA, certificates, revocation, TLS, desktop credentials."""

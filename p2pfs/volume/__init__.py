@@ -1,0 +1,1 @@
+"""Volumes: the registry, import, the publisher's work tree, commits, pins."""

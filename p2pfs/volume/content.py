@@ -1,0 +1,354 @@
+"""Verified content in memory: chunks, decoded trees and file layouts.
+
+Every chunk is verified once, when it enters memory (the store hashes what it
+reads from disk; a network loader will hash what it receives), and is then
+served from memory without hashing again: that is how integrity and speed go
+together. Loads run in worker threads; concurrent misses on one chunk share one
+load.
+
+Atomicity under trio: the LRU dicts are only touched from the event loop
+thread, between checkpoints, so they need no lock; worker threads only see the
+store and the ids they are given.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from itertools import accumulate
+
+import trio
+
+from p2pfs.errors import CorruptChunk, IntegrityError, MissingChunk, P2pfsError
+from p2pfs.objects.model import Blob, Tree, decode_blob, decode_tree
+from p2pfs.store.cas import Store
+
+log = logging.getLogger(__name__)
+
+ChunkLoader = Callable[[bytes], Awaitable[bytes]]
+# Loads several chunks in one go: a result per id, bytes or the error it raised.
+BatchLoader = Callable[[list[bytes]], Awaitable[list[bytes | BaseException]]]
+# Fetches verified bytes the local store lacks (from peers or the origin).
+RemoteLoader = Callable[[bytes], Awaitable[bytes]]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loaded_bytes: int = 0
+    evictions: int = 0
+
+
+class _Abandoned(Exception):
+    """A background load was cancelled: whoever waits on it loads the chunk itself."""
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkCache:
+    """A byte-bounded LRU of verified chunks with shared in-flight loads."""
+
+    def __init__(
+        self,
+        loader: ChunkLoader,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        batch_loader: BatchLoader | None = None,
+    ) -> None:
+        self.loader = loader
+        self.batch_loader = batch_loader
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lru: OrderedDict[bytes, bytes] = OrderedDict()
+        self._pending: dict[bytes, _Pending] = {}
+        self.stats = CacheStats()
+
+    def get_cached(self, cid: bytes) -> bytes | None:
+        data = self._lru.get(cid)
+        if data is not None:
+            self._lru.move_to_end(cid)
+            self.stats.hits += 1
+        return data
+
+    def is_loading(self, cid: bytes) -> bool:
+        return cid in self._pending
+
+    async def get(self, cid: bytes) -> bytes:
+        while True:
+            data = self.get_cached(cid)
+            if data is not None:
+                return data
+            pending = self._pending.get(cid)
+            if pending is None:
+                return await self._load(cid)
+            await pending.done.wait()
+            if isinstance(pending.error, _Abandoned):
+                continue
+            if pending.error is not None:
+                raise pending.error
+            assert pending.result is not None
+            return pending.result
+
+    async def _load(self, cid: bytes) -> bytes:
+        pending = self._pending[cid] = _Pending()
+        self.stats.misses += 1
+        try:
+            data = await self.loader(cid)
+        except BaseException as e:
+            pending.error = e
+            raise
+        else:
+            pending.result = data
+            self._insert(cid, data)
+            return data
+        finally:
+            del self._pending[cid]
+            pending.done.set()
+
+    def _insert(self, cid: bytes, data: bytes) -> None:
+        self.stats.loaded_bytes += len(data)
+        if cid in self._lru:
+            return
+        self._lru[cid] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self.bytes -= len(old)
+            self.stats.evictions += 1
+
+    async def prefetch(self, cid: bytes) -> None:
+        """Load a chunk in the background; failures are left for the real read to report."""
+        if cid in self._lru or cid in self._pending:
+            return
+        try:
+            await self._load(cid)
+        except P2pfsError as e:
+            log.debug("prefetch of %s failed: %s", cid.hex(), e)
+
+    async def prefetch_run(self, cids: list[bytes]) -> None:
+        """Load several chunks in the background with one batch (one worker-thread trip).
+
+        Handing each chunk to a thread on its own made the thread handoffs and the
+        GIL traffic they cause cost more than reading and hashing the chunk.
+        """
+        todo = [c for c in dict.fromkeys(cids) if c not in self._lru and c not in self._pending]
+        if not todo:
+            return
+        if self.batch_loader is None:
+            for cid in todo:
+                await self.prefetch(cid)
+            return
+        pendings = {cid: _Pending() for cid in todo}
+        self._pending.update(pendings)
+        self.stats.misses += len(todo)
+        results: list[bytes | BaseException] = []
+        try:
+            results = await self.batch_loader(todo)
+        except Exception as e:
+            results = [e] * len(todo)
+        finally:
+            # Cancelled: the waiters retry the load themselves.
+            results += [_Abandoned()] * (len(todo) - len(results))
+            for cid, result in zip(todo, results, strict=True):
+                pending = pendings[cid]
+                if isinstance(result, BaseException):
+                    pending.error = result
+                else:
+                    pending.result = result
+                    self._insert(cid, result)
+                del self._pending[cid]
+                pending.done.set()
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where each chunk of a file starts and ends: offset lookups by bisection."""
+
+    size: int
+    ids: tuple[bytes, ...]
+    ends: tuple[int, ...]  # cumulative end offset of each chunk
+
+    def index_of(self, offset: int) -> int:
+        return bisect_right(self.ends, offset)
+
+    def start_of(self, index: int) -> int:
+        return self.ends[index - 1] if index else 0
+
+
+class Content:
+    """Loads verified objects and chunks for the filesystem layer."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        chunk_cache_bytes: int = 256 * 1024 * 1024,
+        max_trees: int = 256,
+        max_layouts: int = 1024,
+        disk_threads: int = 4,
+        remote: RemoteLoader | None = None,
+    ) -> None:
+        self.store = store
+        self.remote = remote
+        self.limiter = trio.CapacityLimiter(disk_threads)
+        self.chunks = ChunkCache(
+            self.load_chunk, max_bytes=chunk_cache_bytes, batch_loader=self.load_chunks
+        )
+        self._objects = ChunkCache(self.load_chunk, max_bytes=32 * 1024 * 1024)
+        self._trees: OrderedDict[bytes, tuple[Tree, list[bytes]]] = OrderedDict()
+        self._layouts: OrderedDict[bytes, FileLayout] = OrderedDict()
+        self.max_trees = max_trees
+        self.max_layouts = max_layouts
+        self.bytes_from_local = 0
+
+    async def load_chunk(self, cid: bytes) -> bytes:
+        """Verified bytes: from the local store, else (missing or corrupt here) from the network."""
+        try:
+            # Store.get hashes what it read and quarantines a mismatch.
+            data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
+        except (MissingChunk, CorruptChunk):
+            if self.remote is None:
+                raise
+            return await self.remote(cid)
+        self.bytes_from_local += len(data)
+        return data
+
+    async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
+        """Several chunks with one worker-thread trip; missing ones fetched concurrently."""
+
+        def read_all() -> list[bytes | BaseException]:
+            out: list[bytes | BaseException] = []
+            for cid in cids:
+                try:
+                    out.append(self.store.get(cid))
+                except P2pfsError as e:
+                    out.append(e)
+            return out
+
+        results = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
+        for r in results:
+            if isinstance(r, bytes):
+                self.bytes_from_local += len(r)
+        if self.remote is not None:
+            remote = self.remote
+
+            async def fetch(i: int) -> None:
+                try:
+                    results[i] = await remote(cids[i])
+                except P2pfsError as e:
+                    results[i] = e
+
+            async with trio.open_nursery() as nursery:
+                for i, r in enumerate(results):
+                    if isinstance(r, MissingChunk | CorruptChunk):
+                        nursery.start_soon(fetch, i)
+        return results
+
+    async def object_bytes(self, oid: bytes) -> bytes:
+        # Through a small cache of its own, so concurrent lookups of one missing
+        # object share one fetch, and objects never push file data out.
+        return await self._objects.get(oid)
+
+    async def tree(self, tid: bytes) -> tuple[Tree, list[bytes]]:
+        """A decoded tree and its sorted names (for bisection)."""
+        hit = self._trees.get(tid)
+        if hit is not None:
+            self._trees.move_to_end(tid)
+            return hit
+        data = await self.object_bytes(tid)
+        tree = await trio.to_thread.run_sync(decode_tree, data, limiter=self.limiter)
+        value = (tree, [e.name for e in tree.entries])
+        self._trees[tid] = value
+        if len(self._trees) > self.max_trees:
+            self._trees.popitem(last=False)
+        return value
+
+    async def layout(self, blob_id: bytes) -> FileLayout:
+        hit = self._layouts.get(blob_id)
+        if hit is not None:
+            self._layouts.move_to_end(blob_id)
+            return hit
+        root = decode_blob(await self.object_bytes(blob_id))
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        await self._flatten(root, ids, lengths)
+        layout = FileLayout(root.size, tuple(ids), tuple(accumulate(lengths)))
+        if (layout.ends[-1] if layout.ends else 0) != root.size:
+            raise IntegrityError(f"blob {blob_id.hex()} covers a different size than it claims")
+        self._layouts[blob_id] = layout
+        if len(self._layouts) > self.max_layouts:
+            self._layouts.popitem(last=False)
+        return layout
+
+    async def _flatten(self, blob: Blob, ids: list[bytes], lengths: list[int]) -> None:
+        if blob.level == 0:
+            for ref in blob.refs:
+                ids.append(ref.id)
+                lengths.append(ref.length)
+            return
+        for ref in blob.refs:
+            child = decode_blob(await self.object_bytes(ref.id))
+            if child.level != blob.level - 1 or child.size != ref.length:
+                raise IntegrityError(f"blob index node {ref.id.hex()} does not fit its parent")
+            await self._flatten(child, ids, lengths)
+
+
+async def read_span(
+    chunks: ChunkCache, layout: FileLayout, offset: int, end: int
+) -> bytes | memoryview:
+    """Bytes ``offset`` to ``end`` of a file, from its verified chunks."""
+    i = layout.index_of(offset)
+    parts: list[memoryview] = []
+    pos = offset
+    while pos < end:
+        cid = layout.ids[i]
+        data = chunks.get_cached(cid)
+        if data is None:
+            data = await chunks.get(cid)
+        start = layout.start_of(i)
+        stop = min(end, layout.ends[i])
+        parts.append(memoryview(data)[pos - start : stop - start])
+        pos = stop
+        if pos < end:
+            i += 1
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(parts)
+
+
+# The kernel keeps several readahead requests in flight, so they may arrive slightly out
+# of order: a read that starts this near where the last one ended is still sequential.
+SEQUENTIAL_SLACK = 4 * 1024 * 1024
+# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
+# worker-thread trip (or concurrently from peers).
+READAHEAD_CHUNKS = 32
+PREFETCH_BATCH = 4
+
+
+def read_ahead(
+    chunks: ChunkCache,
+    layout: FileLayout,
+    end: int,
+    nursery: trio.Nursery,
+    window: int = READAHEAD_CHUNKS,
+) -> None:
+    """Start loading the ``window`` chunks after ``end`` that are not loaded or loading."""
+    last = layout.index_of(end - 1)
+    ahead = [
+        cid
+        for cid in layout.ids[last + 1 : last + 1 + window]
+        if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
+    ]
+    for k in range(0, len(ahead), PREFETCH_BATCH):
+        nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])

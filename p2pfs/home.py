@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-
 from p2pfs.errors import NotFound, P2pfsError
 from p2pfs.fsutil import write_atomic
-from p2pfs.ids import NodeId
+from p2pfs.ids import NodeId, derive
 from p2pfs.keys import SigningKey
 
 ENV_HOME = "P2PFS_HOME"
@@ -39,7 +37,7 @@ def default_home() -> Path:
 
 def node_id_of(public_key: bytes) -> NodeId:
     # Short enough to read in logs, long enough that a collision needs 2^64 work.
-    return NodeId(blake3.blake3(b"p2pfs-node-id\0" + public_key).digest()[:16])
+    return NodeId(derive(b"p2pfs-node-id\0", public_key, 16))
 
 
 @dataclass(frozen=True)

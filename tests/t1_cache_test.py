@@ -28,7 +28,7 @@ import pytest
 from p2pfs.errors import NotFound, UsageError
 from p2pfs.objects.model import object_id
 from p2pfs.store.cas import QuotaExceeded, Store
-from p2pfs.store.index import SCHEMA_VERSION
+from p2pfs.store.schema import SCHEMA_VERSION
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -681,9 +681,9 @@ def test_store_in_tempdir_without_quota_behaves_as_before() -> None:
 def test_a_big_eviction_runs_in_batches_in_lru_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p2pfs.store.cas
+    import p2pfs.store.quota
 
-    monkeypatch.setattr(p2pfs.store.cas, "EVICT_BATCH", 4)
+    monkeypatch.setattr(p2pfs.store.quota, "EVICT_BATCH", 4)
     with Store(tmp_path / "store") as store:
         items = [chunk(i, 100) for i in range(30)]
         store.put_many(items)  # batch order is LRU order

@@ -15,7 +15,7 @@ import pytest
 from p2pfs.errors import CorruptChunk, IntegrityError, MissingChunk
 from p2pfs.objects.model import Blob, ChunkRef, decode_blob, object_id
 from p2pfs.store.cas import Store
-from p2pfs.store.index import CachedFile
+from p2pfs.store.files_cache import CachedFile
 
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import blake3
 import trio
 
 from p2pfs.errors import P2pfsError
 from p2pfs.fs import fuse
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, XATTR_ID, XATTR_SNAPSHOT, Attr, FileSystem, FsError
+from p2pfs.ids import derive
 from p2pfs.net.link import Address, ApplianceLink
 from p2pfs.trust.desktop import DesktopToken
 from p2pfs.volume.content import SEQUENTIAL_SLACK
@@ -54,6 +54,7 @@ MAX_REQUEST = 1024 * 1024
 READ_BLOCK = 1024 * 1024
 READAHEAD_BLOCKS = 4
 KEPT_BLOCKS = 8
+_STATE_DOMAIN = b"p2pfs-thin-state\0"
 _KINDS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}
 
 
@@ -390,7 +391,7 @@ def state_dir() -> Path:
 
 
 def state_file(mountpoint: Path) -> Path:
-    return state_dir() / f"{blake3.blake3(os.fsencode(mountpoint)).hexdigest()[:24]}.json"
+    return state_dir() / f"{derive(_STATE_DOMAIN, os.fsencode(mountpoint), 12).hex()}.json"
 
 
 def read_state(mountpoint: Path) -> dict[str, Any] | None:

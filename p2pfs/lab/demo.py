@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import blake3
+from p2pfs.ids import content_id
 
 WORK = Path(os.environ.get("P2PFS_DEMO_DIR", "demo-run")).absolute()
 
@@ -99,8 +99,8 @@ def compare(src: Path, mnt: Path) -> tuple[int, int, list[str]]:
         elif stat.S_ISREG(ss.st_mode):
             if ss.st_mtime_ns != ms.st_mtime_ns:
                 problems.append(f"{rel}: mtime differs")
-            a = blake3.blake3(s.read_bytes()).digest()
-            b = blake3.blake3(m.read_bytes()).digest()
+            a = content_id(s.read_bytes())
+            b = content_id(m.read_bytes())
             if a != b:
                 problems.append(f"{rel}: content differs")
             files += 1

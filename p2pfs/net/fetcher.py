@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-import blake3
 import trio
 
 from p2pfs.errors import MissingChunk
+from p2pfs.ids import matches
 
 from . import messages
 from .connection import PeerUnavailable
@@ -161,7 +161,7 @@ class Fetcher:
         if err is not None:
             raise PeerUnavailable(err)
         # Hash as the bytes enter memory; nothing unverified goes further.
-        if blake3.blake3(payload).digest() != cid:
+        if not matches(cid, payload):
             peer.bad_chunks += 1
             self.stats.corrupt_chunks_rejected += 1
             self.quarantine.quarantine(peer, f"served a corrupt copy of chunk {cid.hex()}")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
+from p2pfs.ids import derive
 
 from .connection import Connection
 from .digest import Bloom
@@ -80,7 +80,7 @@ class Peer:
 
 
 def _score(cid: bytes, node_id: bytes) -> bytes:
-    return blake3.blake3(cid + node_id).digest(8)
+    return derive(cid, node_id, 8)  # rendezvous: BLAKE3(cid || node id)
 
 
 class PeerTable:

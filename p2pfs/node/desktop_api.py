@@ -39,12 +39,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
 import trio
 
 from p2pfs.errors import P2pfsError
 from p2pfs.fs.vfs import Head
 from p2pfs.home import Home
+from p2pfs.ids import keyed
 from p2pfs.net import wire
 from p2pfs.net.link import AUTH_TIMEOUT, LINK_VERSION, MAX_READ, Address, FrameReader, encode_result
 from p2pfs.objects.model import Entry, Kind
@@ -371,7 +371,7 @@ class DesktopServer:
 
     def _handle(self, session: _Session, blob: bytes) -> bytes:
         data = session.desktop.encode() + b"\0" + blob
-        return blake3.blake3(_HANDLE_DOMAIN + data, key=self._handle_key).digest()
+        return keyed(self._handle_key, _HANDLE_DOMAIN + data)
 
     def _volume_entry(self, name: str, head: Head) -> Entry:
         snap = head.snapshot

@@ -20,10 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
-
 from p2pfs.errors import DecodeError
-from p2pfs.ids import ID_SIZE, ChunkId
+from p2pfs.ids import ID_SIZE, content_id
 from p2pfs.keys import SIGNATURE_SIZE, SigningKey, verify
 
 from . import codec
@@ -58,9 +56,8 @@ class Kind(enum.IntEnum):
     SYMLINK = 3
 
 
-def object_id(data: bytes) -> ChunkId:
-    """An object's (or chunk's) id: BLAKE3-256 of its bytes."""
-    return ChunkId(blake3.blake3(data).digest())
+# An object's (or chunk's) id: BLAKE3-256 of its bytes.
+object_id = content_id
 
 
 # -- field checks (all raise DecodeError naming the field) -----------------------

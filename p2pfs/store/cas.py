@@ -16,14 +16,7 @@ Every read verifies the bytes against the id. A mismatch moves the file to
 ``corrupt_chunks`` counter and raises ``CorruptChunk``: a wrong byte is never
 returned.
 
-Quota and pins. The bytes of stored chunks and objects never exceed the
-effective quota, ``min(max_bytes, stored + free - min_free_bytes)``, not even
-while puts are in flight: a put first reserves its bytes (a put intent in the
-index, in the same transaction that reads the totals and, if needed, deletes
-the rows of least recently used victims), deletes the victims' files, and only
-then writes. Pinned chunks (held by any pin set) and protected ones (the
-protector's answer: chunks of open files) are never victims; when they leave
-no room, ``QuotaExceeded`` and nothing is stored.
+Quota and pins: ``quota.py``. Pinned chunks and those of open files are never evicted.
 
 Crash safety. Files change only after an intent naming them is committed
 (put: reserve, write, rename, index; evict: delete row + record intent, unlink,
@@ -44,42 +37,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-
 from p2pfs.errors import (
-    EXIT_ERROR,
     CorruptChunk,
     IntegrityError,
     MissingChunk,
     NotFound,
-    P2pfsError,
     UsageError,
 )
-from p2pfs.fsutil import pid_alive, process_token, token_alive, write_all
-from p2pfs.ids import ID_SIZE, ChunkId
+from p2pfs.fsutil import pid_alive, token_alive, write_all
+from p2pfs.ids import ID_SIZE, ChunkId, matches
 from p2pfs.objects.model import object_id
-from p2pfs.sizes import format_size
 
-from .index import (
-    INDEX_HEADROOM_BYTES,
-    PINNED_BYTES,
-    FilesCache,
-    Index,
-    IndexCorrupt,
-    Intent,
-    PinSet,
-    Reservation,
-)
+from .files_cache import FilesCache
+from .fsck import FsckMixin, FsckReport
+from .index import Index, Intent, PinSet
+from .quota import CacheUsage, Quota, QuotaExceeded
+from .schema import PINNED_BYTES, IndexCorrupt
 
 __all__ = ["CacheUsage", "FsckReport", "PinSet", "QuotaExceeded", "Store", "StoreStats"]
 
@@ -95,15 +77,6 @@ BATCH_BARRIER = "syncfs"
 TOUCH_FLUSH_SECONDS = 5.0
 TOUCH_FLUSH_MAX = 50_000
 MAX_PIN_NAME = 4096  # bytes of UTF-8
-EVICT_BATCH = 1024  # chunks per transaction (and per hold of the store's lock) in evict()
-FSCK_MAX_LINES = 100  # findings listed one by one in a report; the counts are always whole
-
-
-class QuotaExceeded(P2pfsError):
-    """The store cannot make room: what is left is pinned or in use."""
-
-    exit_code = EXIT_ERROR
-    errno = errno.ENOSPC
 
 
 @dataclass(frozen=True)
@@ -112,81 +85,6 @@ class StoreStats:
     bytes: int  # their total size
     corrupt_chunks: int  # chunks ever found corrupt (persistent)
     quarantined: int  # files now in quarantine/
-
-
-@dataclass(frozen=True)
-class CacheUsage:
-    bytes: int  # stored chunks and objects
-    quota: int | None  # the effective quota now (None: no limit)
-    max_bytes: int | None  # the configured quota
-    min_free_bytes: int  # the free-space floor
-    pinned_bytes: int  # stored bytes held by pin sets (each chunk once)
-    evictions: int  # chunks ever evicted (persistent)
-    chunks: int  # stored chunks and objects
-    reserved: int  # bytes of puts in flight and evicted files not yet deleted (all processes)
-
-
-@dataclass
-class FsckReport:
-    """What ``Store.fsck`` found and, with ``repair``, did. Counts are findings."""
-
-    repair: bool
-    files: int = 0  # chunk files looked at
-    rows: int = 0  # index rows looked at
-    verified: int = 0  # files whose hash was checked
-    unindexed: int = 0  # files without an index row
-    missing: int = 0  # index rows without a file
-    size_mismatches: int = 0  # row size differs from the file's
-    corrupt: int = 0  # files whose bytes do not hash to their name
-    stray: int = 0  # entries in chunks/ not named by an id in its place
-    temp_files: int = 0  # temp files of writers that are gone
-    stale_intents: int = 0  # unfinished puts and evictions of writers that are gone
-    counters: int = 0  # totals or pin counts that disagreed with a recount
-    findings: list[str] = field(default_factory=list)  # the first FSCK_MAX_LINES, one each
-
-    @property
-    def clean(self) -> bool:
-        return not (
-            self.unindexed
-            or self.missing
-            or self.size_mismatches
-            or self.corrupt
-            or self.stray
-            or self.temp_files
-            or self.stale_intents
-            or self.counters
-        )
-
-    def note(self, text: str) -> None:
-        if len(self.findings) < FSCK_MAX_LINES:
-            self.findings.append(text)
-        elif len(self.findings) == FSCK_MAX_LINES:
-            self.findings.append("... (more findings not listed; the counts are complete)")
-
-    def lines(self) -> list[str]:
-        checked = f"checked {self.files} files and {self.rows} index rows"
-        checked += f", verified {self.verified}" if self.verified else " (hashes not verified)"
-        out = [checked]
-        for count, what in (
-            (self.unindexed, "files not in the index"),
-            (self.missing, "index rows without a file"),
-            (self.size_mismatches, "size mismatches"),
-            (self.corrupt, "corrupt files (hash mismatch)"),
-            (self.stray, "stray entries in chunks/"),
-            (self.temp_files, "leftover temp files"),
-            (self.stale_intents, "unfinished puts or evictions of a dead writer"),
-            (self.counters, "wrong totals or pin counts"),
-        ):
-            if count:
-                out.append(f"{count} {what}")
-        out.extend(f"  {line}" for line in self.findings)
-        if self.clean:
-            out.append("clean: the index and the files agree")
-        elif self.repair:
-            out.append("repaired: the index now follows the files")
-        else:
-            out.append("not repaired (run with repair to make the index follow the files)")
-        return out
 
 
 def _check_id(cid: bytes) -> None:
@@ -213,10 +111,6 @@ def _check_pin_name(name: str) -> None:
         raise UsageError("a pin name must not contain control characters")
 
 
-def _hash(data: bytes | memoryview) -> bytes:
-    return blake3.blake3(data, max_threads=1).digest()
-
-
 _libc: ctypes.CDLL | None = None
 
 
@@ -237,18 +131,7 @@ def _discard(paths: Iterable[Path | None]) -> None:
                 p.unlink()
 
 
-_owners: dict[int, str] = {}
-
-
-def _owner() -> str:
-    """This process as an intent owner: pid and start time, so a reused pid differs."""
-    pid = os.getpid()
-    if pid not in _owners:
-        _owners[pid] = process_token(pid)
-    return _owners[pid]
-
-
-class Store:
+class Store(FsckMixin):
     """A local CAS of chunks and objects under ``root``, with pins and a quota."""
 
     def __init__(
@@ -262,19 +145,25 @@ class Store:
         for d in (self.root, self.chunks_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()  # re-entrant: fsck and recovery quarantine under it
-        self._room = threading.Condition(self._lock)  # notified when a reservation ends
-        self._inflight = 0  # bytes this Store has reserved and not yet committed
-        self._max_bytes, self._min_free = self._check_quota(max_bytes, min_free_bytes)
-        self._protector: Callable[[], Collection[bytes]] | None = None
+        Quota._check(max_bytes, min_free_bytes)  # before anything is opened
         self._touch_lock = threading.Lock()
         self._touched: dict[bytes, int] = {}
         self._last_flush = time.monotonic()
         self._clock = 0
         self._clean_tmp()
         self.index = self._open_index()
+        self.quota = Quota(
+            self.root,
+            self.index,
+            self._lock,
+            self.path_of,
+            self._take_touched,
+            max_bytes=max_bytes,
+            min_free_bytes=min_free_bytes,
+        )
         self._recover()
-        if self._max_bytes is not None or self._min_free:
-            self._fit_quota()
+        if self.quota.limited:
+            self.quota.fit()
 
     # -- opening, recovering and rebuilding ----------------------------------------
 
@@ -351,7 +240,7 @@ class Store:
                     except FileNotFoundError:
                         done.append(f"put of {i.id.hex()} never completed; dropped")
                         continue
-                    if _hash(data) != i.id:
+                    if not matches(i.id, data):
                         self._quarantine(path, i.id)
                         done.append(f"put of {i.id.hex()} left a corrupt file; quarantined")
                         continue
@@ -389,7 +278,7 @@ class Store:
             except OSError as e:
                 log.warning("cannot read %s while rebuilding: %s", path, e)
                 continue
-            if _hash(data) != cid:
+            if not matches(cid, data):
                 self._quarantine(path, cid)
                 bad.append(ChunkId(cid))
                 continue
@@ -448,162 +337,24 @@ class Store:
 
     # -- quota ---------------------------------------------------------------------
 
-    @staticmethod
-    def _check_quota(max_bytes: int | None, min_free_bytes: int) -> tuple[int | None, int]:
-        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
-            raise UsageError(f"the cache quota must be a number of bytes >= 0, not {max_bytes!r}")
-        if not isinstance(min_free_bytes, int) or min_free_bytes < 0:
-            raise UsageError(f"the free-space floor must be bytes >= 0, not {min_free_bytes!r}")
-        return max_bytes, min_free_bytes
-
     def set_quota(self, max_bytes: int | None, min_free_bytes: int = 0) -> None:
         """Change the quota; evicts (LRU, unpinned, unprotected) until the store fits it,
         as far as pins and the protector allow."""
-        limits = self._check_quota(max_bytes, min_free_bytes)
-        with self._lock:
-            self._max_bytes, self._min_free = limits
-        self._fit_quota()
+        self.quota.set(max_bytes, min_free_bytes)
 
     def set_protector(self, protect: Callable[[], Collection[bytes]] | None) -> None:
         """``protect()`` answers the ids that must not be evicted right now (chunks
         of open files). It is called at eviction time, from the evicting thread,
         without the store's lock held."""
-        self._protector = protect
-
-    def _protected(self) -> Collection[bytes]:
-        protect = self._protector
-        if protect is None:
-            return frozenset()
-        ids = protect()
-        return ids if isinstance(ids, set | frozenset) else frozenset(ids)
-
-    def _disk_room(self, *, headroom: bool = True) -> int | None:
-        """Free bytes on the store's file system above the floor; None without any quota.
-
-        With a floor, puts also leave INDEX_HEADROOM_BYTES free: the index (on the
-        same file system) may grow by that much after a check (its WAL is bounded),
-        and the floor must hold through that too. The quota reported by
-        ``cache_usage`` is the plain ``stored + free - min_free_bytes``."""
-        if self._max_bytes is None and self._min_free == 0:
-            return None
-        st = os.statvfs(self.root)
-        extra = INDEX_HEADROOM_BYTES if self._min_free and headroom else 0
-        return st.f_bavail * st.f_frsize - self._min_free - extra
-
-    def _reserve(self, items: list[tuple[bytes, int]]) -> list[int]:
-        """Reserve room for ``items``, evicting as needed; returns the put intents.
-
-        Raises QuotaExceeded (having changed nothing) when pinned and protected
-        chunks leave no room. A failure caused only by this Store's own puts in
-        flight waits for them to finish and tries again.
-        """
-        need = sum(size for _, size in items)
-        protected: Collection[bytes] | None = None if self._protector else frozenset()
-        while True:
-            with self._lock:
-                r = self.index.reserve(
-                    _owner(),
-                    items,
-                    max_bytes=self._max_bytes,
-                    disk_room=self._disk_room(),
-                    protected=protected,
-                    touched=self._take_touched(),
-                )
-                if r.fits:
-                    self._inflight += need
-                    self._unlink_evicted(r.victims)
-                    return r.put_seqs
-                if not r.ask_protector:
-                    if self._inflight == 0:
-                        raise QuotaExceeded(self._no_room(r, need))
-                    self._room.wait()  # our own puts in flight become evictable when done
-                    protected = None if self._protector else frozenset()
-                    continue
-            protected = self._protected()
-
-    def _no_room(self, r: Reservation, need: int) -> str:
-        limit = 0 if r.limit is None else r.limit
-        how = [f"max_bytes {format_size(self._max_bytes)}"] if self._max_bytes is not None else []
-        if self._min_free:
-            how.append(f"min_free_bytes {format_size(self._min_free)} of free disk kept")
-        count, names = self.index.pin_set_names(3)
-        pinned = f"{format_size(r.pinned)} is pinned"
-        if count:
-            more = f" and {count - len(names)} more" if count > len(names) else ""
-            pinned += f" by {count} pin set{'s' * (count > 1)}: " + ", ".join(map(repr, names))
-            pinned += more
-        return (
-            f"cannot store {format_size(need)}: the local store's quota is {format_size(limit)}"
-            f" ({'; '.join(how) or 'disk full'}): {format_size(r.stored)} is stored, {pinned}"
-            + (
-                ""
-                if r.protected is None
-                else f", {format_size(r.protected)} is in use by open files"
-            )
-            + f" and {format_size(r.reserved)} is being written; unpin something or raise the quota"
-        )
-
-    def _unlink_evicted(self, victims: list[Intent]) -> None:
-        """Delete evicted files (rows already gone, intents recorded); under self._lock."""
-        if not victims:
-            return
-        for v in victims:
-            with contextlib.suppress(FileNotFoundError):
-                self.path_of(v.id).unlink()
-        self.index.drop_intents(v.seq for v in victims)
-        log.debug("evicted %d chunks (%d bytes)", len(victims), sum(v.size for v in victims))
-
-    def _end_reservation(self, need: int) -> None:
-        """Under self._lock: the reservation's bytes are committed or released."""
-        self._inflight -= need
-        self._room.notify_all()
-
-    def _abandon(self, seqs: list[int], need: int) -> None:
-        with self._lock:
-            try:
-                self.index.drop_intents(seqs)
-            finally:
-                self._end_reservation(need)
+        self.quota.set_protector(protect)
 
     def evict(self, nbytes: int) -> tuple[int, int]:
-        """Evict least recently used, unpinned, unprotected chunks worth at least
-        ``nbytes`` (or all there are): returns (chunks evicted, bytes freed).
-
-        Works in batches of EVICT_BATCH chunks, each one transaction and its
-        unlinks, so puts from other threads interleave with a big eviction."""
-        count = freed = 0
-        if nbytes <= 0:
-            return 0, 0
-        protected = self._protected()
-        while freed < nbytes:
-            with self._lock:
-                victims = self.index.evict(
-                    _owner(), nbytes - freed, protected, self._take_touched(), EVICT_BATCH
-                )
-                self._unlink_evicted(victims)
-            count += len(victims)
-            freed += sum(v.size for v in victims)
-            if len(victims) < EVICT_BATCH:
-                break
-        return count, freed
+        """Evict LRU, unpinned, unprotected chunks worth at least ``nbytes`` (or all there
+        are): returns (chunks evicted, bytes freed)."""
+        return self.quota.evict(nbytes)
 
     def cache_usage(self) -> CacheUsage:
-        with self._lock:
-            room = self._disk_room(headroom=False)
-            chunks, stored, pinned, evictions, reserved = self.index.usage()
-        limit = self._max_bytes
-        if room is not None:
-            limit = stored + room if limit is None else min(limit, stored + room)
-        return CacheUsage(
-            bytes=stored,
-            quota=None if limit is None else max(0, limit),
-            max_bytes=self._max_bytes,
-            min_free_bytes=self._min_free,
-            pinned_bytes=pinned,
-            evictions=evictions,
-            chunks=chunks,
-            reserved=reserved,
-        )
+        return self.quota.usage()
 
     # -- access times --------------------------------------------------------------
 
@@ -696,12 +447,12 @@ class Store:
         again (an fsync per fetched chunk cost a quarter of a peer read's CPU).
         """
         _check_id(cid)
-        if verify and _hash(data) != cid:
+        if verify and not matches(cid, data):
             raise IntegrityError(f"data does not hash to chunk id {cid.hex()}; not stored")
         if self.path_of(cid).exists():
             return False
         size = len(memoryview(data).cast("B"))
-        seqs = self._reserve([(cid, size)])
+        seqs = self.quota.reserve([(cid, size)])
         tmp: Path | None = None
         try:
             fd, tmp = self._temp()
@@ -713,7 +464,7 @@ class Store:
                 os.close(fd)
         except BaseException:
             _discard([tmp])  # before the reservation ends: the bytes stay counted
-            self._abandon(seqs, size)
+            self.quota.abandon(seqs, size)
             raise
         return self._commit(seqs, [(cid, tmp, size)], size, source) == 1
 
@@ -732,7 +483,7 @@ class Store:
             _check_id(cid)
             if cid in todo:
                 continue
-            if _hash(data) != cid:
+            if not matches(cid, data):
                 raise IntegrityError(
                     f"data does not hash to chunk id {cid.hex()}; batch not stored"
                 )
@@ -742,7 +493,7 @@ class Store:
             return 0
         sizes = [(cid, len(memoryview(data).cast("B"))) for cid, data in todo.items()]
         need = sum(size for _, size in sizes)
-        seqs = self._reserve(sizes)
+        seqs = self.quota.reserve(sizes)
         written: list[tuple[bytes, Path, int]] = []
         try:
             for (cid, size), data in zip(sizes, todo.values(), strict=True):
@@ -762,7 +513,7 @@ class Store:
                     os.close(dfd)
         except BaseException:
             _discard(tmp for _, tmp, _ in written)
-            self._abandon(seqs, need)
+            self.quota.abandon(seqs, need)
             raise
         return self._commit(seqs, written, need, source)
 
@@ -791,7 +542,7 @@ class Store:
                     _discard(tmp for _, tmp, _ in written)
                     self.index.commit_puts(seqs, rows)
                 finally:
-                    self._end_reservation(need)
+                    self.quota.end_reservation(need)
         return len(rows)
 
     def put_object(self, data: bytes) -> ChunkId:
@@ -826,7 +577,7 @@ class Store:
                     log.warning("chunk %s is indexed but its file is gone", cid.hex())
                     self.index.remove_chunk(cid)
             raise MissingChunk(f"chunk {cid.hex()} is not in the local store") from None
-        if _hash(data) != cid:
+        if not matches(cid, data):
             self._quarantine(path, cid)
             raise CorruptChunk(f"chunk {cid.hex()} in the local store is corrupt (quarantined)")
         return data
@@ -869,186 +620,6 @@ class Store:
             else:
                 good += 1
         return good, bad
-
-    # -- fsck --------------------------------------------------------------------------
-
-    def fsck(self, *, repair: bool, verify: bool = True) -> FsckReport:
-        """Compare the index with the files; with ``repair``, make the index follow them.
-
-        Finds files without a row (repair: verify and index them), rows without
-        a file (drop them), sizes that disagree (verify the file: fix the row or
-        quarantine), files that fail their hash (with ``verify``, the default:
-        quarantine), stray entries in chunks/ (quarantine), temp files and
-        unfinished intents of dead writers (finish them), and totals or pin
-        counts that disagree with a recount (recount). Ids a live writer is
-        working on are skipped; each finding is re-checked under the store's
-        lock before it is reported, so fsck can run while the store is in use.
-        Walks the files and the index rows side by side in id order (one shard
-        directory and one batch of rows in memory at a time).
-        """
-        report = FsckReport(repair)
-        for p in self._dead_temp_files():
-            report.temp_files += 1
-            report.note(f"temp file {p.name} of a writer that is gone" + (" removed" * repair))
-            if repair:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        stale = [i for i in self.index.intents() if not token_alive(i.owner)]
-        report.stale_intents = len(stale)
-        if repair:
-            for line in self._recover(stale):
-                report.note(line)
-        else:
-            for i in stale:
-                report.note(f"{i.id.hex()}: unfinished {i.op} of a writer that is gone")
-        busy = {i.id for i in stale}
-        files = self._walk_ids(report)
-        rows = self.index.iter_chunks()
-        f, r = next(files, None), next(rows, None)
-        while f is not None or r is not None:
-            if r is None or (f is not None and f[0] < r[0]):
-                assert f is not None
-                if f[0] not in busy:
-                    self._fsck_unindexed(f[0], f[1], report)
-                f = next(files, None)
-                continue
-            report.rows += 1
-            if f is None or r[0] < f[0]:
-                if r[0] not in busy:
-                    self._fsck_missing(r[0], report)
-            else:
-                self._fsck_pair(f[1], r[0], r[1], verify, report)
-                f = next(files, None)
-            r = next(rows, None)
-        for line in self.index.check_totals(repair):
-            report.counters += 1
-            report.note(line + (" (recounted)" if repair else ""))
-        if repair and report.unindexed:
-            self._fit_quota()
-        log.log(
-            logging.INFO if report.clean else logging.WARNING,
-            "fsck of %s: %s",
-            self.root,
-            "; ".join(report.lines()[1:3]),
-        )
-        return report
-
-    def _fit_quota(self) -> None:
-        usage = self.cache_usage()
-        if usage.quota is not None and usage.bytes + usage.reserved > usage.quota:
-            n, freed = self.evict(usage.bytes + usage.reserved - usage.quota)
-            log.info(
-                "quota %s: evicted %d chunks (%s)", format_size(usage.quota), n, format_size(freed)
-            )
-
-    def _walk_ids(self, report: FsckReport) -> Iterator[tuple[bytes, Path]]:
-        """(id, path) of the chunk files in id order; strays are noted (and quarantined)."""
-
-        def shard(p: Path) -> bool:
-            return p.is_dir() and len(p.name) == 2 and all(c in "0123456789abcdef" for c in p.name)
-
-        for d1 in sorted(self.chunks_dir.iterdir()):
-            if not shard(d1):
-                self._fsck_stray(d1, report)
-                continue
-            for d2 in sorted(d1.iterdir()):
-                if not shard(d2):
-                    self._fsck_stray(d2, report)
-                    continue
-                for p in sorted(d2.iterdir()):
-                    cid = self._id_of(p)
-                    if cid is None or not p.is_file():
-                        self._fsck_stray(p, report)
-                        continue
-                    report.files += 1
-                    yield cid, p
-
-    def _fsck_stray(self, path: Path, report: FsckReport) -> None:
-        report.stray += 1
-        rel = path.relative_to(self.root)
-        if not report.repair:
-            report.note(f"{rel}: not a chunk file in its place")
-            return
-        dest = self.quarantine_dir / f"stray-{path.name}.{time.time_ns()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path, dest)
-        report.note(f"{rel}: not a chunk file in its place; moved to quarantine/{dest.name}")
-
-    def _fsck_unindexed(self, cid: bytes, path: Path, report: FsckReport) -> None:
-        with self._lock:
-            if not path.exists() or self.index.has_chunk(cid) or self.index.has_intent(cid):
-                return  # a put or an eviction got there meanwhile
-            report.unindexed += 1
-            if not report.repair:
-                report.note(f"{cid.hex()}: file not in the index")
-                return
-            data = path.read_bytes()
-            if _hash(data) != cid:
-                self._quarantine(path, cid)
-                report.note(f"{cid.hex()}: file not in the index and corrupt; quarantined")
-                return
-            self.index.add_chunks([(cid, len(data), "fsck")], self._now())
-            report.note(f"{cid.hex()}: file not in the index; verified and indexed")
-
-    def _fsck_missing(self, cid: bytes, report: FsckReport) -> None:
-        with self._lock:
-            if self.path_of(cid).exists() or not self.index.has_chunk(cid):
-                return
-            report.missing += 1
-            if report.repair:
-                self.index.remove_chunk(cid)
-            report.note(f"{cid.hex()}: index row without a file" + (" dropped" * report.repair))
-
-    def _fsck_pair(
-        self, path: Path, cid: bytes, size: int, verify: bool, report: FsckReport
-    ) -> None:
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
-            return  # evicted meanwhile
-        if actual != size:
-            with self._lock:
-                size_now = self.index.chunk_size(cid)
-                try:
-                    actual = path.stat().st_size
-                except FileNotFoundError:
-                    return
-                if size_now is None or size_now == actual:
-                    return
-                report.size_mismatches += 1
-                what = f"{cid.hex()}: index says {size_now} bytes, file has {actual}"
-                if not report.repair:
-                    report.note(what)
-                    return
-                data = path.read_bytes()
-                if _hash(data) == cid:
-                    self.index.set_size(cid, len(data))
-                    report.note(what + "; file verified, row fixed")
-                else:
-                    self._quarantine(path, cid)
-                    report.note(what + "; file corrupt, quarantined")
-            return
-        if not verify:
-            return
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        report.verified += 1
-        if _hash(data) == cid:
-            return
-        with self._lock:
-            try:
-                if _hash(path.read_bytes()) == cid:
-                    return  # replaced by a good copy meanwhile
-            except FileNotFoundError:
-                return
-            report.corrupt += 1
-            if report.repair:
-                self._quarantine(path, cid)
-            report.note(
-                f"{cid.hex()}: bytes do not match the id" + (" quarantined" * report.repair)
-            )
 
     # -- counters --------------------------------------------------------------------
 

@@ -41,11 +41,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pfs.errors import IntegrityError
+from .files_cache import FilesCache
+from .schema import (
+    EVICTIONS,
+    PINNED_BYTES,
+    STORED_BYTES,
+    STORED_CHUNKS,
+    IndexCorrupt,
+    migrate,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 # The WAL is checkpointed at this many pages and truncated back to WAL_LIMIT_BYTES
 # afterwards, so the index's growth between two quota checks is bounded: the store
@@ -55,103 +62,6 @@ WAL_LIMIT_BYTES = 1 << 20
 INDEX_HEADROOM_BYTES = 2 * WAL_LIMIT_BYTES
 # Rows read per query when walking the LRU order or the whole table.
 BATCH_ROWS = 512
-
-STORED_BYTES = "stored_bytes"
-STORED_CHUNKS = "stored_chunks"
-PINNED_BYTES = "pinned_bytes"
-EVICTIONS = "evictions"
-
-# Version 1: chunks, stats, files.
-_SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS chunks (
-    id BLOB PRIMARY KEY,
-    size INTEGER NOT NULL,
-    last_access INTEGER NOT NULL,
-    pins INTEGER NOT NULL DEFAULT 0,
-    source TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stats (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS files (
-    volume TEXT NOT NULL,
-    path BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    blob_id BLOB NOT NULL,
-    PRIMARY KEY (volume, path)
-) WITHOUT ROWID;
-"""
-
-# Version 1 -> 2: pin sets, intents, the LRU index, the totals and their triggers.
-# Version 1 never set chunks.pins, so it starts from zero.
-_MIGRATE_V2 = """
-UPDATE chunks SET pins = 0;
-CREATE TABLE pin_sets (
-    set_id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created INTEGER NOT NULL
-);
-CREATE TABLE pinned (
-    set_id INTEGER NOT NULL REFERENCES pin_sets (set_id),
-    id BLOB NOT NULL,
-    PRIMARY KEY (set_id, id)
-) WITHOUT ROWID;
-CREATE INDEX pinned_by_id ON pinned (id);
-CREATE TABLE intents (
-    seq INTEGER PRIMARY KEY,
-    op TEXT NOT NULL CHECK (op IN ('put', 'evict')),
-    id BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    owner TEXT NOT NULL
-);
-CREATE INDEX chunks_lru ON chunks (last_access) WHERE pins = 0;
-INSERT OR REPLACE INTO stats (name, value) VALUES
-    ('stored_chunks', (SELECT count(*) FROM chunks)),
-    ('stored_bytes', (SELECT coalesce(sum(size), 0) FROM chunks)),
-    ('pinned_bytes', 0);
-CREATE TRIGGER chunks_insert AFTER INSERT ON chunks BEGIN
-    UPDATE stats SET value = value + 1 WHERE name = 'stored_chunks';
-    UPDATE stats SET value = value + new.size WHERE name = 'stored_bytes';
-    UPDATE stats SET value = value + new.size WHERE name = 'pinned_bytes' AND new.pins > 0;
-    UPDATE chunks SET pins = (SELECT count(*) FROM pinned WHERE pinned.id = new.id)
-        WHERE id = new.id AND pins != (SELECT count(*) FROM pinned WHERE pinned.id = new.id);
-END;
-CREATE TRIGGER chunks_delete AFTER DELETE ON chunks BEGIN
-    UPDATE stats SET value = value - 1 WHERE name = 'stored_chunks';
-    UPDATE stats SET value = value - old.size WHERE name = 'stored_bytes';
-    UPDATE stats SET value = value - old.size WHERE name = 'pinned_bytes' AND old.pins > 0;
-END;
-CREATE TRIGGER chunks_update AFTER UPDATE OF size, pins ON chunks BEGIN
-    UPDATE stats SET value = value - old.size + new.size WHERE name = 'stored_bytes';
-    UPDATE stats SET value = value
-        - (CASE WHEN old.pins > 0 THEN old.size ELSE 0 END)
-        + (CASE WHEN new.pins > 0 THEN new.size ELSE 0 END)
-        WHERE name = 'pinned_bytes';
-END;
-CREATE TRIGGER pinned_insert AFTER INSERT ON pinned BEGIN
-    UPDATE chunks SET pins = pins + 1 WHERE id = new.id;
-END;
-CREATE TRIGGER pinned_delete AFTER DELETE ON pinned BEGIN
-    UPDATE chunks SET pins = pins - 1 WHERE id = old.id;
-END;
-"""
-
-
-class IndexCorrupt(IntegrityError):
-    """The index database is unreadable or malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class CachedFile:
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    ino: int
-    blob_id: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +118,7 @@ class Index:
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
             self.db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-            self._migrate()
+            migrate(self.db, self.path)
             if check:
                 result = self.db.execute("PRAGMA quick_check").fetchall()
                 if result != [("ok",)]:
@@ -221,29 +131,6 @@ class Index:
             self.db.close()
             raise IndexCorrupt(f"index {self.path} is unreadable: {e}") from None
         self.files = FilesCache(self)
-
-    def _migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION, each step in one transaction."""
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
-            raise IndexCorrupt(f"index {self.path} has unknown schema version {version}")
-        if version == SCHEMA_VERSION:
-            return
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:  # another process may have migrated meanwhile
-                for stmt in _statements(_SCHEMA_V1):
-                    self.db.execute(stmt)
-                for stmt in _statements(_MIGRATE_V2):
-                    self.db.execute(stmt)
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                if version == 1:
-                    log.info("index %s migrated from schema 1 to %d", self.path, SCHEMA_VERSION)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         with self.lock:
@@ -583,18 +470,6 @@ def _check_totals(db: sqlite3.Connection, *, repair: bool) -> list[str]:
     return problems
 
 
-def _statements(script: str) -> Iterator[str]:
-    """Split a schema script into statements (triggers hold ';' inside BEGIN .. END)."""
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            yield buf.strip()
-            buf = ""
-    if buf.strip():
-        raise ValueError(f"incomplete SQL statement: {buf!r}")
-
-
 def _int(value: object) -> int:
     if isinstance(value, float):
         return int(value)
@@ -697,40 +572,3 @@ def _protected(db: sqlite3.Connection, protected: Collection[bytes]) -> int:
         if row is not None:
             total += row[0]
     return total
-
-
-class FilesCache:
-    """The importer's files cache, per volume: path -> CachedFile."""
-
-    def __init__(self, index: Index) -> None:
-        self._index = index
-
-    def lookup(self, volume: str, path: bytes) -> CachedFile | None:
-        rows = self._index._query(
-            "SELECT size, mtime_ns, ctime_ns, ino, blob_id FROM files WHERE volume = ? AND path = ?",
-            (volume, path),
-        )
-        if not rows:
-            return None
-        size, mtime_ns, ctime_ns, ino, blob_id = rows[0]
-        assert isinstance(size, int) and isinstance(mtime_ns, int) and isinstance(ctime_ns, int)
-        assert isinstance(ino, int) and isinstance(blob_id, bytes)
-        return CachedFile(size, mtime_ns, ctime_ns, ino, blob_id)
-
-    def replace(self, volume: str, rows: Iterable[tuple[bytes, CachedFile]]) -> None:
-        """Replace the whole cache of ``volume`` with ``rows``, in one transaction."""
-        with self._index.transaction() as db:
-            db.execute("DELETE FROM files WHERE volume = ?", (volume,))
-            db.executemany(
-                "INSERT OR REPLACE INTO files (volume, path, size, mtime_ns, ctime_ns, ino, blob_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (volume, path, f.size, f.mtime_ns, f.ctime_ns, f.ino, f.blob_id)
-                    for path, f in rows
-                ),
-            )
-
-    def count(self, volume: str) -> int:
-        value = self._index._query("SELECT count(*) FROM files WHERE volume = ?", (volume,))[0][0]
-        assert isinstance(value, int)
-        return value

@@ -41,7 +41,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -49,6 +48,7 @@ from cryptography.x509.oid import NameOID
 from p2pfs.errors import NotFound, P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
+from p2pfs.ids import derive
 from p2pfs.keys import SigningKey
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def check_desktop_name(name: str) -> str:
 
 
 def secret_digest(secret: bytes) -> bytes:
-    return blake3.blake3(_DIGEST_DOMAIN + secret).digest()
+    return derive(_DIGEST_DOMAIN, secret)
 
 
 def fingerprint(cert_der: bytes) -> bytes:

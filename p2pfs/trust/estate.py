@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -52,7 +51,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError, SignatureError
 from p2pfs.fsutil import locked, write_atomic
 from p2pfs.home import Home, node_id_of
-from p2pfs.ids import NodeId
+from p2pfs.ids import NodeId, derive
 from p2pfs.keys import PUBLIC_KEY_SIZE, SigningKey, verify
 from p2pfs.objects import codec
 
@@ -103,7 +102,7 @@ class PeerRejected(P2pfsError):
 
 def estate_id_of(ca_public_key: bytes) -> bytes:
     """The estate id: 16 bytes of BLAKE3 over the CA's raw Ed25519 public key."""
-    return blake3.blake3(_ESTATE_ID_DOMAIN + ca_public_key).digest()[:ESTATE_ID_SIZE]
+    return derive(_ESTATE_ID_DOMAIN, ca_public_key, ESTATE_ID_SIZE)
 
 
 def _now() -> datetime.datetime:

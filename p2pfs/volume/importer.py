@@ -31,7 +31,7 @@ from p2pfs.objects.model import (
     object_id,
 )
 from p2pfs.store.cas import Store
-from p2pfs.store.index import CachedFile
+from p2pfs.store.files_cache import CachedFile
 
 from .registry import VolumeRecord, VolumeRegistry
 

@@ -25,8 +25,9 @@ from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError, Sign
 from p2pfs.home import Home
 from p2pfs.keys import SigningKey
 from p2pfs.objects.model import codec
-from p2pfs.trust import estate
-from p2pfs.trust.estate import Estate, PeerRejected
+from p2pfs.trust import certs, enrolment, revocation
+from p2pfs.trust.certs import PeerRejected
+from p2pfs.trust.estate import Estate
 
 HANDSHAKE_TIMEOUT = 10
 
@@ -38,7 +39,7 @@ def new_home(tmp_path: Path, name: str) -> Home:
 
 
 def enrol(admin: Home, home: Home) -> Estate:
-    return estate.join(home, estate.approve(admin, estate.request_join(home)))
+    return enrolment.join(home, enrolment.approve(admin, enrolment.request_join(home)))
 
 
 @dataclass
@@ -54,7 +55,7 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     admin_home = new_home(tmp_path, "admin")
-    admin = estate.init_estate(admin_home)
+    admin = enrolment.init_estate(admin_home)
     b_home, c_home = new_home(tmp_path, "b"), new_home(tmp_path, "c")
     return World(
         admin_home, admin, b_home, enrol(admin_home, b_home), c_home, enrol(admin_home, c_home)
@@ -144,7 +145,7 @@ async def test_members_handshake_over_loopback_and_learn_each_others_node_id(wor
 
 async def test_a_node_with_its_own_ca_gets_nothing_either_way(tmp_path: Path, world: World) -> None:
     rogue_home = new_home(tmp_path, "rogue")
-    rogue = estate.init_estate(rogue_home)
+    rogue = enrolment.init_estate(rogue_home)
     # The rogue dials a member: the member's handshake fails on the rogue's certificate.
     server, client = await connect(world.b, rogue)
     assert server.peer is None and isinstance(server.error, trio.BrokenResourceError)
@@ -186,7 +187,7 @@ async def test_revocation_applies_at_once_on_a_running_node(world: World) -> Non
     assert server.peer == c_id  # b's contexts are built and cached now
     old_list = world.b.revocation_list()
 
-    assert estate.revoke(world.admin_home, c_id) == 2
+    assert enrolment.revoke(world.admin_home, c_id) == 2
     fresh = Estate.load(world.admin_home)
     assert fresh is not None and fresh.is_revoked(c_id)
 
@@ -217,23 +218,23 @@ async def test_revocation_applies_at_once_on_a_running_node(world: World) -> Non
     assert world.b.revocation_number == 2 and world.b.is_revoked(c_id)
     # The admin will not approve the revoked key again.
     with pytest.raises(P2pfsError, match="revoked"):
-        estate.approve(world.admin_home, estate.request_join(world.c_home))
+        enrolment.approve(world.admin_home, enrolment.request_join(world.c_home))
 
 
 def test_revocation_numbers_and_lists(world: World) -> None:
     b_id, c_id = world.b_home.node_id(), world.c_home.node_id()
     assert world.admin.revocation_number == 1 and world.admin.revoked == []
-    assert estate.revoke(world.admin_home, b_id) == 2
-    assert estate.revoke(world.admin_home, b_id) == 2  # already revoked: no new list
-    assert estate.revoke(world.admin_home, c_id) == 3
+    assert enrolment.revoke(world.admin_home, b_id) == 2
+    assert enrolment.revoke(world.admin_home, b_id) == 2  # already revoked: no new list
+    assert enrolment.revoke(world.admin_home, c_id) == 3
     final = Estate.load(world.admin_home)
     assert final is not None and final.revoked == sorted([b_id, c_id])
     with pytest.raises(P2pfsError, match="admin node itself"):
-        estate.revoke(world.admin_home, world.admin_home.node_id())
+        enrolment.revoke(world.admin_home, world.admin_home.node_id())
     with pytest.raises(P2pfsError, match="not the admin"):
-        estate.revoke(world.b_home, c_id)
+        enrolment.revoke(world.b_home, c_id)
     with pytest.raises(P2pfsError, match="16 bytes"):
-        estate.revoke(world.admin_home, b"short")
+        enrolment.revoke(world.admin_home, b"short")
     # The admin's own running Estate catches up like anyone else's.
     assert world.admin.accept_revocation_list(final.revocation_list()) is True
     assert world.admin.revocation_number == 3
@@ -241,16 +242,16 @@ def test_revocation_numbers_and_lists(world: World) -> None:
 
 def test_forged_and_damaged_revocation_lists_are_refused(tmp_path: Path, world: World) -> None:
     rogue_home = new_home(tmp_path, "rogue")
-    estate.init_estate(rogue_home)
+    enrolment.init_estate(rogue_home)
     for _ in range(3):  # a rogue list with a higher number than ours
-        estate.revoke(rogue_home, os.urandom(16))
+        enrolment.revoke(rogue_home, os.urandom(16))
     rogue = Estate.load(rogue_home)
     assert rogue is not None and rogue.revocation_number == 4
     with pytest.raises(SignatureError, match="not signed by this estate's CA"):
         world.b.accept_revocation_list(rogue.revocation_list())
 
     # A genuine list with its body altered (revoking someone else) no longer verifies.
-    estate.revoke(world.admin_home, world.c_home.node_id())
+    enrolment.revoke(world.admin_home, world.c_home.node_id())
     genuine = Estate.load(world.admin_home)
     assert genuine is not None
     outer = codec.unpack(genuine.revocation_list(), max_size=1 << 20)
@@ -266,7 +267,7 @@ def test_forged_and_damaged_revocation_lists_are_refused(tmp_path: Path, world: 
         (b"\xc1garbage", DecodeError),
         (codec.pack([1, 2]), DecodeError),
         (codec.pack({"list": b"x", "sig": b"y"}), SignatureError),
-        (b"\x00" * (estate.MAX_REVOCATION_LIST + 1), DecodeError),
+        (b"\x00" * (revocation.MAX_REVOCATION_LIST + 1), DecodeError),
         (genuine.revocation_list()[:-1], DecodeError),
     ]:
         with pytest.raises(error):
@@ -312,24 +313,24 @@ def test_enrolment_flow_and_files(tmp_path: Path, world: World) -> None:
 
     # The node's private key is in neither the request nor the bundle.
     secret = SigningKey.load(world.b_home.node_key).private_key.private_bytes_raw()
-    request = estate.request_join(world.b_home)
+    request = enrolment.request_join(world.b_home)
     assert request.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
-    bundle = estate.approve(world.admin_home, request)
+    bundle = enrolment.approve(world.admin_home, request)
     assert secret not in request and secret not in base64.b64decode(
         b"".join(request.splitlines()[1:-1])
     )
     assert secret not in bundle
     # Re-joining the same estate (a renewed certificate) is allowed.
-    assert estate.join(world.b_home, bundle).estate_id == admin.estate_id
+    assert enrolment.join(world.b_home, bundle).estate_id == admin.estate_id
 
     with pytest.raises(P2pfsError, match="already holds estate"):
-        estate.init_estate(world.admin_home)
+        enrolment.init_estate(world.admin_home)
     with pytest.raises(P2pfsError, match=r"already .*member"):
-        estate.init_estate(world.b_home)
+        enrolment.init_estate(world.b_home)
     with pytest.raises(P2pfsError, match="not the admin"):
-        estate.approve(world.b_home, estate.request_join(world.c_home))
+        enrolment.approve(world.b_home, enrolment.request_join(world.c_home))
     with pytest.raises(NotFound, match="holds no estate"):
-        estate.approve(new_home(tmp_path, "nobody"), request)
+        enrolment.approve(new_home(tmp_path, "nobody"), request)
 
 
 def _csr(key: SigningKey | ec.EllipticCurvePrivateKey, cn: str) -> bytes:
@@ -362,17 +363,17 @@ def test_join_requests_must_be_made_by_the_key_they_name(world: World) -> None:
     # b's key, but claiming to be c.
     forged = _csr(b_key, world.c_home.node_id().hex())
     with pytest.raises(P2pfsError, match=r"names node .* but its key is node"):
-        estate.approve(world.admin_home, forged)
+        enrolment.approve(world.admin_home, forged)
     # A signature that does not verify.
-    der = x509.load_pem_x509_csr(estate.request_join(world.b_home)).public_bytes(
+    der = x509.load_pem_x509_csr(enrolment.request_join(world.b_home)).public_bytes(
         serialization.Encoding.DER
     )
     broken = _pem(der[:-1] + bytes([der[-1] ^ 1]), "CERTIFICATE REQUEST")
     with pytest.raises(SignatureError, match="signature does not verify"):
-        estate.approve(world.admin_home, broken)
+        enrolment.approve(world.admin_home, broken)
     # Not an Ed25519 key.
     with pytest.raises(P2pfsError, match="not an Ed25519 key"):
-        estate.approve(world.admin_home, _csr(ec.generate_private_key(ec.SECP256R1()), "x"))
+        enrolment.approve(world.admin_home, _csr(ec.generate_private_key(ec.SECP256R1()), "x"))
     for bad, text in [
         (b"", "empty"),
         (b"hello", "not a PEM certificate signing request"),
@@ -380,24 +381,24 @@ def test_join_requests_must_be_made_by_the_key_they_name(world: World) -> None:
             b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
             "not a PEM",
         ),
-        (b"A" * (estate.MAX_REQUEST + 1), "limit"),
+        (b"A" * (certs.MAX_REQUEST + 1), "limit"),
     ]:
         with pytest.raises(DecodeError, match=text):
-            estate.approve(world.admin_home, bad)
+            enrolment.approve(world.admin_home, bad)
 
 
 def test_join_refuses_bundles_not_made_for_this_node(tmp_path: Path, world: World) -> None:
     d_home = new_home(tmp_path, "d")
-    bundle_for_b = estate.approve(world.admin_home, estate.request_join(world.b_home))
+    bundle_for_b = enrolment.approve(world.admin_home, enrolment.request_join(world.b_home))
     with pytest.raises(PeerRejected, match=r"issued for node .* not for this node"):
-        estate.join(d_home, bundle_for_b)
+        enrolment.join(d_home, bundle_for_b)
     assert Estate.load(d_home) is None  # nothing stored
 
     # d's own certificate, but presented with a rogue CA in place of the estate's.
     rogue_home = new_home(tmp_path, "rogue")
-    rogue = estate.init_estate(rogue_home)
+    rogue = enrolment.init_estate(rogue_home)
     doc = codec.unpack(
-        estate.approve(world.admin_home, estate.request_join(d_home)), max_size=1 << 21
+        enrolment.approve(world.admin_home, enrolment.request_join(d_home)), max_size=1 << 21
     )
     assert isinstance(doc, dict)
     swapped = dict(
@@ -406,27 +407,27 @@ def test_join_refuses_bundles_not_made_for_this_node(tmp_path: Path, world: Worl
         estate=rogue.estate_id,
     )
     with pytest.raises(PeerRejected, match="not issued by this estate's CA"):
-        estate.join(d_home, codec.pack(swapped))
+        enrolment.join(d_home, codec.pack(swapped))
     with pytest.raises(IntegrityError, match="another estate"):
-        estate.join(d_home, codec.pack(dict(doc, estate=rogue.estate_id)))
+        enrolment.join(d_home, codec.pack(dict(doc, estate=rogue.estate_id)))
     with pytest.raises(SignatureError):  # the rogue's revocation list
-        estate.join(d_home, codec.pack(dict(doc, revocations=rogue.revocation_list())))
+        enrolment.join(d_home, codec.pack(dict(doc, revocations=rogue.revocation_list())))
     assert Estate.load(d_home) is None
 
     # A member of one estate does not silently move to another.
-    rogue_bundle = estate.approve(rogue_home, estate.request_join(world.b_home))
+    rogue_bundle = enrolment.approve(rogue_home, enrolment.request_join(world.b_home))
     with pytest.raises(P2pfsError, match="already a member of estate"):
-        estate.join(world.b_home, rogue_bundle)
+        enrolment.join(world.b_home, rogue_bundle)
     with pytest.raises(P2pfsError, match="the estate's admin"):
-        estate.join(
+        enrolment.join(
             world.admin_home,
-            estate.approve(world.admin_home, estate.request_join(world.admin_home)),
+            enrolment.approve(world.admin_home, enrolment.request_join(world.admin_home)),
         )
 
     good = codec.pack(doc)
     for bad, text in [
         (b"", "empty"),
-        (b"\x00" * (estate.MAX_BUNDLE + 1), "limit"),
+        (b"\x00" * (enrolment.MAX_BUNDLE + 1), "limit"),
         (codec.pack({"format": "something else"}), "not a p2pfs join bundle"),
         (codec.pack(dict(doc, v=2)), "version 2"),
         (codec.pack(dict(doc, extra=1)), "exactly"),
@@ -435,19 +436,19 @@ def test_join_refuses_bundles_not_made_for_this_node(tmp_path: Path, world: Worl
         (good[: len(good) // 2], "not a p2pfs bundle"),
     ]:
         with pytest.raises(P2pfsError, match=text):
-            estate.join(d_home, bad)
+            enrolment.join(d_home, bad)
     # Every single-bit change is refused with a P2pfsError, never a traceback (this
     # found the unused-bits byte of the signature BIT STRING, which verifiers ignore).
     for i in range(len(good)):
         for bit in range(8):
             with pytest.raises(P2pfsError):
-                estate.join(d_home, good[:i] + bytes([good[i] ^ (1 << bit)]) + good[i + 1 :])
+                enrolment.join(d_home, good[:i] + bytes([good[i] ^ (1 << bit)]) + good[i + 1 :])
     assert Estate.load(d_home) is None
-    assert estate.join(d_home, good).node_id == d_home.node_id()
+    assert enrolment.join(d_home, good).node_id == d_home.node_id()
 
 
 def test_peer_node_id_refuses_garbage_certificates(world: World) -> None:
-    for bad in [b"", b"\x30\x00", os.urandom(500), b"\x30" * (estate.MAX_CERT + 1)]:
+    for bad in [b"", b"\x30\x00", os.urandom(500), b"\x30" * (certs.MAX_CERT + 1)]:
         with pytest.raises(PeerRejected):
             world.b.peer_node_id(bad)
     # The CA certificate is the estate's but carries no node id.
@@ -462,7 +463,7 @@ def test_damaged_estate_files_give_clear_errors(world: World) -> None:
     originals = {name: (d / name).read_bytes() for name in ("ca.pem", "node.pem", "revocations")}
     cases: list[tuple[str, bytes, type[P2pfsError], str]] = [
         ("node.pem", b"garbage", DecodeError, "node.pem is not an X.509 certificate"),
-        ("node.pem", b"x" * (estate.MAX_CERT + 1), DecodeError, "larger than the limit"),
+        ("node.pem", b"x" * (certs.MAX_CERT + 1), DecodeError, "larger than the limit"),
         ("ca.pem", originals["node.pem"], IntegrityError, "ca.pem is not a self-signed"),
         (
             "node.pem",
@@ -500,7 +501,7 @@ def test_damaged_estate_files_give_clear_errors(world: World) -> None:
 def test_volume_endorsement(tmp_path: Path, world: World) -> None:
     vid = SigningKey.generate().public_bytes()
     other_vid = SigningKey.generate().public_bytes()
-    sig = estate.endorse(world.admin_home, vid, "tools")
+    sig = enrolment.endorse(world.admin_home, vid, "tools")
     assert sig == world.admin.endorse(vid, "tools")  # Ed25519 is deterministic
     world.b.verify_endorsement(vid, "tools", sig)
     world.admin.verify_endorsement(vid, "tools", sig)
@@ -516,7 +517,7 @@ def test_volume_endorsement(tmp_path: Path, world: World) -> None:
         world.b.verify_endorsement(vid, "", sig)
     # Another estate's endorsement means nothing here, and ours nothing there.
     rogue_home = new_home(tmp_path, "rogue")
-    rogue = estate.init_estate(rogue_home)
+    rogue = enrolment.init_estate(rogue_home)
     with pytest.raises(SignatureError):
         world.b.verify_endorsement(vid, "tools", rogue.endorse(vid, "tools"))
     with pytest.raises(SignatureError):
@@ -525,7 +526,7 @@ def test_volume_endorsement(tmp_path: Path, world: World) -> None:
     with pytest.raises(P2pfsError, match="only the admin"):
         world.b.endorse(vid, "tools")
     with pytest.raises(P2pfsError, match="not the admin"):
-        estate.endorse(world.b_home, vid, "tools")
+        enrolment.endorse(world.b_home, vid, "tools")
     with pytest.raises(SignatureError):
         world.b.verify_endorsement(
             vid, "tools", SigningKey.load(world.admin_home.node_key).sign(vid + b"tools")

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from p2pfs.home import Home
-from p2pfs.trust import estate
+from p2pfs.trust import enrolment
 from p2pfs.trust.estate import Estate
 from p2pfs.trust.tlsstream import TLSStream
 
@@ -19,7 +19,7 @@ from p2pfs.trust.tlsstream import TLSStream
 def _member(tmp_path: Path, name: str, admin: Home) -> Estate:
     home = Home(tmp_path / name)
     home.init()
-    return estate.join(home, estate.approve(admin, estate.request_join(home)))
+    return enrolment.join(home, enrolment.approve(admin, enrolment.request_join(home)))
 
 
 @contextlib.asynccontextmanager
@@ -38,7 +38,7 @@ async def serving(
 def members(tmp_path: Path) -> tuple[Estate, Estate]:
     admin = Home(tmp_path / "admin")
     admin.init()
-    estate.init_estate(admin)
+    enrolment.init_estate(admin)
     return _member(tmp_path, "b", admin), _member(tmp_path, "c", admin)
 
 
@@ -103,7 +103,7 @@ async def test_outsider_handshake_fails_cleanly(
     b, _ = members
     other_admin = Home(tmp_path / "other")
     other_admin.init()
-    outsider = estate.init_estate(other_admin)
+    outsider = enrolment.init_estate(other_admin)
     results: list[str] = []
     served = trio.Event()
 

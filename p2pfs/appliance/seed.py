@@ -44,7 +44,7 @@ from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.sizes import parse_size
-from p2pfs.trust import estate
+from p2pfs.trust import enrolment
 from p2pfs.trust.desktop import ApplianceKeys
 from p2pfs.volume.registry import validate_volume_name
 
@@ -130,7 +130,7 @@ def make_seed_tree(
     """Write the seed's files into ``out_dir``; the desktops' token and SMB files into
     ``token_dir``. Returns desktop -> token file. The bundle must be the staging home's."""
     staging.require()
-    member = estate.join(staging, bundle)  # checks the bundle against the staging key
+    member = enrolment.join(staging, bundle)  # checks the bundle against the staging key
     for v in volumes:
         validate_volume_name(v)
     if cache is not None:
@@ -271,7 +271,7 @@ def read_seed(root: Path) -> Seed:
             "'p2pfs estate approve' its request, then 'p2pfs appliance seed --bundle'"
         )
     try:
-        bundle = estate.parse_bundle(bundle_path.read_bytes())
+        bundle = enrolment.parse_bundle(bundle_path.read_bytes())
     except (OSError, P2pfsError) as e:
         raise SeedError(f"the seed's node.bundle is unusable: {e}") from None
     if bundle.estate_id.hex() != values.estate:
@@ -391,7 +391,7 @@ def apply_seed(home: Home, root: Path, seed: Seed, *, system_root: Path | None) 
     if home.node_id().hex() != seed.node:
         raise SeedError(f"the seed's node.key is not node {seed.node} its config.toml names")
     try:
-        estate.join(home, (root / "node.bundle").read_bytes())
+        enrolment.join(home, (root / "node.bundle").read_bytes())
     except P2pfsError as e:
         raise SeedError(f"the seed's node.bundle does not fit its node.key: {e}") from None
     write_atomic(home.config_file, node_config(seed).encode(), 0o600)

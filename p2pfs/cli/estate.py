@@ -18,7 +18,7 @@ from typing import Any
 from p2pfs.errors import NotRunning, P2pfsError, UsageError
 from p2pfs.home import Home
 from p2pfs.node import control
-from p2pfs.trust import estate
+from p2pfs.trust import certs, enrolment, estate, revocation
 
 from .common import STDIO, Handler, Subparsers, node_home, read_input, write_output
 
@@ -60,8 +60,8 @@ def _parse_node_id(text: str) -> bytes:
         raw = bytes.fromhex(text)
     except ValueError:
         raise UsageError(f"node id {text!r} is not hexadecimal") from None
-    if len(raw) != estate.NODE_ID_SIZE:
-        raise UsageError(f"node id {text!r} must be {estate.NODE_ID_SIZE * 2} hex digits")
+    if len(raw) != revocation.NODE_ID_SIZE:
+        raise UsageError(f"node id {text!r} must be {revocation.NODE_ID_SIZE * 2} hex digits")
     return raw
 
 
@@ -70,7 +70,7 @@ def _parse_node_id(text: str) -> bytes:
 
 def cmd_request_join(args: argparse.Namespace) -> int:
     home = node_home(args).require()
-    request = estate.request_join(home)
+    request = enrolment.request_join(home)
     write_output(args.out, request)
     if args.out != STDIO:
         print(
@@ -83,7 +83,7 @@ def cmd_request_join(args: argparse.Namespace) -> int:
 
 def cmd_join(args: argparse.Namespace) -> int:
     home = node_home(args).require()
-    member = estate.join(home, read_input(args.bundle, estate.MAX_BUNDLE, "bundle"))
+    member = enrolment.join(home, read_input(args.bundle, enrolment.MAX_BUNDLE, "bundle"))
     print(f"joined estate {member.estate_id.hex()} as node {member.node_id.hex()}")
     if _daemon_running(home):
         print("note: restart the daemon of this node to connect to the estate", file=sys.stderr)
@@ -94,13 +94,13 @@ def cmd_estate(args: argparse.Namespace) -> int:
     home = node_home(args).require()
     action = args.estate_command
     if action == "init":
-        created = estate.init_estate(home)
+        created = enrolment.init_estate(home)
         print(created.estate_id.hex())
         return 0
     if action == "approve":
-        request = read_input(args.request, estate.MAX_REQUEST, "join request")
-        node_id, _ = estate.parse_request(request)
-        bundle = estate.approve(home, request)
+        request = read_input(args.request, certs.MAX_REQUEST, "join request")
+        node_id, _ = certs.parse_request(request)
+        bundle = enrolment.approve(home, request)
         write_output(args.out, bundle)
         print(node_id.hex(), file=sys.stderr if args.out == STDIO else sys.stdout)
         return 0
@@ -108,7 +108,7 @@ def cmd_estate(args: argparse.Namespace) -> int:
         target = _parse_node_id(args.node_id)
         member = estate.Estate.load(home)
         was_revoked = member is not None and member.is_revoked(target)
-        number = estate.revoke(home, target)
+        number = enrolment.revoke(home, target)
         if was_revoked:
             print(f"node {target.hex()} was already revoked (revocation list {number})")
         else:

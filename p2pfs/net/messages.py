@@ -23,7 +23,6 @@ MAX_HAVE_IDS = 1024
 MAX_REQUEST_ID = 2**53
 MAX_ERROR_TEXT = 512
 MAX_SEQ = 2**63 - 1
-MAX_REVOCATION_LIST = 1024 * 1024
 MAX_DIGEST_BYTES = 16 * 1024 * 1024
 
 # Requests (carry an "id" the answer repeats) and one-way notices.

@@ -24,6 +24,7 @@ from p2pfs.config import Config
 from p2pfs.errors import MissingChunk, P2pfsError
 from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate
+from p2pfs.trust.revocation import MAX_REVOCATION_LIST
 from p2pfs.trust.tlsstream import TLSStream
 
 from . import messages, wire
@@ -374,7 +375,7 @@ class Network:
         header, data = await conn.request({"t": "revocations"}, within=REQUEST_TIMEOUT)
         if (
             messages.answer_error(header) is None
-            and len(data) <= messages.MAX_REVOCATION_LIST
+            and len(data) <= MAX_REVOCATION_LIST
             and self.estate.accept_revocation_list(data)
         ):
             self.revocations_changed()

@@ -39,7 +39,7 @@ HOMES = {
     "msgpack": {"p2pfs.objects.codec"},
     "cryptography": {"p2pfs.keys", "p2pfs.trust"},
     "ssl": {"p2pfs.trust"},
-    "sqlite3": {"p2pfs.store.index", "p2pfs.store.schema", "p2pfs.volume.worktree"},
+    "sqlite3": {"p2pfs.store.index", "p2pfs.store.schema", "p2pfs.volume.worktree_db"},
     "pyfuse3": {"p2pfs.fs.fuse"},
     "zeroconf": {"p2pfs.net.discovery"},
     "blake3": {"p2pfs.ids", "p2pfs.chunking.chunker"},

@@ -28,7 +28,7 @@ import trio
 from p2pfs.errors import P2pfsError
 from p2pfs.objects.model import Entry, Kind, Snapshot, decode_snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
-from p2pfs.volume.worktree import TreeError
+from p2pfs.volume.wnodes import TreeError
 
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
 

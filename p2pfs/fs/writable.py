@@ -22,7 +22,8 @@ import trio
 
 from p2pfs.objects.model import Kind
 from p2pfs.volume.content import Content, read_span
-from p2pfs.volume.worktree import ROOT, TreeError, WNode, WorkTree
+from p2pfs.volume.wnodes import ROOT, TreeError, WNode
+from p2pfs.volume.worktree import WorkTree
 
 log = logging.getLogger(__name__)
 

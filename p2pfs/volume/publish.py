@@ -35,7 +35,8 @@ from p2pfs.store.cas import Store
 
 from .importer import BATCH_BYTES, store_blob
 from .registry import VolumeRegistry
-from .worktree import Chunked, WNode, WorkTree
+from .wnodes import Chunked, WNode
+from .worktree import WorkTree
 
 log = logging.getLogger(__name__)
 

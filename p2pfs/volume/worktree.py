@@ -1,4 +1,5 @@
-"""The publisher's editable copy of a volume: inodes in SQLite, changed file data in staging files.
+"""The publisher's editable copy of a volume: inodes in SQLite (``worktree_db.py``), changed
+file data in staging files.
 
 A work tree starts as the volume's head snapshot and is loaded lazily: a directory
 not yet visited is one row holding its tree id; visiting it turns its entries into
@@ -23,141 +24,17 @@ import contextlib
 import errno
 import logging
 import os
-import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfs.errors import P2pfsError
 from p2pfs.objects.model import Entry, Kind
 
+from .wnodes import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Chunked, DirPlan, TreeError, WNode
+from .worktree_db import TreeDB
+
 log = logging.getLogger(__name__)
-
-ROOT = 1
-SCHEMA_VERSION = 1
-# rename(2) flags, as FUSE passes them.
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS inode (
-    ino INTEGER PRIMARY KEY,
-    kind INTEGER NOT NULL,
-    mode INTEGER NOT NULL,
-    uid INTEGER NOT NULL,
-    gid INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL,
-    atime_ns INTEGER NOT NULL,
-    nlink INTEGER NOT NULL,
-    blob BLOB,
-    target BLOB,
-    tree BLOB,
-    loaded INTEGER NOT NULL DEFAULT 0,
-    staged INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS dentry (
-    parent INTEGER NOT NULL,
-    name BLOB NOT NULL,
-    ino INTEGER NOT NULL,
-    PRIMARY KEY (parent, name)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dentry_ino ON dentry (ino);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-"""
-
-
-class TreeError(Exception):
-    """A refused change: ``errno`` is what the caller answers."""
-
-    def __init__(self, err: int, what: str = "") -> None:
-        super().__init__(what or os.strerror(err))
-        self.errno = err
-
-
-@dataclass
-class Chunked:
-    """A staged file's content as last chunked into the store."""
-
-    blob: bytes
-    size: int
-    gen: int  # the node's write generation it was read at
-
-
-class WNode:
-    __slots__ = (
-        "atime_ns",
-        "blob",
-        "changed",
-        "children",
-        "chunked",
-        "ctime_ns",
-        "gen",
-        "gid",
-        "ino",
-        "kind",
-        "links",
-        "lookups",
-        "mode",
-        "mtime_ns",
-        "nlink",
-        "opens",
-        "size",
-        "staged",
-        "target",
-        "tree",
-        "tree_clock",
-        "uid",
-        "writers",
-    )
-
-    def __init__(self, ino: int, kind: Kind, mode: int, uid: int, gid: int) -> None:
-        self.ino = ino
-        self.kind = kind
-        self.mode = mode  # permission bits only (0o7777)
-        self.uid = uid
-        self.gid = gid
-        self.size = 0
-        self.mtime_ns = self.ctime_ns = self.atime_ns = 0  # atime: set, never moved by reads
-        self.nlink = 1
-        self.blob: bytes | None = None  # clean files
-        self.target: bytes | None = None  # symlinks
-        self.tree: bytes | None = None  # dirs: tree id, valid while tree_clock >= changed
-        self.tree_clock = -1
-        self.children: dict[bytes, int] | None = None  # dirs, once loaded
-        self.links: set[tuple[int, bytes]] = set()  # (parent, name) of every name
-        self.staged = False
-        self.chunked: Chunked | None = None
-        self.gen = 0  # bumped by every change of a staged file's content
-        self.changed = 0  # clock of the last change at or below this node
-        self.lookups = 0  # the kernel's references
-        self.opens = 0
-        self.writers = 0
-
-    @property
-    def loaded(self) -> bool:
-        return self.children is not None
-
-    @property
-    def parent(self) -> int:
-        """Some parent (a directory has exactly one)."""
-        return next(iter(self.links))[0] if self.links else ROOT
-
-
-@dataclass(frozen=True)
-class DirPlan:
-    """A directory whose tree object must be made again, captured at one instant.
-
-    ``entries`` hold final ids for files and symlinks; a subdirectory's id is
-    resolved from ``subdirs`` (its ino) when it is itself in the plan.
-    """
-
-    ino: int
-    entries: list[Entry]
-    subdirs: dict[bytes, int]  # name -> ino of a subdirectory whose tree is planned too
 
 
 class WorkTree:
@@ -166,10 +43,7 @@ class WorkTree:
         self.staging = root / "staging"
         self.staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db_path = root / "tree.db"
-        self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db = TreeDB(self.db_path)
         self.nodes: dict[int, WNode] = {}
         self.clock = 1
         self.captured = 0  # clock of the last capture: nodes changed after it are dirty
@@ -181,26 +55,8 @@ class WorkTree:
 
     # -- persistence --------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
-    def meta(self, key: str) -> object:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def set_meta(self, key: str, value: object) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
     def _save(self, n: WNode) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self.db.save_inode(
             (
                 n.ino,
                 int(n.kind),
@@ -221,13 +77,7 @@ class WorkTree:
         )
 
     def _load(self) -> None:
-        version = self.meta("schema")
-        if version is None:
-            with self._txn():
-                self.set_meta("schema", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise P2pfsError(f"{self.db_path}: work tree schema {version} is not supported")
-        for row in self.db.execute("SELECT * FROM inode"):
+        for row in self.db.inodes():
             (
                 ino,
                 kind,
@@ -252,7 +102,7 @@ class WorkTree:
             if loaded:
                 n.children = {}
             self.nodes[ino] = n
-        for parent, name, ino in self.db.execute("SELECT parent, name, ino FROM dentry"):
+        for parent, name, ino in self.db.dentries():
             p, child = self.nodes.get(parent), self.nodes.get(ino)
             if p is None or child is None or p.children is None:
                 log.warning("work tree %s: dropping a dangling name %r", self.root, name)
@@ -260,7 +110,7 @@ class WorkTree:
             p.children[name] = ino
             child.links.add((parent, name))
         # Never reuse a number: the kernel may still hold one from before a reset.
-        saved = self.meta("next_ino")
+        saved = self.db.meta("next_ino")
         self.next_ino = max(
             max(self.nodes, default=ROOT) + 1, saved if isinstance(saved, int) else 0
         )
@@ -268,7 +118,7 @@ class WorkTree:
 
     def _recover(self) -> None:
         """Finish what a killed daemon left: orphans, staging files, dirty marks."""
-        with self._txn():
+        with self.db.transaction():
             for n in [n for n in self.nodes.values() if n.ino != ROOT and not n.links]:
                 self._delete(n)
         on_disk = {p.name: p for p in self.staging.iterdir()}
@@ -293,14 +143,7 @@ class WorkTree:
 
     def sync(self) -> None:
         """Make every change so far durable (blocking: run it in a worker thread)."""
-        wal = Path(f"{self.db_path}-wal")
-        for path in (wal, self.db_path):
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        self.db.sync()
         fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -315,21 +158,20 @@ class WorkTree:
     @property
     def base(self) -> bytes | None:
         """The snapshot this tree was last committed as or reset to."""
-        value = self.meta("base")
+        value = self.db.meta("base")
         return value if isinstance(value, bytes) else None
 
     @property
     def dirty(self) -> bool:
-        return bool(self.meta("dirty")) or any(n.staged for n in self.nodes.values())
+        return bool(self.db.meta("dirty")) or any(n.staged for n in self.nodes.values())
 
     def reset(self, snapshot_id: bytes | None, root_tree: bytes | None, time_ns: int) -> None:
         """Start again from a snapshot (None: an empty volume), dropping every change."""
-        with self._txn() as db:
-            db.execute("DELETE FROM inode")
-            db.execute("DELETE FROM dentry")
-            self.set_meta("next_ino", self.next_ino)
-            self.set_meta("base", snapshot_id)
-            self.set_meta("dirty", 0)
+        with self.db.transaction():
+            self.db.clear()
+            self.db.set_meta("next_ino", self.next_ino)
+            self.db.set_meta("base", snapshot_id)
+            self.db.set_meta("dirty", 0)
             self.nodes.clear()
             root = WNode(ROOT, Kind.DIR, 0o755, *self._default_owner)
             root.mtime_ns = root.ctime_ns = root.atime_ns = time_ns
@@ -344,10 +186,10 @@ class WorkTree:
 
     def committed(self, snapshot_id: bytes, clock: int) -> None:
         """A snapshot of the tree as captured at ``clock`` is now the volume's head."""
-        with self._txn():
-            self.set_meta("base", snapshot_id)
+        with self.db.transaction():
+            self.db.set_meta("base", snapshot_id)
             if not any(n.changed > clock for n in self.nodes.values()):
-                self.set_meta("dirty", 0)
+                self.db.set_meta("dirty", 0)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -381,12 +223,10 @@ class WorkTree:
             n.links.add((d.ino, e.name))
             children[e.name] = n.ino
             new.append(n)
-        with self._txn() as db:
+        with self.db.transaction():
             for n in new:
                 self._save(n)
-            db.executemany(
-                "INSERT INTO dentry VALUES (?, ?, ?)", [(d.ino, k, v) for k, v in children.items()]
-            )
+            self.db.add_names((d.ino, k, v) for k, v in children.items())
             d.children = children
             self._save(d)  # loaded: its tree id now lives in its children
         for n in new:
@@ -408,7 +248,7 @@ class WorkTree:
             x.changed = self.clock
             stack.extend(self.nodes[p] for p, _ in x.links if p in self.nodes)
         if not self._dirty_marked:
-            self.set_meta("dirty", 1)
+            self.db.set_meta("dirty", 1)
             self._dirty_marked = True
 
     _dirty_marked = False
@@ -455,7 +295,7 @@ class WorkTree:
             self.created_fd = os.open(self.staging_path(n.ino), flags, 0o600)
             os.utime(self.created_fd, ns=(now, now))
             n.staged = True
-        with self._txn():
+        with self.db.transaction():
             self._save(n)
             self._add_name(parent, name, n, now)
         self.nodes[n.ino] = n
@@ -463,7 +303,7 @@ class WorkTree:
 
     def _add_name(self, parent: WNode, name: bytes, n: WNode, now: int) -> None:
         assert parent.children is not None
-        self.db.execute("INSERT INTO dentry VALUES (?, ?, ?)", (parent.ino, name, n.ino))
+        self.db.add_names([(parent.ino, name, n.ino)])
         parent.children[name] = n.ino
         n.links.add((parent.ino, name))
         parent.mtime_ns = parent.ctime_ns = now
@@ -472,7 +312,7 @@ class WorkTree:
 
     def _remove_name(self, parent: WNode, name: bytes, n: WNode, now: int) -> None:
         assert parent.children is not None
-        self.db.execute("DELETE FROM dentry WHERE parent = ? AND name = ?", (parent.ino, name))
+        self.db.remove_name(parent.ino, name)
         del parent.children[name]
         self.touch(n)  # before the link goes: the old parents' trees change
         n.links.discard((parent.ino, name))
@@ -484,7 +324,7 @@ class WorkTree:
             raise TreeError(errno.EPERM)
         self._name_check(parent, name)
         now = time.time_ns()
-        with self._txn():
+        with self.db.transaction():
             n.nlink += 1
             n.ctime_ns = now
             self._save(n)
@@ -496,7 +336,7 @@ class WorkTree:
         if n.kind is Kind.DIR:
             raise TreeError(errno.EISDIR)
         now = time.time_ns()
-        with self._txn():
+        with self.db.transaction():
             self._remove_name(parent, name, n, now)
             n.nlink -= 1
             n.ctime_ns = now
@@ -511,7 +351,7 @@ class WorkTree:
         if n.children:
             raise TreeError(errno.ENOTEMPTY)
         now = time.time_ns()
-        with self._txn():
+        with self.db.transaction():
             self._remove_name(parent, name, n, now)
             n.nlink = 0
             self._save(n)
@@ -554,7 +394,7 @@ class WorkTree:
                     raise TreeError(errno.ENOTEMPTY)
         now = time.time_ns()
         gone = None
-        with self._txn():
+        with self.db.transaction():
             if flags & RENAME_EXCHANGE:
                 assert dst is not None
                 self._remove_name(p1, n1, src, now)
@@ -613,7 +453,7 @@ class WorkTree:
             if n.staged:
                 os.utime(self.staging_path(n.ino), ns=(mtime_ns, mtime_ns))
         n.ctime_ns = now
-        with self._txn():
+        with self.db.transaction():
             self._save(n)
             if mode is not None or mtime_ns is not None:
                 self.touch(n)
@@ -622,7 +462,7 @@ class WorkTree:
         """``n``'s content now lives in its staging file (made by the caller)."""
         n.staged, n.blob = True, None
         n.gen += 1
-        with self._txn():
+        with self.db.transaction():
             self._save(n)
             self.touch(n)
 
@@ -633,7 +473,7 @@ class WorkTree:
             n.size = end
         n.mtime_ns = n.ctime_ns = time.time_ns()
         if not self.is_dirty(n):
-            with self._txn():
+            with self.db.transaction():
                 self.touch(n)
 
     def resized(self, n: WNode, size: int) -> None:
@@ -641,7 +481,7 @@ class WorkTree:
         n.size = size
         n.mtime_ns = n.ctime_ns = time.time_ns()
         self.stamp(n)
-        with self._txn():
+        with self.db.transaction():
             self._save(n)
             self.touch(n)
 
@@ -654,7 +494,7 @@ class WorkTree:
 
     def save(self, n: WNode) -> None:
         """Record a staged file's size and mtime (at close and fsync)."""
-        with self._txn():
+        with self.db.transaction():
             self._save(n)
 
     def absorbed(self, done: list[tuple[WNode, Chunked]]) -> list[WNode]:
@@ -671,7 +511,7 @@ class WorkTree:
             n.staged, n.blob, n.size = False, chunked.blob, chunked.size
             clean.append(n)
         if clean:
-            with self._txn():
+            with self.db.transaction():
                 for n in clean:
                     self._save(n)
         return clean
@@ -681,11 +521,11 @@ class WorkTree:
         return n.ino != ROOT and not n.links and n.opens == 0 and n.lookups == 0
 
     def drop(self, n: WNode) -> None:
-        with self._txn():
+        with self.db.transaction():
             self._delete(n)
 
     def _delete(self, n: WNode) -> None:
-        self.db.execute("DELETE FROM inode WHERE ino = ?", (n.ino,))
+        self.db.delete_inode(n.ino)
         self.nodes.pop(n.ino, None)
         if n.staged:
             with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,106 @@
+"""The work tree's nodes: one ``WNode`` per inode, and the records a commit plans with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from p2pfs.objects.model import Entry, Kind
+
+ROOT = 1
+
+# rename(2) flags, as FUSE passes them.
+# rename(2) flags, as FUSE passes them.
+RENAME_NOREPLACE = 1
+
+RENAME_EXCHANGE = 2
+
+
+class TreeError(Exception):
+    """A refused change: ``errno`` is what the caller answers."""
+
+    def __init__(self, err: int, what: str = "") -> None:
+        super().__init__(what or os.strerror(err))
+        self.errno = err
+
+
+@dataclass
+class Chunked:
+    """A staged file's content as last chunked into the store."""
+
+    blob: bytes
+    size: int
+    gen: int  # the node's write generation it was read at
+
+
+class WNode:
+    __slots__ = (
+        "atime_ns",
+        "blob",
+        "changed",
+        "children",
+        "chunked",
+        "ctime_ns",
+        "gen",
+        "gid",
+        "ino",
+        "kind",
+        "links",
+        "lookups",
+        "mode",
+        "mtime_ns",
+        "nlink",
+        "opens",
+        "size",
+        "staged",
+        "target",
+        "tree",
+        "tree_clock",
+        "uid",
+        "writers",
+    )
+
+    def __init__(self, ino: int, kind: Kind, mode: int, uid: int, gid: int) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.mode = mode  # permission bits only (0o7777)
+        self.uid = uid
+        self.gid = gid
+        self.size = 0
+        self.mtime_ns = self.ctime_ns = self.atime_ns = 0  # atime: set, never moved by reads
+        self.nlink = 1
+        self.blob: bytes | None = None  # clean files
+        self.target: bytes | None = None  # symlinks
+        self.tree: bytes | None = None  # dirs: tree id, valid while tree_clock >= changed
+        self.tree_clock = -1
+        self.children: dict[bytes, int] | None = None  # dirs, once loaded
+        self.links: set[tuple[int, bytes]] = set()  # (parent, name) of every name
+        self.staged = False
+        self.chunked: Chunked | None = None
+        self.gen = 0  # bumped by every change of a staged file's content
+        self.changed = 0  # clock of the last change at or below this node
+        self.lookups = 0  # the kernel's references
+        self.opens = 0
+        self.writers = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.children is not None
+
+    @property
+    def parent(self) -> int:
+        """Some parent (a directory has exactly one)."""
+        return next(iter(self.links))[0] if self.links else ROOT
+
+
+@dataclass(frozen=True)
+class DirPlan:
+    """A directory whose tree object must be made again, captured at one instant.
+
+    ``entries`` hold final ids for files and symlinks; a subdirectory's id is
+    resolved from ``subdirs`` (its ino) when it is itself in the plan.
+    """
+
+    ino: int
+    entries: list[Entry]
+    subdirs: dict[bytes, int]  # name -> ino of a subdirectory whose tree is planned too

@@ -1,4 +1,5 @@
-"""The project's error types and the exit codes and errno values they map to.
+"""The project's error types, the exit codes and errno values they map to, and the one
+errno table of the filesystem layers (``errno_of``).
 
 User errors are quiet: the CLI prints their message (one line, naming what is
 wrong) and exits with their ``exit_code``; no traceback. Anything that is not a
@@ -8,6 +9,7 @@ wrong) and exits with their ``exit_code``; no traceback. Anything that is not a
 from __future__ import annotations
 
 import errno
+import os
 
 # Documented in docs/cli.md ("Exit codes").
 EXIT_OK = 0
@@ -69,3 +71,27 @@ class MissingChunk(NotFound):
     """A chunk is not in the local store (and, for now, nowhere else)."""
 
     errno = errno.EIO
+
+
+class ErrnoError(Exception):
+    """A filesystem's answer to one call: the errno the FUSE caller gets (refused, not
+    found, ...). Not a user error and not a bug; never printed as a message."""
+
+    def __init__(self, err: int, what: str = "") -> None:
+        super().__init__(what or os.strerror(err))
+        self.errno = err
+
+
+# Failures of the staging disk a writer should see as they are, not as a bug.
+ERRNO_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def errno_of(e: BaseException) -> int | None:
+    """The errno a known failure maps to, or None for a bug (answered EIO, and loud)."""
+    if isinstance(e, ErrnoError):
+        return e.errno
+    if isinstance(e, OSError) and e.errno is not None and e.errno in ERRNO_PASSED:
+        return e.errno
+    if isinstance(e, P2pfsError):
+        return e.errno
+    return None

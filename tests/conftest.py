@@ -1,7 +1,10 @@
 """Shared fixtures: node homes, the CLI as a subprocess, and real FUSE mounts.
 
-FUSE may be missing on a contributor's laptop: tests marked ``fuse`` skip there
-with the reason. In CI (``CI=true``) FUSE exists, so a skipped FUSE test fails
+Every test names its tier with a marker: ``unit`` (no mount, no namespaces, no
+root: ``pytest -m unit`` runs anywhere), ``mount`` (real FUSE mounts), ``lab``
+(hosts in network namespaces) or ``vm`` (the appliance under QEMU). FUSE or the
+lab may be missing on a contributor's laptop: those tests skip there with the
+reason. In CI (``CI=true``) they exist, so a skipped mount, lab or vm test fails
 the run.
 """
 
@@ -26,11 +29,28 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+TIERS = ("unit", "mount", "lab", "vm")
+MUST_RUN_IN_CI = {"mount", "lab", "vm", "fuse"}
 _skipped_fuse: list[str] = []
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = []
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) != 1:
+            untiered.append(f"{item.nodeid}: {sorted(tiers) or 'no tier'}")
+    if untiered:
+        raise pytest.UsageError(
+            "every test is marked with exactly one tier of "
+            + ", ".join(TIERS)
+            + ":\n  "
+            + "\n  ".join(untiered)
+        )
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("fuse") is not None:
+    if item.get_closest_marker("fuse") is not None or item.get_closest_marker("mount"):
         reason = fuse_unavailable()
         if reason:
             pytest.skip(f"FUSE test: {reason}")
@@ -39,13 +59,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "fuse" in report.keywords:
+    if report.skipped and MUST_RUN_IN_CI & set(report.keywords):
         _skipped_fuse.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI") and _skipped_fuse:
-        print(f"\nCI: {len(_skipped_fuse)} FUSE test(s) were skipped; failing the run:")
+        print(f"\nCI: {len(_skipped_fuse)} mount, lab or vm test(s) were skipped; failing the run:")
         for nodeid in _skipped_fuse:
             print(f"  {nodeid}")
         session.exitstatus = 1

@@ -23,6 +23,8 @@ from p2pfs.chunking.chunker import (
 )
 from p2pfs.errors import DecodeError, UsageError
 
+pytestmark = pytest.mark.unit
+
 SMALL = ChunkParams(256, 1024, 4096)
 TINY = ChunkParams(64, 128, 256)
 MEDIUM = ChunkParams(4096, 16384, 65536)

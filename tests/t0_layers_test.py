@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 PKG = Path(__file__).resolve().parents[1] / "p2pfs"
 
 # Lowest first. Each name is a package (p2pfs/NAME/) or a top-level module

@@ -30,6 +30,8 @@ from p2pfs.objects.model import (
     validate_name,
 )
 
+pytestmark = pytest.mark.unit
+
 PARAMS: dict[str, int | str] = {
     "algorithm": "fastcdc-gear-v1",
     "min": 65536,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from harness import mounted, run_cli
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.mount, pytest.mark.fuse]
 MIB = 1024 * 1024
 
 

@@ -22,7 +22,7 @@ from harness import force_unmount, run_cli
 
 from p2pfs.node import control
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.mount, pytest.mark.fuse]
 MIB = 1024 * 1024
 
 

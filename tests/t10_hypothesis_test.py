@@ -38,7 +38,7 @@ from writable import VOLUME, Target, walk, write_target
 
 from p2pfs.node import control
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.mount, pytest.mark.fuse, pytest.mark.timeout(900)]
 
 SEEDS = range(20)
 EXAMPLES = int(os.environ.get("P2PFS_HYPOTHESIS_EXAMPLES", "20"))

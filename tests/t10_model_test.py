@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from writable import Target, diff_walks, remove_tree, walk, write_target
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.mount, pytest.mark.fuse, pytest.mark.timeout(600)]
 
 # 40 seeds by default; P2PFS_MODEL_SEEDS=500 (or FIRST:LAST) explores further.
 _spec = os.environ.get("P2PFS_MODEL_SEEDS", "40")

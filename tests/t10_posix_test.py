@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from writable import Target, diff_walks, file_digest, remove_tree, walk, write_target
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.mount, pytest.mark.fuse, pytest.mark.timeout(900)]
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 NOBODY = 65534

@@ -35,7 +35,7 @@ from p2pfs.objects.model import decode_snapshot
 from p2pfs.store.cas import Store
 from p2pfs.volume.registry import VolumeRegistry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.lab, pytest.mark.fuse]
 MIB = 1024 * 1024
 VOLUME = "tools"
 SWITCH_TIMEOUT = 30.0

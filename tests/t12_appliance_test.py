@@ -159,6 +159,7 @@ async def call(app: Appliance, op: str, **args: Any) -> Any:
 # -- the user/admin split ------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_every_admin_operation_of_the_daemon_is_named(tmp_path: Path) -> None:
     """The daemon's admin face, all of it, is in the list the desktop link refuses."""
     server = ControlServer(tmp_path / "sock")
@@ -170,6 +171,7 @@ def test_every_admin_operation_of_the_daemon_is_named(tmp_path: Path) -> None:
     assert user <= set(INFO_OPERATIONS) | set(PIN_OPERATIONS) | ADMIN_OPERATIONS
 
 
+@pytest.mark.unit
 async def test_every_admin_operation_is_refused_over_the_desktop_link(
     appliance: Appliance,
 ) -> None:
@@ -191,6 +193,7 @@ async def test_every_admin_operation_is_refused_over_the_desktop_link(
     assert appliance.proc.poll() is None  # "stop" was refused: the daemon runs on
 
 
+@pytest.mark.unit
 async def test_pin_is_refused_by_the_default_policy(appliance: Appliance) -> None:
     for op in PIN_OPERATIONS:
         with pytest.raises(LinkError, match="not allowed from desktops by this appliance's policy"):
@@ -198,6 +201,7 @@ async def test_pin_is_refused_by_the_default_policy(appliance: Appliance) -> Non
     assert appliance.status()["pins"] == 0
 
 
+@pytest.mark.unit
 def test_desktops_pin_and_unpin_when_the_policy_allows(tmp_path: Path) -> None:
     with running_appliance(tmp_path, desktop_pin=True) as app:
         link = ["--token", str(app.token), "--appliance", str(app.address)]
@@ -210,6 +214,7 @@ def test_desktops_pin_and_unpin_when_the_policy_allows(tmp_path: Path) -> None:
         assert json.loads(status.stdout)["desktop_link"]["desktop_pin"] is True
 
 
+@pytest.mark.unit
 def test_a_bad_desktop_listen_address_is_a_clear_start_up_error(home: Path) -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface here: binding fails, nothing is sent.
     for listen, message in (
@@ -228,12 +233,14 @@ def app_pins(app: Appliance) -> list[dict[str, Any]]:
     return pins
 
 
+@pytest.mark.unit
 async def test_unknown_operations_are_refused(appliance: Appliance) -> None:
     for op in ("get", "chunk", "object", "have", "snapshot", "", "x" * 1000):
         with pytest.raises(LinkError, match="unknown operation"):
             await call(appliance, op)
 
 
+@pytest.mark.unit
 async def test_a_wrong_token_is_refused(appliance: Appliance, tmp_path: Path) -> None:
     good = load_token(appliance.token)
     before = appliance.status()["desktop_link"]["refused_tokens"]
@@ -257,6 +264,7 @@ async def test_a_wrong_token_is_refused(appliance: Appliance, tmp_path: Path) ->
         await connect(appliance, load_token(bob))
 
 
+@pytest.mark.unit
 async def test_the_token_cannot_read_keys_or_chunks(appliance: Appliance) -> None:
     home = appliance.home
     secrets_on_disk = [
@@ -298,6 +306,7 @@ async def test_the_token_cannot_read_keys_or_chunks(appliance: Appliance) -> Non
         assert secret not in status
 
 
+@pytest.mark.unit
 async def test_reads_over_the_link_are_byte_identical(appliance: Appliance) -> None:
     client = await connect(appliance)
     async with trio.open_nursery() as nursery:
@@ -322,6 +331,7 @@ async def test_reads_over_the_link_are_byte_identical(appliance: Appliance) -> N
         await client.aclose()
 
 
+@pytest.mark.unit
 async def test_hostile_bytes_before_the_token_close_only_that_connection(
     appliance: Appliance,
 ) -> None:
@@ -348,6 +358,7 @@ async def test_hostile_bytes_before_the_token_close_only_that_connection(
     assert appliance.proc.poll() is None
 
 
+@pytest.mark.unit
 def test_vsock_transport_parses_and_listens() -> None:
     """AF_VSOCK sits behind the same Address interface. Connecting needs vhost-vsock or
     vsock_loopback in the kernel, which this machine lacks: only parsing and binding run."""
@@ -369,6 +380,7 @@ def test_vsock_transport_parses_and_listens() -> None:
     trio.run(listen)
 
 
+@pytest.mark.unit
 def test_thin_filesystem_offers_what_the_fuse_adapter_calls() -> None:
     """ThinFileSystem is handed to fuse.Operations in place of vfs.FileSystem: every
     ``self.fs.X`` the adapter uses must exist on it (this catches a new handler)."""
@@ -459,6 +471,7 @@ def read_error(path: Path) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.lab
 @pytest.mark.fuse
 def test_thin_client_reads_fails_fast_and_unmounts(
     lab_appliance: LabAppliance, tmp_path: Path
@@ -512,6 +525,7 @@ def test_thin_client_reads_fails_fast_and_unmounts(
     assert not cli_alive(pid)  # gone (or a zombie its new parent has yet to reap)
 
 
+@pytest.mark.lab
 @pytest.mark.fuse
 def test_thin_mount_refuses_a_wrong_token_before_mounting(
     lab_appliance: LabAppliance, tmp_path: Path
@@ -570,6 +584,7 @@ def start_smbd(appl: Host, work: Path, mount: Path, interface: str) -> subproces
     return proc
 
 
+@pytest.mark.lab
 @pytest.mark.fuse
 def test_samba_shares_the_mount_read_only_to_one_account(tmp_path: Path) -> None:
     require_lab()

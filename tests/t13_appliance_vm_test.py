@@ -73,6 +73,7 @@ def _seed_tree(tmp: Path, staging: Path, bundle: Path, **kw: object) -> Path:
     return tree
 
 
+@pytest.mark.unit
 def test_seed_reader_names_what_is_wrong(tmp_path: Path) -> None:
     _, staging, bundle = _enrol(tmp_path)
     tree = _seed_tree(tmp_path, staging, bundle)
@@ -132,6 +133,7 @@ def test_seed_reader_names_what_is_wrong(tmp_path: Path) -> None:
     assert cfg.appliance_listen == (f"{HOST_ONLY_APPLIANCE}:7421",)
 
 
+@pytest.mark.unit
 def test_status_shows_a_bad_seed(tmp_path: Path) -> None:
     home = Home(tmp_path / "h")
     home.init()
@@ -144,6 +146,7 @@ def test_status_shows_a_bad_seed(tmp_path: Path) -> None:
     assert "seed" not in json.loads(run_cli(home.root, "status", "--json", check=True).stdout)
 
 
+@pytest.mark.unit
 def test_seed_image_is_a_labelled_fat_disk(tmp_path: Path) -> None:
     if shutil.which("mkfs.vfat") is None or shutil.which("mdir") is None:
         if os.environ.get("CI"):
@@ -208,6 +211,7 @@ def _open_ports(scan: str) -> set[int]:
     return ports
 
 
+@pytest.mark.vm
 @pytest.mark.fuse
 @pytest.mark.timeout(1200)
 def test_appliance_vm_joins_serves_the_desktop_and_hides_the_admin_api(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from p2pfs.objects.model import object_id
 from p2pfs.store.cas import QuotaExceeded, Store
 from p2pfs.store.schema import SCHEMA_VERSION
 
+pytestmark = pytest.mark.unit
+
 KiB = 1024
 MiB = 1024 * KiB
 QUOTA = 1 * MiB

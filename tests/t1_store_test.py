@@ -17,6 +17,8 @@ from p2pfs.objects.model import Blob, ChunkRef, decode_blob, object_id
 from p2pfs.store.cas import Store
 from p2pfs.store.files_cache import CachedFile
 
+pytestmark = pytest.mark.unit
+
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
     data = random.Random(n).randbytes(size)

@@ -16,6 +16,8 @@ from harness import run_cli
 from p2pfs.home import Home
 from p2pfs.store.cas import Store
 
+pytestmark = pytest.mark.unit
+
 
 def _import(home: Path, src: Path, volume: str = "tools") -> dict:
     proc = run_cli(home, "import", str(src), volume, "--json")

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfs.fs.vfs import ROOT_INO, FileSystem, FsError, Head
+from p2pfs.fs.api import FsError
+from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.home import Home
 from p2pfs.store.cas import Store
 from p2pfs.volume.content import Content
 from p2pfs.volume.importer import Importer
 from p2pfs.volume.registry import VolumeRegistry
+
+pytestmark = pytest.mark.unit
 
 
 class World:
@@ -77,7 +80,7 @@ async def test_open_file_survives_forget_until_release(world: World) -> None:
     fs = world.fs
     vol = await fs.lookup(ROOT_INO, b"vol")
     a = await fs.lookup(vol.ino, b"a")
-    fh = await fs.open(a.ino, os.O_RDONLY)
+    fh = (await fs.open(a.ino, os.O_RDONLY)).fh
     fs.forget(a.ino, 1)
     assert bytes(await fs.read(fh, 10, 5)) == b"xxxxx"
     fs.release(fh)
@@ -131,7 +134,7 @@ async def test_read_across_chunks_and_past_eof(world: World) -> None:
     fs = world.fs
     vol = await fs.lookup(ROOT_INO, b"vol")
     big = await fs.lookup(vol.ino, b"big")
-    fh = await fs.open(big.ino, os.O_RDONLY)
+    fh = (await fs.open(big.ino, os.O_RDONLY)).fh
     async with trio.open_nursery() as nursery:
         fs.attach(nursery)
         for off, size in [(0, 4096), (100_000, 2_000_000), (len(data) - 10, 4096), (len(data), 10)]:
@@ -153,7 +156,7 @@ async def test_new_head_gives_a_new_root_inode(world: World) -> None:
     fs = world.fs
     vol1 = await fs.lookup(ROOT_INO, b"vol")
     a1 = await fs.lookup(vol1.ino, b"a")
-    fh = await fs.open(a1.ino, os.O_RDONLY)
+    fh = (await fs.open(a1.ino, os.O_RDONLY)).fh
     (world.src / "a").write_bytes(b"two!")
     world.publish()
     vol2 = await fs.lookup(ROOT_INO, b"vol")

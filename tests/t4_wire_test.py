@@ -16,6 +16,8 @@ from p2pfs.net.connection import Connection, PeerUnavailable
 from p2pfs.net.digest import Bloom, size_for
 from p2pfs.objects.codec import pack
 
+pytestmark = pytest.mark.unit
+
 
 def test_frames_roundtrip_in_any_fragmentation() -> None:
     frames = [

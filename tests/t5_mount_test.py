@@ -22,7 +22,7 @@ from p2pfs.objects.model import decode_blob, decode_tree
 from p2pfs.store.cas import Store
 from p2pfs.volume.registry import VolumeRegistry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.mount, pytest.mark.fuse]
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 BIG_MARK_AT = 4 * GIB + 4321  # bytes past 4 GiB must come out too

@@ -29,6 +29,8 @@ from p2pfs.trust import certs, enrolment, revocation
 from p2pfs.trust.certs import PeerRejected
 from p2pfs.trust.estate import Estate
 
+pytestmark = pytest.mark.unit
+
 HANDSHAKE_TIMEOUT = 10
 
 

@@ -15,6 +15,8 @@ from p2pfs.trust import enrolment
 from p2pfs.trust.estate import Estate
 from p2pfs.trust.tlsstream import TLSStream
 
+pytestmark = pytest.mark.unit
+
 
 def _member(tmp_path: Path, name: str, admin: Home) -> Estate:
     home = Home(tmp_path / name)

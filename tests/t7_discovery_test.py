@@ -57,6 +57,7 @@ def good_txt(**override: bytes | None) -> dict[bytes, bytes | None]:
 # -- validation of what the network says (no network) ------------------------------------
 
 
+@pytest.mark.unit
 def test_a_well_formed_service_is_a_candidate() -> None:
     cand = parse_candidate(NAME, good_txt(), ["127.0.0.1", "10.1.2.3", "10.1.2.4"])
     assert cand == Candidate(NODE, ESTATE, PROTOCOL_VERSION, "10.1.2.3", 7420)
@@ -84,6 +85,7 @@ def test_a_well_formed_service_is_a_candidate() -> None:
         ({"port": b" 7420"}, "decimal"),
     ],
 )
+@pytest.mark.unit
 def test_malformed_txt_is_refused_with_a_reason(
     override: dict[str, bytes | None], why: str
 ) -> None:
@@ -91,6 +93,7 @@ def test_malformed_txt_is_refused_with_a_reason(
         parse_candidate(NAME, good_txt(**override), ["10.1.2.3"])
 
 
+@pytest.mark.unit
 def test_names_and_addresses_are_checked() -> None:
     other = f"{instance_label(bytes(32))}.{SERVICE_TYPE}"
     with pytest.raises(ValueError, match="does not carry its node id"):
@@ -145,6 +148,7 @@ async def settle(d: Discovery) -> None:
             await trio.sleep(0.01)
 
 
+@pytest.mark.unit
 async def test_events_become_candidates_updates_and_losses(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeResolver(monkeypatch)
     me = os.urandom(32)
@@ -186,6 +190,7 @@ async def test_events_become_candidates_updates_and_losses(monkeypatch: pytest.M
         assert d.statistics()["ignored"] == 1  # the other estate (itself is not counted)
 
 
+@pytest.mark.unit
 async def test_a_goodbye_during_a_resolve_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeResolver(monkeypatch)
     fake.records[NAME] = (good_txt(), ("10.1.2.3",))
@@ -201,6 +206,7 @@ async def test_a_goodbye_during_a_resolve_wins(monkeypatch: pytest.MonkeyPatch) 
     assert fake.calls == 1
 
 
+@pytest.mark.unit
 async def test_an_update_during_a_resolve_is_resolved_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -308,6 +314,7 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+@pytest.mark.lab
 def test_peers_find_each_other_and_only_their_estate(lab: Lab) -> None:
     estate, outsiders = os.urandom(32), os.urandom(32)
     probes: list[Probe] = []
@@ -377,6 +384,7 @@ def test_peers_find_each_other_and_only_their_estate(lab: Lab) -> None:
             p.close()
 
 
+@pytest.mark.lab
 def test_a_killed_peer_does_not_disturb_the_others(lab: Lab) -> None:
     estate = os.urandom(32)
     probes = [Probe(lab.host(n), os.urandom(32), estate, 7500 + i) for i, n in enumerate("ab")]

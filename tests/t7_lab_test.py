@@ -21,6 +21,8 @@ from harness import require_lab
 
 from p2pfs.lab.netns import STATE_DIR, Host, Lab, LabError, cleanup_stale
 
+pytestmark = pytest.mark.lab
+
 
 def netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -40,7 +40,7 @@ from p2pfs.objects.model import Snapshot, decode_snapshot
 from p2pfs.store.cas import Store
 from p2pfs.volume.registry import VolumeRegistry
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.lab, pytest.mark.fuse]
 MIB = 1024 * 1024
 NAMES = ["a", "b", "c", "d", "e"]
 

@@ -33,7 +33,7 @@ from p2pfs.lab.estate import (
     wait_until_meshed,
 )
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.lab, pytest.mark.fuse]
 MIB = 1024 * 1024
 MAX_CHUNK = ChunkParams().max_size
 QUOTA = 64 * MIB

@@ -29,14 +29,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import trio
 
 from p2pfs.errors import P2pfsError
 from p2pfs.fs import fuse
+from p2pfs.fs.api import BLOCK_SIZE, Attr, FsError, Opened, ReadOnlyChanges
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
-from p2pfs.fs.vfs import ROOT_INO, XATTR_ID, XATTR_SNAPSHOT, Attr, FileSystem, FsError
+from p2pfs.fs.vfs import ROOT_INO, XATTR_ID, XATTR_SNAPSHOT
 from p2pfs.ids import derive
 from p2pfs.net.link import Address, ApplianceLink
 from p2pfs.trust.desktop import DesktopToken
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE = 10.0
 ROOT_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 5.0
-BLOCK_SIZE = 128 * 1024
 MAX_REQUEST = 1024 * 1024
 # A sequential reader gets whole blocks, READAHEAD_BLOCKS of them fetched ahead: one
 # round trip per MiB instead of one per 128 KiB FUSE read.
@@ -80,8 +80,8 @@ class ThinFile:
     pending: dict[int, trio.Event] = field(default_factory=dict)
 
 
-class ThinFileSystem:
-    """What fuse.Operations calls, answered by the appliance's user API."""
+class ThinFileSystem(ReadOnlyChanges):
+    """An ``api.Filesystem`` answered by the appliance's user API; nothing changes here."""
 
     def __init__(self, link: ApplianceLink, *, uid: int | None = None, gid: int | None = None):
         self.appliance = link
@@ -93,7 +93,7 @@ class ThinFileSystem:
         self._files: dict[int, ThinFile] = {}
         self._dirs: dict[int, tuple[int, list[dict[str, Any]]]] = {}
         self._next_fh = 1
-        self.errors = 0  # counted by the adapter
+        self.errors = 0  # unexpected failures (reported by the adapter)
         self.faults: set[str] = set()
 
     # -- nodes ------------------------------------------------------------------
@@ -221,7 +221,7 @@ class ThinFileSystem:
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> Opened:
         node = self._node(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
@@ -234,7 +234,8 @@ class ThinFileSystem:
         fh = self._new_fh()
         node.opens += 1
         self._files[fh] = ThinFile(node, answer["blob"], answer["handle"], int(answer["size"]))
-        return fh
+        # A path's content changes only under a new inode: the kernel may keep the pages.
+        return Opened(fh, keep_cache=True)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         f = self._files.get(fh)
@@ -334,42 +335,8 @@ class ThinFileSystem:
         attrs = self._node(ino).attrs
         return [n for n, k in ((XATTR_ID, "id"), (XATTR_SNAPSHOT, "snapshot")) if attrs.get(k)]
 
-    # -- changes: never over the desktop link (the mount is read-only too) --------------
-
-    writable: dict[str, object] = {}  # what fuse.init looks at: nothing, so it mounts ro
-
-    def writable_ino(self, ino: int) -> bool:
-        return False
-
-    async def setattr(self, ino: int, **changes: object) -> Attr:
-        raise FsError(errno.EROFS)
-
-    async def make(self, parent: int, name: bytes, *args: object) -> Attr:
-        raise FsError(errno.EROFS)
-
-    async def create(self, parent: int, name: bytes, *args: object) -> tuple[int, Attr]:
-        raise FsError(errno.EROFS)
-
-    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        raise FsError(errno.EROFS)
-
-    async def unlink(self, parent: int, name: bytes) -> None:
-        raise FsError(errno.EROFS)
-
-    async def rmdir(self, parent: int, name: bytes) -> None:
-        raise FsError(errno.EROFS)
-
-    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
-        raise FsError(errno.EROFS)
-
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        raise FsError(errno.EROFS)
-
-    async def fsync(self, fh: int) -> None:
-        return None
-
-    async def fsyncdir(self, fh: int) -> None:
-        return None
+    def unexpected(self, handler: str) -> None:
+        self.errors += 1
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -452,9 +419,7 @@ class ThinMount:
 
     async def _mount(self, fs: ThinFileSystem, nursery: trio.Nursery) -> None:
         try:
-            # ThinFileSystem offers every FileSystem method the adapter calls
-            # (checked by tests/t12_appliance_test.py).
-            fuse.init(cast(FileSystem, fs), str(self.mountpoint), allow_other=os.getuid() == 0)
+            fuse.init(fs, str(self.mountpoint), allow_other=os.getuid() == 0)
         except RuntimeError as e:
             raise P2pfsError(f"cannot mount on {self.mountpoint}: {e}") from None
         self.mounted = True

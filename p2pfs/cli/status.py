@@ -55,6 +55,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             if live["auto_commit_in_s"] is not None:
                 line += f", commit in {live['auto_commit_in_s']} s"
             line += ")"
+            if live.get("failsafe"):
+                line += "\n  FAILSAFE: writes refused after an integrity fault (see error)"
             if live["error"]:
                 line += f"\n  error: {live['error']}"
         print(line)

@@ -1,7 +1,9 @@
 """A protocol adapter only: pyfuse3 calls in, one FileSystem method each, answers out.
 
-What the volumes look like as a filesystem is defined in ``vfs.py``. The one
-rule here: only ``FUSEError`` may leave a handler. pyfuse3 lets any other
+What the volumes look like as a filesystem is defined in ``vfs.py`` (the node)
+and ``appliance/thin_fs.py`` (a desktop), both an ``api.Filesystem``; every errno
+and cache decision is theirs. The one rule here: only ``FUSEError`` may leave a
+handler. pyfuse3 lets any other
 exception end ``pyfuse3.main()``, which would leave every process using the
 mount with "Transport endpoint is not connected"; so anything unexpected is
 logged with its traceback and answered with EIO, and the mount stays alive.
@@ -12,16 +14,15 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
-import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from p2pfs.errors import errno_of
 from p2pfs.objects.model import Kind
 
-from .vfs import Attr, FileSystem, errno_of
+from .api import Attr, Filesystem, Opened
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _failsafe(
             if code is None:
                 ops = args[0]
                 assert isinstance(ops, Operations)
-                ops.fs.errors += 1
+                ops.fs.unexpected(fn.__name__)
                 log.exception("unexpected error in %s; answering EIO", fn.__name__)
                 code = errno.EIO
             elif code == errno.EIO:
@@ -61,7 +62,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_uid = attr.uid
     e.st_gid = attr.gid
     e.st_size = attr.size
-    e.st_blksize = 128 * 1024
+    e.st_blksize = attr.blksize
     e.st_blocks = attr.blocks
     e.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
@@ -72,11 +73,15 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+def _info(opened: Opened) -> pyfuse3.FileInfo:
+    return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(opened.fh), keep_cache=opened.keep_cache)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
 
@@ -126,10 +131,7 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags)
-        # Content under a snapshot's inode never changes: let the kernel keep its pages.
-        keep = not self.fs.writable_ino(inode)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep)
+        return _info(await self.fs.open(inode, flags))
 
     @_failsafe
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Any:
@@ -160,13 +162,10 @@ class Operations(pyfuse3.Operations):
 
     @_failsafe
     async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        # default_permissions makes the kernel check modes; only writes to snapshots
-        # are refused here.
-        if mode & os.W_OK and not self.fs.writable_ino(inode):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        self.fs.access(inode, mode)
         return True
 
-    # -- changes: writable volumes only (the rest answers EROFS) ----------------------
+    # -- changes ------------------------------------------------------------------------
 
     @_failsafe
     async def setattr(
@@ -197,10 +196,7 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            # A snapshot holds files, directories and symlinks only.
-            raise pyfuse3.FUSEError(errno.EPERM)
-        return _entry(await self.fs.make(parent_inode, name, Kind.FILE, mode, ctx.uid, ctx.gid))
+        return _entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_failsafe
     async def mkdir(
@@ -233,8 +229,8 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), _entry(attr)
+        opened, attr = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return _info(opened), _entry(attr)
 
     @_failsafe
     async def link(
@@ -294,14 +290,13 @@ class Operations(pyfuse3.Operations):
         value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        # Snapshots carry no extended attributes.
-        raise pyfuse3.FUSEError(errno.ENOTSUP if self.fs.writable_ino(inode) else errno.EROFS)
+        await self.fs.setxattr(inode, name, value)
 
     @_failsafe
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> None:
-        raise pyfuse3.FUSEError(errno.ENODATA if self.fs.writable_ino(inode) else errno.EROFS)
+        await self.fs.removexattr(inode, name)
 
 
 def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
@@ -313,8 +308,8 @@ def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
     return opts
 
 
-def init(fs: FileSystem, mountpoint: str, *, allow_other: bool) -> None:
-    opts = mount_options(allow_other=allow_other, read_only=not fs.writable)
+def init(fs: Filesystem, mountpoint: str, *, allow_other: bool) -> None:
+    opts = mount_options(allow_other=allow_other, read_only=fs.read_only)
     pyfuse3.init(Operations(fs), mountpoint, opts)
 
 

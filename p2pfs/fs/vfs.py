@@ -1,8 +1,9 @@
 """What the volumes look like as a filesystem, free of FUSE.
 
 The FUSE adapter (``fuse.py``) only unpacks arguments and calls one method
-here. Inode numbers, lookup counts, open-file tables and errno choices live in
-this module and are tested without a mount.
+here (the interface is ``api.Filesystem``). Inode numbers, lookup counts,
+open-file tables, cache policy and errno choices live in this module and are
+tested without a mount.
 
 The root directory lists the volumes; each volume's directory is the root tree
 of its head snapshot. When a volume's head changes, its name resolves to a new
@@ -28,8 +29,8 @@ import trio
 from p2pfs.errors import P2pfsError
 from p2pfs.objects.model import Entry, Kind, Snapshot, decode_snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
-from p2pfs.volume.wnodes import TreeError
 
+from .api import BLOCK_SIZE, Attr, FsError, Opened
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
 
 log = logging.getLogger(__name__)
@@ -47,42 +48,12 @@ SNAPSHOTS_DIR = b".snapshots"
 # The id of that synthetic directory: all zeros, which no BLAKE3 output will be.
 SNAPSHOTS_ID = bytes(32)
 MAX_HISTORY = 10_000
-BLOCK_SIZE = 128 * 1024
-# Failures of the staging disk a writer should see as they are, not as a bug.
-ERRNO_PASSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-
-
-class FsError(Exception):
-    """An errno for the caller; the adapter turns it into FUSEError."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(os.strerror(err))
-        self.errno = err
 
 
 @dataclass(frozen=True)
 class Head:
     snapshot_id: bytes
     snapshot: Snapshot
-
-
-@dataclass(frozen=True)
-class Attr:
-    ino: int
-    mode: int  # type and permission bits
-    size: int
-    mtime_ns: int
-    nlink: int
-    uid: int
-    gid: int
-    entry_timeout: float
-    attr_timeout: float
-    ctime_ns: int | None = None  # None: the mtime (snapshots keep no ctime)
-    atime_ns: int | None = None  # None: the mtime (snapshots keep no atime)
-
-    @property
-    def blocks(self) -> int:
-        return (self.size + 511) // 512
 
 
 class Node:
@@ -146,7 +117,7 @@ class FileSystem:
         self.writable: dict[str, WritableVolume] = {}
         self._slots: dict[int, WritableVolume] = {}
         self._nursery: trio.Nursery | None = None
-        self.errors = 0  # unexpected failures turned into EIO (counted by the adapter)
+        self.errors = 0  # unexpected failures turned into EIO (reported by the adapter)
         # Handlers armed to fail with an unexpected exception until disarmed (the kernel
         # retries a failed readahead with a second read): a test hook, reachable only
         # through the admin control operation of a daemon started with --debug-faults.
@@ -444,10 +415,10 @@ class FileSystem:
             return
         self._dirs.pop(fh, None)
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> Opened:
         w = self._w(ino)
         if w is not None:
-            return await w.open(ino, flags)
+            return Opened(await w.open(ino, flags), keep_cache=False)
         node = self._node(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
@@ -467,7 +438,8 @@ class FileSystem:
         fh = self._new_fh()
         node.opens += 1
         self._files[fh] = OpenFile(node, layout)
-        return fh
+        # Content under a snapshot's inode never changes: the kernel may keep its pages.
+        return Opened(fh, keep_cache=True)
 
     def open_chunk_ids(self) -> set[bytes]:
         """Chunks of open files (never evicted while open). Called from store threads:
@@ -523,9 +495,10 @@ class FileSystem:
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
-    ) -> tuple[int, Attr]:
+    ) -> tuple[Opened, Attr]:
         fh, attr = await self._rw(parent).create(parent, name, mode, flags, uid, gid)
-        return fh, self._wattr(attr)
+        # A new file's cached pages are all this kernel's own writes: they may stay.
+        return Opened(fh, keep_cache=True), self._wattr(attr)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
         w = self._rw(parent)
@@ -576,8 +549,37 @@ class FileSystem:
         if w is not None:
             await w.fsyncdir()
 
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attr:
+        self._rw(parent)
+        if not stat.S_ISREG(mode):
+            # A snapshot holds files, directories and symlinks only.
+            raise FsError(errno.EPERM)
+        return await self.make(parent, name, Kind.FILE, mode, uid, gid)
+
+    def access(self, ino: int, mode: int) -> None:
+        # default_permissions makes the kernel check modes; only writes to snapshots
+        # are refused here.
+        if mode & os.W_OK and not self.writable_ino(ino):
+            raise FsError(errno.EROFS)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        # Snapshots carry no extended attributes.
+        raise FsError(errno.ENOTSUP if self.writable_ino(ino) else errno.EROFS)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        raise FsError(errno.ENODATA if self.writable_ino(ino) else errno.EROFS)
+
     def writable_ino(self, ino: int) -> bool:
         return self._w(ino) is not None
+
+    @property
+    def read_only(self) -> bool:
+        return not self.writable
+
+    def unexpected(self, handler: str) -> None:
+        self.errors += 1
 
     def statfs(self) -> dict[str, int]:
         st = os.statvfs(self.content.store.root)
@@ -633,14 +635,3 @@ class FileSystem:
 def _find(names: list[bytes], name: bytes) -> int:
     i = bisect_left(names, name)
     return i if i < len(names) and names[i] == name else -1
-
-
-def errno_of(e: BaseException) -> int | None:
-    """The errno a known failure maps to, or None for a bug."""
-    if isinstance(e, FsError | TreeError):
-        return e.errno
-    if isinstance(e, OSError) and e.errno is not None and e.errno in ERRNO_PASSED:
-        return e.errno
-    if isinstance(e, P2pfsError):
-        return e.errno
-    return None

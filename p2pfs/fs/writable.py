@@ -11,6 +11,7 @@ Changed files are handed to the publisher when their last writer closes them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
+from p2pfs.errors import IntegrityError
 from p2pfs.objects.model import Kind
 from p2pfs.volume.content import Content, read_span
 from p2pfs.volume.wnodes import ROOT, TreeError, WNode
@@ -70,6 +72,8 @@ class WritableVolume:
         *,
         on_change: Callable[[], None] = lambda: None,
         on_closed: Callable[[WNode], None] = lambda n: None,
+        on_fault: Callable[[IntegrityError], None] = lambda e: None,
+        refusal: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.name = name
         self.slot = slot
@@ -78,6 +82,10 @@ class WritableVolume:
         self.content = content
         self.on_change = on_change
         self.on_closed = on_closed
+        # Failsafe (the publisher's): after an integrity fault in data this volume needs,
+        # ``on_fault`` is told, and while ``refusal()`` names a reason writes get EROFS.
+        self.on_fault = on_fault
+        self.refusal = refusal
         self._fds: dict[int, int] = {}  # work-tree ino -> staging file fd
         self._files: dict[int, WOpenFile] = {}
         self._dirs: dict[int, WOpenDir] = {}
@@ -131,6 +139,23 @@ class WritableVolume:
             n.gid,
         )
 
+    # -- failsafe --------------------------------------------------------------------
+
+    def _writes(self) -> None:
+        """Refuse a change while the volume is in failsafe mode."""
+        reason = self.refusal()
+        if reason is not None:
+            raise TreeError(errno.EROFS, f"volume {self.name} refuses writes: {reason}")
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        """Reads of this volume's own data: an integrity fault enters failsafe."""
+        try:
+            yield
+        except IntegrityError as e:
+            self.on_fault(e)
+            raise
+
     # -- names -----------------------------------------------------------------------
 
     async def _loaded(self, d: WNode) -> WNode:
@@ -138,7 +163,8 @@ class WritableVolume:
             raise TreeError(errno.ENOTDIR)
         if d.children is None:
             assert d.tree is not None
-            tree, _names = await self.content.tree(d.tree)
+            with self._faults():
+                tree, _names = await self.content.tree(d.tree)
             self.tree.load_dir(d, tree.entries)  # no-op if a concurrent lookup won
         return d
 
@@ -195,6 +221,7 @@ class WritableVolume:
         *,
         keep_fd: bool = False,
     ) -> WAttr:
+        self._writes()
         d = await self._loaded(self.node(parent))
         self._check_name(d, name)
         if kind is Kind.SYMLINK and (not target or len(target) > 4096 or b"\0" in target):
@@ -223,6 +250,7 @@ class WritableVolume:
         return self._open_handle(n, writable=flags & os.O_ACCMODE != os.O_RDONLY), attr
 
     async def link(self, fuse_ino: int, parent: int, name: bytes) -> WAttr:
+        self._writes()
         n = self.node(fuse_ino)
         d = await self._loaded(self.node(parent))
         self._check_name(d, name)
@@ -232,12 +260,14 @@ class WritableVolume:
         return self.attr(n)
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        self._writes()
         d = await self._loaded(self.node(parent))
         n = self.tree.unlink(d, name)
         self._maybe_drop(n)
         self.on_change()
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        self._writes()
         d = await self._loaded(self.node(parent))
         n = self.tree.child(d, name)
         if n is not None and n.kind is Kind.DIR:
@@ -247,6 +277,7 @@ class WritableVolume:
         self.on_change()
 
     async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        self._writes()
         d1 = await self._loaded(self.node(p1))
         d2 = await self._loaded(self.node(p2))
         self._check_name(d2, n2)
@@ -270,6 +301,7 @@ class WritableVolume:
         mtime_ns: int | None = None,
         atime_ns: int | None = None,
     ) -> WAttr:
+        self._writes()
         n = self.node(fuse_ino)
         if size is not None:
             if n.kind is Kind.DIR:
@@ -330,6 +362,8 @@ class WritableVolume:
         if n.kind is not Kind.FILE:
             raise TreeError(errno.EINVAL)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self._writes()
         if flags & os.O_TRUNC:
             # Even with O_RDONLY: Linux truncates (the kernel checked write permission).
             await self._truncate(n, 0)
@@ -386,16 +420,18 @@ class WritableVolume:
             # A page-cache read of at most max_read bytes: cheaper inline than a thread trip.
             return os.pread(self._fd(n), size, offset)
         assert n.blob is not None
-        layout = await self.content.layout(n.blob)
-        end = min(offset + size, layout.size)
-        if offset >= end:
-            return b""
-        return bytes(await read_span(self.content.chunks, layout, offset, end))
+        with self._faults():
+            layout = await self.content.layout(n.blob)
+            end = min(offset + size, layout.size)
+            if offset >= end:
+                return b""
+            return bytes(await read_span(self.content.chunks, layout, offset, end))
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         f = self._files.get(fh)
         if f is None or not f.writable:
             raise TreeError(errno.EBADF)
+        self._writes()
         n = f.node
         if not n.staged:  # absorbed between open and write? Never while a writer is open.
             raise TreeError(errno.EIO, "write to a file that is not staged")
@@ -426,7 +462,8 @@ class WritableVolume:
             async with lock:
                 if n.staged:
                     return
-                await self._copy_out(n)
+                with self._faults():
+                    await self._copy_out(n)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._copying.pop(n.ino, None)

@@ -72,6 +72,8 @@ class LiveVolumes:
             )
             volume.on_change = publisher.changed
             volume.on_closed = publisher.closed
+            volume.on_fault = publisher.enter_failsafe
+            volume.refusal = publisher.refusal
             self.fs.add_writable(volume)
             self.volumes[name] = volume
             self.publishers[name] = publisher

@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 
 from p2pfs.chunking.chunker import ChunkParams, iter_chunks
-from p2pfs.errors import NotFound
+from p2pfs.errors import IntegrityError, NotFound, P2pfsError
 from p2pfs.objects.model import ChunkRef, Entry, Snapshot, Tree, object_id
 from p2pfs.store.cas import Store
 
@@ -171,6 +171,7 @@ class Publisher:
         self.absorbed_files = 0
         self.last_commit: CommitResult | None = None
         self.last_error: str | None = None
+        self.failsafe: str | None = None  # why writes are refused (enter_failsafe)
 
     @property
     def pin_name(self) -> str:
@@ -219,6 +220,9 @@ class Publisher:
             nodes = [n for i in inos if (n := self.tree.node(i)) is not None and n.staged]
             try:
                 await self._absorb([n for n in nodes if n.writers == 0])
+            except IntegrityError as e:
+                self.enter_failsafe(e)
+                return  # the files stay staged; nothing more is absorbed
             except Exception as e:
                 # Nothing lost: the files stay staged, are read from there, and are
                 # chunked again by the next commit. (A bug must not take the mount down.)
@@ -237,9 +241,13 @@ class Publisher:
             if now < due:
                 await trio.sleep(due - now)
                 continue
+            if self.failsafe is not None:
+                return
             try:
                 await self.commit(include_open=False)
             except Exception as e:
+                if self.failsafe is not None:
+                    return
                 self.last_error = f"automatic commit failed: {e}"
                 log.error("volume %s: %s", self.name, self.last_error, exc_info=True)
                 self._first_change = time.monotonic()  # try again after max_delay_s
@@ -285,10 +293,33 @@ class Publisher:
 
     async def commit(self, *, include_open: bool = True) -> CommitResult:
         async with self._commit_lock:
+            if self.failsafe is not None:
+                raise P2pfsError(
+                    f"volume {self.name!r} takes no commits (failsafe since an integrity "
+                    f"fault: {self.failsafe}); check the store with 'p2pfs fsck' and "
+                    "'p2pfs scrub', then restart the daemon"
+                )
             try:
                 return await self._commit(include_open)
+            except IntegrityError as e:
+                self.enter_failsafe(e)
+                raise
             finally:
                 self.stage = None
+
+    def refusal(self) -> str | None:
+        """Why this volume takes no writes now (failsafe), or None."""
+        return self.failsafe
+
+    def enter_failsafe(self, e: BaseException) -> None:
+        """An integrity fault in this volume's own data (a corrupt chunk or tree it
+        needs, a damaged index): from now on the volume takes no writes and no commits,
+        rather than risk publishing a snapshot that references what is lost (S3QL's
+        failsafe mode). It lasts until the daemon restarts."""
+        if self.failsafe is None:
+            self.failsafe = str(e) or type(e).__name__
+            self.last_error = f"failsafe: writes refused after an integrity fault: {self.failsafe}"
+            log.error("volume %s: %s", self.name, self.last_error)
 
     async def _commit(self, include_open: bool) -> CommitResult:
         self.stage = "chunking"
@@ -412,4 +443,5 @@ class Publisher:
             "committing": self.stage,
             "last_commit": self.last_commit.as_dict() if self.last_commit else None,
             "error": self.last_error,
+            "failsafe": self.failsafe,
         }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+from p2pfs.errors import ErrnoError
 from p2pfs.objects.model import Entry, Kind
 
 ROOT = 1
@@ -16,12 +16,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-class TreeError(Exception):
+class TreeError(ErrnoError):
     """A refused change: ``errno`` is what the caller answers."""
-
-    def __init__(self, err: int, what: str = "") -> None:
-        super().__init__(what or os.strerror(err))
-        self.errno = err
 
 
 @dataclass

@@ -13,15 +13,17 @@ setup: system-deps $(STAMP)
 system-deps:
 	@./.ci/system-deps
 
-$(STAMP): pyproject.toml native/fastcdc.pyx
+$(STAMP): pyproject.toml native/fastcdc.pyx p2pfs/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel "Cython==3.3.1"
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	@# Our own C build again with warnings as errors (only ours: pyfuse3 builds from source too).
+	CFLAGS=-Werror $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 # Rebuild the extension in place when native/ changes after the first install.
 native: setup
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	CFLAGS=-Werror $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: setup
 	$(PY) -m p2pfs.lab.demo

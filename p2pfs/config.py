@@ -1,4 +1,4 @@
-"""A node's settings: HOME/config.toml, every key optional, bad values named clearly.
+"""A node's settings: HOME/config.toml, every key optional, every key and type checked.
 
 ```toml
 [network]
@@ -32,24 +32,101 @@ user_listen = ["192.168.122.2:7421"]   # where desktops reach the user API (TCP,
 desktop_pin = false         # may desktops pin and unpin?
 volumes = ["tools"]         # follow only these volumes (default: every endorsed volume)
 ```
+
+The file is decoded straight into typed records (``msgspec``: a well-kept, small,
+fast library whose TOML decoder refuses unknown keys and checks types and bounds
+while it decodes). A typo such as ``max_byte = "20G"`` is not ignored: every
+unknown key, wrong type or out-of-range value is one line naming the file, the
+key and what is expected (UsageError, exit 2), so a daemon never runs on
+settings other than those the admin meant.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from p2pfs.errors import P2pfsError
+import msgspec
+
+from p2pfs.errors import UsageError
 from p2pfs.sizes import parse_size
 
 DEFAULT_PORT = 7420
 
+Seconds = float
+Size = int | str  # a byte count, or "20G", "512M" (sizes.parse_size)
+
+
+def _range(lo: float, hi: float) -> msgspec.Meta:
+    return msgspec.Meta(ge=lo, le=hi)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NetworkSection(_Section):
+    port: Annotated[int, _range(0, 65535)] = DEFAULT_PORT
+    listen: str = "0.0.0.0"
+    static_peers: list[str] = []
+    discovery: bool = True
+    peer_fetch: bool = True
+    frame_timeout_s: Annotated[Seconds, _range(0.1, 3600)] = 30.0
+    keepalive_s: Annotated[Seconds, _range(0.1, 3600)] = 15.0
+
+
+class FetchSection(_Section):
+    deadline_s: Annotated[Seconds, _range(0.1, 3600)] = 5.0
+    hedge_after_s: Annotated[Seconds, _range(0.01, 600)] = 0.5
+    peers_without_digest: Annotated[int, _range(0, 64)] = 3
+
+
+class CacheSection(_Section):
+    max_bytes: Size | None = None
+    min_free: Size = 1 << 30
+    memory: Size | None = None
+    scrub_interval_h: Annotated[float, _range(0, 24 * 365)] = 24.0
+    scrub_rate_mb_s: Annotated[float, _range(0.1, 100_000)] = 50.0
+
+
+class PublishSection(_Section):
+    settle_s: Annotated[Seconds, _range(0, 86400)] = 2.0
+    max_delay_s: Annotated[Seconds, _range(0.1, 86400)] = 30.0
+
+
+class ApplianceSection(_Section):
+    user_listen: str | list[str] = []
+    desktop_pin: bool = False
+    volumes: list[str] = []
+
+
+class ConfigFile(_Section):
+    """config.toml as written: one record per table."""
+
+    network: NetworkSection = msgspec.field(default_factory=NetworkSection)
+    fetch: FetchSection = msgspec.field(default_factory=FetchSection)
+    cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    publish: PublishSection = msgspec.field(default_factory=PublishSection)
+    appliance: ApplianceSection = msgspec.field(default_factory=ApplianceSection)
+
+
+def default_memory_cache() -> int:
+    """1/16 of RAM, within 256 MiB..2 GiB: random reads of a file that fits are then
+    served from verified memory instead of re-reading and re-hashing whole chunks."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 4 << 30
+    return int(min(2 << 30, max(256 << 20, ram // 16)))
+
 
 @dataclass(frozen=True)
 class Config:
+    """The settings as the node uses them (units applied, sizes parsed)."""
+
     port: int = DEFAULT_PORT
     listen: str = "0.0.0.0"
     static_peers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
@@ -72,111 +149,104 @@ class Config:
     follow_volumes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _num(section: dict[str, Any], key: str, lo: float, hi: float, where: str) -> float | None:
-    if key not in section:
-        return None
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise P2pfsError(f"{where}: {key} must be a number from {lo:g} to {hi:g}")
-    return float(value)
-
-
-def _bool(section: dict[str, Any], key: str, where: str) -> bool | None:
-    if key not in section:
-        return None
-    if not isinstance(section[key], bool):
-        raise P2pfsError(f"{where}: {key} must be true or false")
-    return bool(section[key])
-
-
-def default_memory_cache() -> int:
-    """1/16 of RAM, within 256 MiB..2 GiB: random reads of a file that fits are then
-    served from verified memory instead of re-reading and re-hashing whole chunks."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        ram = 4 << 30
-    return int(min(2 << 30, max(256 << 20, ram // 16)))
-
-
 def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise P2pfsError(f"{where}: {text!r} is not HOST:PORT")
+        raise UsageError(f"{where}: {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def load(path: Path) -> Config:
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+
+
+def decode_error(where: str, error: msgspec.MsgspecError, root: type[msgspec.Struct]) -> str:
+    """One line for a file's decode error: the file, the table and key, what is expected.
+
+    msgspec says ``Expected `int` <= 65535 - at `$.network.port``` or ``Object contains
+    unknown field `max_byte` - at `$.cache```; this says ``FILE: [network] port:
+    expected `int` <= 65535`` or ``FILE: [cache] has no key `max_byte` (keys: ...)``.
+    """
+    text = str(error)
+    if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
+        return f"{where} is not valid TOML: {text}"
+    m = _AT.match(text)
+    what, path = (m.group("what"), m.group("path") or "") if m else (text, "")
+    parts = [p for p in re.split(r"\.|\[\d+\]", path) if p]
+    struct: Any = root
+    for p in parts:
+        fields = (
+            {f.name: f.type for f in msgspec.structs.fields(struct)} if _is_struct(struct) else {}
+        )
+        struct = fields.get(p)
+    table = f"[{'.'.join(parts[:1])}]" if parts else "the file"
+    key = ".".join(parts[1:])
+    unknown = _UNKNOWN.match(what)
+    if unknown:
+        known = [f.name for f in msgspec.structs.fields(struct)] if _is_struct(struct) else []
+        kind = "table" if not parts else "key"
+        return f"{where}: {table} has no {kind} `{unknown.group('key')}`" + (
+            f" (it knows {', '.join(known)})" if known else ""
+        )
+    what = what[:1].lower() + what[1:]
+    return f"{where}: {table}{' ' + key if key else ''}: {what}"
+
+
+def _is_struct(t: object) -> bool:
+    return isinstance(t, type) and issubclass(t, msgspec.Struct)
+
+
+def read(path: Path) -> ConfigFile:
+    """config.toml as records; defaults when the file is missing. UsageError if bad."""
     try:
-        doc = tomllib.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        return Config()
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise P2pfsError(f"{path} is not valid TOML: {e}") from None
+        return ConfigFile()
+    except OSError as e:
+        raise UsageError(f"{path} is unreadable: {e.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=ConfigFile)
+    except msgspec.MsgspecError as e:
+        raise UsageError(decode_error(str(path), e, ConfigFile)) from None
+
+
+def load(path: Path) -> Config:
+    """The node's settings from ``path``; UsageError (exit 2) naming what is wrong."""
+    doc = read(path)
     where = str(path)
-    values: dict[str, Any] = {}
-    net = doc.get("network", {})
-    fetch = doc.get("fetch", {})
-    cache = doc.get("cache", {})
-    publish = doc.get("publish", {})
-    if not all(isinstance(t, dict) for t in (net, fetch, cache, publish)):
-        raise P2pfsError(f"{where}: [network], [fetch], [cache] and [publish] must be tables")
-    if (st := _num(publish, "settle_s", 0, 86400, where)) is not None:
-        values["settle_s"] = st
-    if (md := _num(publish, "max_delay_s", 0.1, 86400, where)) is not None:
-        values["max_delay_s"] = md
-    if "max_bytes" in cache:
-        values["cache_max_bytes"] = parse_size(cache["max_bytes"], f"{where}: [cache] max_bytes")
-    if "memory" in cache:
-        values["memory_cache_bytes"] = parse_size(cache["memory"], f"{where}: [cache] memory")
-    if "min_free" in cache:
-        values["cache_min_free_bytes"] = parse_size(cache["min_free"], f"{where}: [cache] min_free")
-    if (si := _num(cache, "scrub_interval_h", 0, 24 * 365, where)) is not None:
-        values["scrub_interval_s"] = si * 3600
-    if (sr := _num(cache, "scrub_rate_mb_s", 0.1, 100_000, where)) is not None:
-        values["scrub_rate_bytes_s"] = sr * 1e6
-    if (port := _num(net, "port", 0, 65535, where)) is not None:
-        values["port"] = int(port)
-    if "listen" in net:
-        if not isinstance(net["listen"], str):
-            raise P2pfsError(f"{where}: listen must be an address")
-        values["listen"] = net["listen"]
-    peers = net.get("static_peers", [])
-    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-        raise P2pfsError(f'{where}: static_peers must be a list of "HOST:PORT" strings')
-    values["static_peers"] = tuple(parse_peer(p, where) for p in peers)
-    for key in ("discovery", "peer_fetch"):
-        if (b := _bool(net, key, where)) is not None:
-            values[key] = b
-    if (ft := _num(net, "frame_timeout_s", 0.1, 3600, where)) is not None:
-        values["frame_timeout_s"] = ft
-    if (ka := _num(net, "keepalive_s", 0.1, 3600, where)) is not None:
-        values["keepalive_s"] = ka
-    if (d := _num(fetch, "deadline_s", 0.1, 3600, where)) is not None:
-        values["fetch_deadline_s"] = d
-    if (h := _num(fetch, "hedge_after_s", 0.01, 600, where)) is not None:
-        values["hedge_after_s"] = h
-    if (k := _num(fetch, "peers_without_digest", 0, 64, where)) is not None:
-        values["peers_without_digest"] = int(k)
-    values.update(_appliance(doc.get("appliance", {}), where))
-    return Config(**values)
+    net, fetch, cache, publish, appl = doc.network, doc.fetch, doc.cache, doc.publish, doc.appliance
+    listen = [appl.user_listen] if isinstance(appl.user_listen, str) else appl.user_listen
+    if not all(listen):
+        raise UsageError(f'{where}: [appliance] user_listen: expected "ADDR:PORT" strings')
+    if not all(appl.volumes):
+        raise UsageError(f"{where}: [appliance] volumes: expected volume names")
 
+    def size(value: Size, key: str) -> int:
+        return parse_size(value, f"{where}: [cache] {key}")
 
-def _appliance(section: object, where: str) -> dict[str, Any]:
-    """The [appliance] table: where desktops reach the user API, and what they may do."""
-    if not isinstance(section, dict):
-        raise P2pfsError(f"{where}: [appliance] must be a table")
-    values: dict[str, Any] = {}
-    listen = section.get("user_listen", [])
-    if isinstance(listen, str):
-        listen = [listen]
-    if not isinstance(listen, list) or not all(isinstance(a, str) and a for a in listen):
-        raise P2pfsError(f'{where}: [appliance] user_listen must be "ADDR:PORT" or a list of them')
-    values["appliance_listen"] = tuple(listen)
-    if (pin := _bool(section, "desktop_pin", where)) is not None:
-        values["desktop_pin"] = pin
-    follow = section.get("volumes", [])
-    if not isinstance(follow, list) or not all(isinstance(v, str) and v for v in follow):
-        raise P2pfsError(f"{where}: [appliance] volumes must be a list of volume names")
-    values["follow_volumes"] = tuple(follow)
-    return values
+    return Config(
+        port=net.port,
+        listen=net.listen,
+        static_peers=tuple(
+            parse_peer(p, f"{where}: [network] static_peers") for p in net.static_peers
+        ),
+        discovery=net.discovery,
+        peer_fetch=net.peer_fetch,
+        frame_timeout_s=net.frame_timeout_s,
+        keepalive_s=net.keepalive_s,
+        fetch_deadline_s=fetch.deadline_s,
+        hedge_after_s=fetch.hedge_after_s,
+        peers_without_digest=fetch.peers_without_digest,
+        cache_max_bytes=None if cache.max_bytes is None else size(cache.max_bytes, "max_bytes"),
+        cache_min_free_bytes=size(cache.min_free, "min_free"),
+        memory_cache_bytes=(
+            default_memory_cache() if cache.memory is None else size(cache.memory, "memory")
+        ),
+        scrub_interval_s=cache.scrub_interval_h * 3600,
+        scrub_rate_bytes_s=cache.scrub_rate_mb_s * 1e6,
+        settle_s=publish.settle_s,
+        max_delay_s=publish.max_delay_s,
+        appliance_listen=tuple(listen),
+        desktop_pin=appl.desktop_pin,
+        follow_volumes=tuple(appl.volumes),
+    )

@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "p2pfs"
 # (p2pfs/NAME.py); docs/architecture.md says what each one owns.
 LAYERS: list[set[str]] = [
     {"__init__", "errors"},
-    {"ids", "sizes", "fsutil"},
+    {"ids", "names", "sizes", "fsutil"},
     {"keys", "config", "home"},
     {"chunking", "objects"},
     {"store"},
@@ -46,6 +46,7 @@ HOMES = {
     "zeroconf": {"p2pfs.net.discovery"},
     "blake3": {"p2pfs.ids", "p2pfs.chunking.chunker"},
     "rich": {"p2pfs.cli.progress"},
+    "msgspec": {"p2pfs.config", "p2pfs.appliance.seed"},
 }
 
 

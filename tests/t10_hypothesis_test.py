@@ -184,9 +184,10 @@ class WritableVolume(RuleBasedStateMachine):
         self._expect(want, _errno_of(op), f"write {path}@{offset}+{len(data)}")
         if want is None:
             f = node if isinstance(node, MFile) else MFile()
-            if len(f.data) < offset:
-                f.data.extend(bytes(offset - len(f.data)))
-            f.data[offset : offset + len(data)] = data
+            if data:  # pwrite(2) of nothing writes nothing: no hole, no new size
+                if len(f.data) < offset:
+                    f.data.extend(bytes(offset - len(f.data)))
+                f.data[offset : offset + len(data)] = data
             self.model.nodes[path] = f
 
     @rule(path=st.sampled_from(PATHS), size=st.integers(0, 200_000))

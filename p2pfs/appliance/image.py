@@ -1,8 +1,10 @@
 """The appliance VM image (``p2pfs appliance build``), built once per set of inputs.
 
-``build`` drives ``contrib/appliance/build-image.sh`` (so it runs from a checkout of
-the repository, as root): a Debian 12 root by debootstrap (stage ``base``), then p2pfs
-from wheels built here, the systemd units and a bootable raw disk (stage ``image``).
+``build`` drives ``files/build-image.sh`` (shipped inside the package with the units,
+smb.conf, nftables.conf and networkd files, read through ``importlib.resources``), as
+root: a Debian 12 root by debootstrap (stage ``base``), then p2pfs from wheels (built
+here from a checkout, or given with ``--wheels DIR`` where p2pfs was installed from a
+wheel), the systemd units and a bootable raw disk (stage ``image``).
 Each stage is cached under a hash of its inputs (``P2PFS_APPLIANCE_CACHE``, default
 ``/var/cache/p2pfs-appliance``): a second build with the same inputs only converts.
 ``--format`` converts with ``qemu-img`` for the usual hypervisors.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -25,10 +28,8 @@ from pathlib import Path
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fsutil import locked
 
-ROOT = Path(__file__).resolve().parents[2]
-CONTRIB = ROOT / "contrib" / "appliance"
-BUILD_SCRIPT = CONTRIB / "build-image.sh"
-BASE_SCRIPT = CONTRIB / "debootstrap.sh"
+PACKAGE = Path(__file__).resolve().parents[1]  # p2pfs/, installed or in a checkout
+CHECKOUT = PACKAGE.parent  # a checkout of the repository, if pyproject.toml is there
 DEFAULT_CACHE = Path("/var/cache/p2pfs-appliance")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SIZE = "8G"
@@ -44,6 +45,10 @@ BUILD_TOOLS = {
     "unshare": "util-linux",
 }
 MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+NO_CHECKOUT = (
+    "p2pfs is installed, not a checkout: give its wheels with --wheels DIR "
+    "('pip wheel p2pfs -w DIR' on a machine like the image: Debian 12, Python 3.11)"
+)
 
 
 @dataclass(frozen=True)
@@ -68,35 +73,54 @@ def build_unavailable() -> str | None:
         missing.append(f"{MBR} (syslinux-common)")
     if missing:
         return "missing: " + ", ".join(missing)
-    if not BUILD_SCRIPT.exists():
-        return f"{BUILD_SCRIPT} is missing: build from a checkout of the repository"
     return None
+
+
+def files_dir() -> Path:
+    """The files the image is built from, shipped inside the package."""
+    ref = importlib.resources.files("p2pfs.appliance") / "files"
+    if not isinstance(ref, Path) or not ref.is_dir():
+        raise P2pfsError(f"the appliance build files are missing from the package ({ref})")
+    return ref
+
+
+def in_checkout() -> bool:
+    return (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "native").is_dir()
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("P2PFS_APPLIANCE_CACHE") or DEFAULT_CACHE)
 
 
-def _hash_files(h: hashlib._Hash, paths: list[Path]) -> None:
+def _hash_files(h: hashlib._Hash, base: Path, paths: list[Path]) -> None:
     for p in sorted(paths):
-        h.update(str(p.relative_to(ROOT)).encode() + b"\0")
+        h.update(str(p.relative_to(base)).encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
 
 
 def base_key(mirror: str) -> str:
     h = hashlib.sha256(b"p2pfs-appliance-base-v1\0" + mirror.encode() + b"\0")
-    _hash_files(h, [BASE_SCRIPT])
+    _hash_files(h, files_dir(), [files_dir() / "debootstrap.sh"])
     return h.hexdigest()[:16]
 
 
-def image_key(mirror: str, size: str) -> str:
-    """Everything the image is made of: the base, contrib/appliance/, the package's sources."""
-    h = hashlib.sha256(b"p2pfs-appliance-image-v1\0" + size.encode() + b"\0")
+def image_key(mirror: str, size: str, wheels: Path | None = None) -> str:
+    """Everything the image is made of: the base, the build files, p2pfs itself (the
+    package's sources, and the checkout's build inputs, or the wheels given)."""
+    h = hashlib.sha256(b"p2pfs-appliance-image-v2\0" + size.encode() + b"\0")
     h.update(base_key(mirror).encode())
-    files = [p for p in CONTRIB.rglob("*") if p.is_file()]
-    files += [p for p in (ROOT / "p2pfs").glob("*") if p.is_file() and p.suffix in (".py", ".pyi")]
-    files += [ROOT / "pyproject.toml", *(ROOT / "native").glob("*.pyx")]
-    _hash_files(h, files)
+    sources = [
+        p
+        for p in PACKAGE.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc", ".c")
+    ]
+    _hash_files(h, PACKAGE, sources)
+    if wheels is not None:
+        _hash_files(h, wheels, [p for p in wheels.glob("*.whl")])
+    elif in_checkout():
+        _hash_files(
+            h, CHECKOUT, [CHECKOUT / "pyproject.toml", *(CHECKOUT / "native").glob("*.pyx")]
+        )
     return h.hexdigest()[:16]
 
 
@@ -119,17 +143,30 @@ def _run(argv: list[str], what: str, log: Path) -> None:
 
 def build_wheels(dest: Path, log: Path) -> None:
     """p2pfs and its dependencies as wheels (this machine: Debian 12, Python 3.11, like the image)."""
+    if not in_checkout():
+        raise UsageError(NO_CHECKOUT)
     dest.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "-w", str(dest)]
-    _run([*argv, str(ROOT)], "building the wheels", log)
+    _run([*argv, str(CHECKOUT)], "building the wheels", log)
 
 
-def build_cached(mirror: str = DEFAULT_MIRROR, size: str = DEFAULT_SIZE) -> BuiltImage:
+def _script(*args: str) -> list[str]:
+    # bash, not the file's own mode: a wheel need not keep the executable bit.
+    return ["bash", str(files_dir() / "build-image.sh"), *args]
+
+
+def build_cached(
+    mirror: str = DEFAULT_MIRROR, size: str = DEFAULT_SIZE, wheels: Path | None = None
+) -> BuiltImage:
     """The raw image for these inputs, built unless the cache already holds it."""
     if reason := build_unavailable():
         raise P2pfsError(f"cannot build the appliance image: {reason}")
+    if wheels is not None and not any(wheels.glob("p2pfs-*.whl")):
+        raise UsageError(f"--wheels {wheels}: no p2pfs-*.whl in it")
+    if wheels is None and not in_checkout():
+        raise UsageError(NO_CHECKOUT)
     cache = cache_dir()
-    bkey, ikey = base_key(mirror), image_key(mirror, size)
+    bkey, ikey = base_key(mirror), image_key(mirror, size, wheels)
     with _locked(cache):
         image_dir = cache / f"image-{ikey}"
         built = BuiltImage(
@@ -145,14 +182,18 @@ def build_cached(mirror: str = DEFAULT_MIRROR, size: str = DEFAULT_SIZE) -> Buil
         if not (base / "done").exists():
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True)
-            _run([str(BUILD_SCRIPT), "base", str(base / "root"), mirror], "debootstrap", log)
+            _run(_script("base", str(base / "root"), mirror), "debootstrap", log)
             (base / "done").touch()
         shutil.rmtree(image_dir, ignore_errors=True)
         image_dir.mkdir(parents=True)
-        with tempfile.TemporaryDirectory(prefix="p2pfs-wheels-", dir=cache) as wheels:
-            build_wheels(Path(wheels), log)
+        with tempfile.TemporaryDirectory(prefix="p2pfs-wheels-", dir=cache) as tmp:
+            if wheels is None:
+                build_wheels(Path(tmp), log)
+            else:
+                for w in wheels.glob("*.whl"):
+                    shutil.copy(w, tmp)
             _run(
-                [str(BUILD_SCRIPT), "image", str(base / "root"), wheels, str(built.disk), size],
+                _script("image", str(base / "root"), tmp, str(built.disk), size),
                 "building the image",
                 log,
             )

@@ -1,11 +1,12 @@
 """Appliance mode's Samba share of the volumes: smb.conf rendered from its template.
 
-The files an appliance is built from live in ``contrib/appliance/`` of the
-repository; this module renders them. See docs/appliance.md.
+The template is ``files/smb.conf`` inside the package (the image installs it as
+/etc/p2pfs/smb.conf); this module renders it. See docs/appliance.md.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import logging
 import re
@@ -15,9 +16,18 @@ from p2pfs.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "appliance"
-SMB_TEMPLATE = CONTRIB / "smb.conf"
-_ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+
+def smb_template() -> str:
+    """The smb.conf template shipped inside the package."""
+    return (importlib.resources.files("p2pfs.appliance") / "files" / "smb.conf").read_text()
+
+
+# A Samba (and Unix) account name: what a desktop's SMB login may be called.
+_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
+
+
+def is_account(name: str) -> bool:
+    return bool(_ACCOUNT.fullmatch(name))
 
 
 def render_smb_conf(
@@ -28,7 +38,7 @@ def render_smb_conf(
         ipaddress.ip_interface(interface)
     except ValueError:
         raise UsageError(f"{interface!r} is not an address/prefix like 192.168.56.2/24") from None
-    if not users or not all(_ACCOUNT.match(u) for u in users):
+    if not users or not all(is_account(u) for u in users):
         raise UsageError("the share needs desktop accounts (lower-case names, at most 31)")
     for path in (mount, state):
         if not path.is_absolute() or any(c in str(path) for c in "\n\r@%"):

@@ -34,19 +34,22 @@ import shutil
 import subprocess
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from p2pfs.config import parse_peer
+import msgspec
+
+from p2pfs.config import decode_error, parse_peer
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
+from p2pfs.names import check_volume_name
 from p2pfs.sizes import parse_size
 from p2pfs.trust import enrolment
 from p2pfs.trust.desktop import ApplianceKeys
-from p2pfs.volume.registry import validate_volume_name
+
+from .samba import is_account, render_smb_conf, smb_state_dirs
 
 SEED_LABEL = "P2PFS-SEED"
 SEED_FORMAT = 1
@@ -55,7 +58,6 @@ SEED_APPLIED = "seed.applied"  # HOME/seed.applied: a seed was applied; the unit
 DEFAULT_PORT = 7421
 DEFAULT_PREFIX = 24
 SEED_SIZE_KIB = 4096
-_ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
 
 class SeedError(P2pfsError):
@@ -132,7 +134,7 @@ def make_seed_tree(
     staging.require()
     member = enrolment.join(staging, bundle)  # checks the bundle against the staging key
     for v in volumes:
-        validate_volume_name(v)
+        check_volume_name(v)
     if cache is not None:
         parse_size(cache, "--cache")
     host_only, port = parse_listen(listen)
@@ -145,7 +147,7 @@ def make_seed_tree(
     if not desktops:
         raise UsageError("name at least one desktop (--desktop NAME)")
     for d in desktops:
-        if not _ACCOUNT.match(d):
+        if not is_account(d):
             raise UsageError(f"desktop {d!r}: lower-case letters, digits, - and _ (at most 31)")
     keys = ApplianceKeys(staging).ensure()
     address = f"{host_only.split('/')[0]}:{port}"
@@ -236,11 +238,42 @@ def pack_seed(tree: Path, out: Path) -> None:
 # -- the appliance side: reading ------------------------------------------------------
 
 
-def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    t = doc.get(name, {})
-    if not isinstance(t, dict):
-        raise SeedError(f"the seed's config.toml: [{name}] must be a table")
-    return t
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SeedTable(_Table):
+    format: int
+    estate: str
+    node: str
+    volumes: list[str] = []
+    cache: str | None = None
+    desktop_pin: bool = False
+
+
+class HostOnlyTable(_Table):
+    address: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = DEFAULT_PORT
+
+
+class LanTable(_Table):
+    address: str = "dhcp"
+    gateway: str | None = None
+    peers: list[str] = []
+    discovery: bool = True
+
+
+class DesktopTable(_Table):
+    smb_password: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class SeedFile(_Table):
+    """The seed's config.toml as written (``make_seed_tree``)."""
+
+    seed: SeedTable
+    host_only: HostOnlyTable
+    lan: LanTable = msgspec.field(default_factory=LanTable)
+    desktops: dict[str, DesktopTable] = {}
 
 
 def read_seed(root: Path) -> Seed:
@@ -249,18 +282,22 @@ def read_seed(root: Path) -> Seed:
     if not cfg.is_file():
         raise SeedError("the seed disk has no config.toml: make it with 'p2pfs appliance seed'")
     try:
-        doc = tomllib.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise SeedError(f"the seed's config.toml is unreadable: {e}") from None
-    seed = _table(doc, "seed")
-    if seed.get("format") != SEED_FORMAT:
+        data = cfg.read_bytes()
+    except OSError as e:
+        raise SeedError(f"the seed's config.toml is unreadable: {e.strerror}") from None
+    try:
+        doc = msgspec.toml.decode(data, type=SeedFile)
+    except msgspec.MsgspecError as e:
+        line = decode_error("the seed's config.toml", e, SeedFile)
+        raise SeedError(f"the seed's config.toml is unreadable: {line}") from None
+    if doc.seed.format != SEED_FORMAT:
         raise SeedError(
-            f"the seed's config.toml is unreadable: format {seed.get('format')!r}, "
+            f"the seed's config.toml is unreadable: format {doc.seed.format!r}, "
             f"expected {SEED_FORMAT}"
         )
     try:
-        values = _settings(doc, seed)
-    except (P2pfsError, ValueError, TypeError, KeyError) as e:
+        values = _settings(doc)
+    except (P2pfsError, ValueError) as e:
         raise SeedError(f"the seed's config.toml is unreadable: {e}") from None
     if not (root / "node.key").is_file():
         raise SeedError("the seed has no node.key: make it with 'p2pfs appliance seed'")
@@ -284,60 +321,45 @@ def read_seed(root: Path) -> Seed:
     return values
 
 
-def _settings(doc: dict[str, Any], seed: dict[str, Any]) -> Seed:
-    host_only = _table(doc, "host_only")
-    lan = _table(doc, "lan")
-    desktops = _table(doc, "desktops")
-    est, node = seed["estate"], seed["node"]
-    if not (isinstance(est, str) and re.fullmatch(r"[0-9a-f]{32}", est)):
+def _settings(doc: SeedFile) -> Seed:
+    """What the types do not say: ids, names, addresses and sizes (ValueError)."""
+    seed, host_only, lan = doc.seed, doc.host_only, doc.lan
+    if not re.fullmatch(r"[0-9a-f]{32}", seed.estate):
         raise ValueError("[seed] estate must be 32 hex digits")
-    if not (isinstance(node, str) and re.fullmatch(r"[0-9a-f]{32}", node)):
+    if not re.fullmatch(r"[0-9a-f]{32}", seed.node):
         raise ValueError("[seed] node must be 32 hex digits")
-    volumes = seed.get("volumes", [])
-    if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):
-        raise ValueError("[seed] volumes must be a list of names")
-    for v in volumes:
-        validate_volume_name(v)
-    cache = seed.get("cache")
-    if cache is not None:
-        parse_size(cache, "[seed] cache")
-    address = str(ipaddress.IPv4Interface(host_only["address"]))
-    port = host_only.get("port", DEFAULT_PORT)
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError("[host_only] port must be 1-65535")
-    lan_address = lan.get("address", "dhcp")
+    for v in seed.volumes:
+        check_volume_name(v)
+    if seed.cache is not None:
+        parse_size(seed.cache, "[seed] cache")
+    address = str(ipaddress.IPv4Interface(host_only.address))
+    lan_address = lan.address
     if lan_address != "dhcp":
         lan_address = str(ipaddress.IPv4Interface(lan_address))
-    gateway = lan.get("gateway")
-    if gateway is not None:
-        gateway = str(ipaddress.IPv4Address(gateway))
-    peers = lan.get("peers", [])
-    if not isinstance(peers, list):
-        raise ValueError("[lan] peers must be a list")
-    for p in peers:
+    gateway = None if lan.gateway is None else str(ipaddress.IPv4Address(lan.gateway))
+    for p in lan.peers:
         parse_peer(p, "[lan] peers")
     accounts: dict[str, str] = {}
-    for name, body in desktops.items():
-        if not _ACCOUNT.match(name) or not isinstance(body, dict):
+    for name, body in doc.desktops.items():
+        if not is_account(name):
             raise ValueError(f"[desktops] {name!r} is not a desktop account")
-        pw = body.get("smb_password")
-        if not isinstance(pw, str) or not pw or "\n" in pw:
-            raise ValueError(f"[desktops.{name}] smb_password is missing")
-        accounts[name] = pw
+        if "\n" in body.smb_password:
+            raise ValueError(f"[desktops.{name}] smb_password is not one line")
+        accounts[name] = body.smb_password
     if not accounts:
         raise ValueError("[desktops] names no desktop")
     return Seed(
-        estate=est,
-        node=node,
-        volumes=tuple(volumes),
-        cache=cache,
-        desktop_pin=bool(seed.get("desktop_pin", False)),
+        estate=seed.estate,
+        node=seed.node,
+        volumes=tuple(seed.volumes),
+        cache=seed.cache,
+        desktop_pin=seed.desktop_pin,
         host_only=address,
-        port=port,
+        port=host_only.port,
         lan=lan_address,
         gateway=gateway,
-        peers=tuple(peers),
-        discovery=bool(lan.get("discovery", True)),
+        peers=tuple(lan.peers),
+        discovery=lan.discovery,
         desktops=accounts,
     )
 
@@ -404,7 +426,6 @@ def apply_seed(home: Home, root: Path, seed: Seed, *, system_root: Path | None) 
 
 
 def _configure_system(sysroot: Path, seed: Seed) -> None:
-    from .samba import render_smb_conf, smb_state_dirs
 
     netdir = sysroot / "etc/systemd/network"
     netdir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,12 @@ def add_actions(asub: Subparsers) -> None:
     b.add_argument("--size", default=DEFAULT_SIZE, help="the disk's virtual size (default 8G)")
     b.add_argument("--mirror", default=DEFAULT_MIRROR, help="the Debian mirror for debootstrap")
     b.add_argument("--kernel", action="store_true", help="also write FILE.vmlinuz, FILE.initrd")
+    b.add_argument(
+        "--wheels",
+        type=Path,
+        metavar="DIR",
+        help="p2pfs and its dependencies as wheels (default: built from this checkout)",
+    )
 
     s = asub.add_parser("seed", help="(admin) make an appliance's seed disk (a secret)")
     s.add_argument("--bundle", required=True, type=Path, help="the appliance node's join bundle")
@@ -64,7 +70,8 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     fmt = format_of(args.out, args.format)
-    built = build_cached(args.mirror, args.size)
+    wheels = args.wheels.absolute() if args.wheels else None
+    built = build_cached(args.mirror, args.size, wheels)
     convert(built.disk, args.out, fmt)
     if args.kernel:
         shutil.copyfile(built.kernel, f"{args.out}.vmlinuz")

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from p2pfs.appliance.samba import SMB_TEMPLATE, render_smb_conf, smb_state_dirs
+from p2pfs.appliance.samba import render_smb_conf, smb_state_dirs, smb_template
 from p2pfs.errors import P2pfsError
 
 from .netns import Host
@@ -29,7 +29,7 @@ def start_smbd_in_lab(
     conf = work / "smb.conf"
     conf.write_text(
         render_smb_conf(
-            SMB_TEMPLATE.read_text(), interface=interface, mount=mount, users=[account], state=state
+            smb_template(), interface=interface, mount=mount, users=[account], state=state
         )
     )
     passwd, group = work / "passwd", work / "group"

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pfs.errors import DecodeError
 from p2pfs.ids import ID_SIZE, content_id
 from p2pfs.keys import SIGNATURE_SIZE, SigningKey, verify
+from p2pfs.names import name_problem
 
 from . import codec
 
@@ -47,7 +47,6 @@ SNAPSHOT_DOMAIN = b"p2pfs-snapshot-v1\0"
 
 _U63 = (1 << 63) - 1
 _I64_MIN = -(1 << 63)
-_VOLUME_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 class Kind(enum.IntEnum):
@@ -96,14 +95,9 @@ def validate_name(name: bytes) -> None:
 
 
 def validate_volume_name(name: str) -> None:
-    """1..64 characters of [A-Za-z0-9._-], not starting with '.'."""
-    if not isinstance(name, str):
-        raise DecodeError(f"volume name must be a string, not {type(name).__name__}")
-    if not _VOLUME_NAME.fullmatch(name):
-        raise DecodeError(
-            f"volume name {name[:80]!r} must be 1..64 characters of A-Z a-z 0-9 . _ -, "
-            "not starting with '.'"
-        )
+    """A volume name by the one rule (names.py); DecodeError if it breaks it."""
+    if (problem := name_problem(name)) is not None:
+        raise DecodeError(f"volume name: {problem}")
 
 
 def validate_params(params: object) -> dict[str, int | str]:

@@ -34,7 +34,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import ssl
 import time
@@ -50,6 +49,7 @@ from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.ids import derive
 from p2pfs.keys import SigningKey
+from p2pfs.names import check_desktop_name, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ TOKEN_FORMAT = "p2pfs-desktop-token"
 TOKEN_VERSION = 1
 SECRET_SIZE = 32
 MAX_TOKEN_FILE = 16 * 1024
-DESKTOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 CERT_VALIDITY = datetime.timedelta(days=20 * 365)
 _DIGEST_DOMAIN = b"p2pfs-desktop-token-v1\0"
 
@@ -88,15 +87,6 @@ class DesktopToken:
             "appliance": self.appliance,
         }
         return json.dumps(doc, indent=2).encode() + b"\n"
-
-
-def check_desktop_name(name: str) -> str:
-    if not isinstance(name, str) or not DESKTOP_NAME.match(name):
-        raise UsageError(
-            f"desktop name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def secret_digest(secret: bytes) -> bytes:
@@ -260,7 +250,7 @@ class ApplianceKeys:
             raise TokenRefused("refused: the desktop link needs a desktop name and a token")
         expected = bytes(32)
         known = False
-        if DESKTOP_NAME.match(desktop):
+        if name_problem(desktop) is None:
             path = self.tokens_dir / f"{desktop}.token"
             try:
                 doc = json.loads(_read_bounded(path, "token record"))

@@ -16,8 +16,7 @@ from pathlib import Path, PurePosixPath
 from p2pfs.errors import NotFound, P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
-
-from .registry import validate_volume_name
+from p2pfs.names import check_volume_name
 
 MAX_PINS = 10_000
 MAX_PATH = 4096
@@ -38,7 +37,7 @@ def parse_target(text: str) -> tuple[str, str]:
     volume, sep, path = text.partition(":")
     if not sep:
         raise UsageError(f"{text!r} is neither VOLUME:/path nor a path inside the mount")
-    validate_volume_name(volume)
+    check_volume_name(volume)
     return volume, normalize_path(path)
 
 

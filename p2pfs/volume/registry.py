@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,26 +21,16 @@ from p2pfs.errors import (
     NotFound,
     P2pfsError,
     SignatureError,
-    UsageError,
 )
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.ids import VolumeId
 from p2pfs.keys import SigningKey
+from p2pfs.names import check_volume_name
 from p2pfs.objects.model import Snapshot, decode_snapshot
 from p2pfs.store.cas import Store
 
 log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-
-
-def validate_volume_name(name: str) -> None:
-    if not NAME_RE.match(name):
-        raise UsageError(
-            f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "not starting with '.' or '-'"
-        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +82,7 @@ class VolumeRegistry:
         self.home = home
 
     def _dir(self, name: str) -> Path:
-        validate_volume_name(name)
+        check_volume_name(name)
         return self.home.volumes_dir / name
 
     def names(self) -> list[str]:

@@ -47,7 +47,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -55,6 +55,7 @@ from p2pfs.errors import UsageError
 from p2pfs.sizes import parse_size
 
 DEFAULT_PORT = 7420
+T = TypeVar("T", bound=msgspec.Struct)
 
 Seconds = float
 Size = int | str  # a byte count, or "20G", "512M" (sizes.parse_size)
@@ -204,10 +205,19 @@ def read(path: Path) -> ConfigFile:
         return ConfigFile()
     except OSError as e:
         raise UsageError(f"{path} is unreadable: {e.strerror}") from None
+    return decode(data, str(path), ConfigFile)
+
+
+def decode(data: bytes, where: str, record: type[T]) -> T:
+    """TOML ``data`` as ``record``; UsageError with one line from ``decode_error``."""
     try:
-        return msgspec.toml.decode(data, type=ConfigFile)
+        return msgspec.toml.decode(data, type=record)
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{where} is not valid TOML: not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
     except msgspec.MsgspecError as e:
-        raise UsageError(decode_error(str(path), e, ConfigFile)) from None
+        raise UsageError(decode_error(where, e, record)) from None
 
 
 def load(path: Path) -> Config:

@@ -51,6 +51,7 @@ from p2pfs.node import control
 from p2pfs.node.control import ControlServer
 from p2pfs.node.daemon import Daemon
 from p2pfs.node.desktop_api import ADMIN_OPERATIONS, ADMIN_REFUSED, INFO_OPERATIONS, PIN_OPERATIONS
+from p2pfs.node.operations import Operations
 from p2pfs.trust.desktop import DesktopToken, TokenRefused, load_token
 
 MIB = 1024 * 1024
@@ -163,7 +164,7 @@ async def call(app: Appliance, op: str, **args: Any) -> Any:
 def test_every_admin_operation_of_the_daemon_is_named(tmp_path: Path) -> None:
     """The daemon's admin face, all of it, is in the list the desktop link refuses."""
     server = ControlServer(tmp_path / "sock")
-    Daemon(Home(tmp_path), None, debug_faults=True)._register(server)
+    Operations(Daemon(Home(tmp_path), None)).register(server, debug_faults=True)
     admin = {name for name, op in server.ops.items() if op.face == "admin"}
     assert admin and admin <= ADMIN_OPERATIONS
     user = {name for name, op in server.ops.items() if op.face == "user"}

@@ -201,9 +201,9 @@ async def test_failsafe_after_an_integrity_fault_refuses_writes(world: World) ->
         await ops.read(info.fh, 0, 4096)
     assert fuse_errno(e) == errno.EIO  # never a wrong byte
     await ops.release(info.fh)
-    status = live.status("tools")
-    assert status is not None and status["failsafe"]
-    assert "failsafe" in str(status["error"])
+    stats = live.statistics("tools")
+    assert stats is not None and stats.failsafe
+    assert "failsafe" in str(stats.error)
     tools = await world.lookup("tools")
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.create(tools.st_ino, pyfuse3.FileNameT(b"n"), 0o644, os.O_WRONLY, CTX)

@@ -187,7 +187,7 @@ async def test_events_become_candidates_updates_and_losses(monkeypatch: pytest.M
         assert [c.port for c in d.candidates()] == [7421]
         event(NAME, Removed)
         assert lost == [NODE] and d.candidates() == []
-        assert d.statistics()["ignored"] == 1  # the other estate (itself is not counted)
+        assert d.statistics().ignored == 1  # the other estate (itself is not counted)
 
 
 @pytest.mark.unit

@@ -40,7 +40,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from p2pfs.config import decode_error, parse_peer
+from p2pfs.config import decode, parse_peer
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
@@ -286,10 +286,9 @@ def read_seed(root: Path) -> Seed:
     except OSError as e:
         raise SeedError(f"the seed's config.toml is unreadable: {e.strerror}") from None
     try:
-        doc = msgspec.toml.decode(data, type=SeedFile)
-    except msgspec.MsgspecError as e:
-        line = decode_error("the seed's config.toml", e, SeedFile)
-        raise SeedError(f"the seed's config.toml is unreadable: {line}") from None
+        doc = decode(data, "the seed's config.toml", SeedFile)
+    except UsageError as e:
+        raise SeedError(f"the seed's config.toml is unreadable: {e}") from None
     if doc.seed.format != SEED_FORMAT:
         raise SeedError(
             f"the seed's config.toml is unreadable: format {doc.seed.format!r}, "

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 from p2pfs.errors import NotRunning
-from p2pfs.home import Home
 from p2pfs.node import control
+from p2pfs.node import status as node_status
 from p2pfs.sizes import format_size
 
 from .common import Handler, Subparsers, node_home, print_json
@@ -27,7 +26,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         st = control.call(home.control_socket, "status", timeout=10)
     except NotRunning:
-        st = _offline_status(home)
+        st = node_status.offline(home).to_json()
     from p2pfs.appliance.seed import seed_status
 
     if (seed := seed_status(home)) is not None:
@@ -107,37 +106,3 @@ def cmd_peers(args: argparse.Namespace) -> int:
         vols = ",".join(p["volumes"]) or "-"
         print(f"{p['node_id']}  {p['address'] or '-':<22} {p['state']:<12} volumes {vols}")
     return 0
-
-
-def _offline_status(home: Home) -> dict[str, Any]:
-    from p2pfs.store.cas import Store
-    from p2pfs.volume.registry import VolumeRegistry
-
-    registry = VolumeRegistry(home)
-    store = Store(home.store_dir)
-    try:
-        stats = store.statistics()
-    finally:
-        store.close()
-    volumes = []
-    for name in registry.names():
-        r = registry.get(name)
-        if r.head is not None:
-            volumes.append({"name": name, "id": r.id.hex(), "seq": r.seq, "snapshot": r.head.hex()})
-    return {
-        "node_id": home.node_id().hex(),
-        "home": str(home.root),
-        "daemon": None,
-        "volumes": volumes,
-        "store": {
-            "chunks": stats.chunks,
-            "bytes": stats.bytes,
-            "corrupt_chunks": stats.corrupt_chunks,
-            "quarantined": stats.quarantined,
-        },
-        "peers": [],
-        "bytes_from": {"local": 0, "peers": 0, "origin": 0},
-        "bytes_served": 0,
-        "corrupt_chunks_rejected": 0,
-        "quarantined_peers": 0,
-    }

@@ -51,6 +51,12 @@ MAX_HISTORY = 10_000
 
 
 @dataclass(frozen=True)
+class FsStats:
+    errors: int  # handler bugs answered EIO
+    inodes: int  # snapshot inodes the kernel holds
+
+
+@dataclass(frozen=True)
 class Head:
     snapshot_id: bytes
     snapshot: Snapshot
@@ -224,6 +230,9 @@ class FileSystem:
     @property
     def inode_count(self) -> int:
         return len(self._nodes)
+
+    def statistics(self) -> FsStats:
+        return FsStats(errors=self.errors, inodes=self.inode_count)
 
     def _volume_entry(self, name: str, head: Head) -> Entry:
         snap = head.snapshot

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -192,6 +193,16 @@ def local_ipv4_networks() -> list[ipaddress.IPv4Network]:
 # -- the service -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DiscoveryStats:
+    events: int  # zeroconf events handed over
+    dropped_events: int
+    ignored: int  # services of other estates, or malformed
+    unresolved: int
+    peers: int  # candidates announced now
+    names: int
+
+
 class Discovery:
     """Announce this node and report the peers of its estate seen by mDNS.
 
@@ -234,8 +245,8 @@ class Discovery:
         """The peers of this estate currently announced on the segment."""
         return list(self._view.values())
 
-    def statistics(self) -> dict[str, int]:
-        return {**self._stats, "peers": len(self._view), "names": len(self._tickets)}
+    def statistics(self) -> DiscoveryStats:
+        return DiscoveryStats(**self._stats, peers=len(self._view), names=len(self._tickets))
 
     async def run(
         self,
@@ -520,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
-        emit("stopped", **disc.statistics())
+        emit("stopped", **dataclasses.asdict(disc.statistics()))
 
     trio.run(run)
     return 0

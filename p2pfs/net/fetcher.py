@@ -6,20 +6,29 @@ answered after ``hedge_after_s`` a second is asked too, and the first verified
 answer wins (the Tail at Scale's hedged requests). A "missing" answer moves on
 at once. Bytes that do not hash to the id quarantine the peer that sent them and
 are never stored or returned. The whole fetch has a deadline: past it the read
-fails (EIO), it never hangs. Concurrent reads of one chunk already share one
-fetch in ``content.ChunkCache``.
+fails (EIO), it never hangs.
+
+``fetch_into_store`` is what the node uses: fetch, then cache the verified bytes in
+the local store. Our own reads and peers that made us a chunk's home share one
+fetch per chunk: a second fetch of a chunk already on its way would cost the origin
+a copy. (Concurrent reads through the mount already share one load in
+``content.ChunkCache``; this is the network's side of it.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from p2pfs.errors import MissingChunk
+from p2pfs.errors import MissingChunk, P2pfsError
 from p2pfs.ids import matches
+from p2pfs.store.cas import Store
+from p2pfs.store.quota import QuotaExceeded
 
 from . import messages
 from .connection import PeerUnavailable
@@ -32,14 +41,14 @@ class Quarantine(Protocol):
     def quarantine(self, peer: Peer, reason: str) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class FetchStats:
-    bytes_from_peers: int = 0
-    bytes_from_origin: int = 0
-    chunks_fetched: int = 0
-    corrupt_chunks_rejected: int = 0
-    hedged_requests: int = 0
-    failed_fetches: int = 0
+    bytes_from_peers: int
+    bytes_from_origin: int
+    chunks_fetched: int
+    corrupt_chunks_rejected: int
+    hedged_requests: int
+    failed_fetches: int
 
 
 class _BadChunk(Exception):
@@ -57,6 +66,9 @@ class Fetcher:
         hedge_after_s: float = 0.5,
         others: int = 3,
         peer_fetch: bool = True,
+        store: Store | None = None,
+        on_stored: Callable[[], None] = lambda: None,
+        disk: trio.CapacityLimiter | None = None,
     ) -> None:
         self.node_id = node_id
         self.table = table
@@ -65,8 +77,56 @@ class Fetcher:
         self.hedge_after_s = hedge_after_s
         self.others = others
         self.peer_fetch = peer_fetch
-        self.stats = FetchStats()
+        self.store = store
+        self.on_stored = on_stored
+        self.disk = disk or trio.CapacityLimiter(4)
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
+        self._corrupt_rejected = self._hedged = self._failed = 0
+
+    def statistics(self) -> FetchStats:
+        return FetchStats(
+            self._bytes_from_peers,
+            self._bytes_from_origin,
+            self._chunks_fetched,
+            self._corrupt_rejected,
+            self._hedged,
+            self._failed,
+        )
+
+    async def fetch_into_store(self, cid: bytes, *, proxy: bool = True) -> bytes:
+        """A chunk or object the store lacks: fetched verified, stored, then returned.
+
+        ``proxy=False`` when a peer made us the chunk's home (see ``fetch``).
+        """
+        assert self.store is not None
+        store = self.store
+        while (pending := self._inflight.get(cid)) is not None:
+            await pending.wait()
+            try:  # the fetch we waited for stored it
+                return await trio.to_thread.run_sync(store.get, cid, limiter=self.disk)
+            except P2pfsError:
+                continue  # it failed, or could not be cached: fetch it ourselves
+        event = self._inflight[cid] = trio.Event()
+        try:
+            data, _peer = await self.fetch(cid, proxy=proxy)
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        store.put, cid, data, verify=False, source="peer", durable=False
+                    ),
+                    limiter=self.disk,
+                )
+            except QuotaExceeded as e:
+                # Everything stored is pinned or in use: serve the read from memory, uncached.
+                log.debug("not caching %s: %s", cid.hex(), e)
+            else:
+                self.on_stored()
+            return data
+        finally:
+            del self._inflight[cid]
+            event.set()
 
     def candidates(self, cid: bytes, *, proxy: bool = True) -> list[tuple[Peer, bool]]:
         if not self.peer_fetch:
@@ -90,18 +150,18 @@ class Fetcher:
                     got = await self._race(cid, order, tried, errors)
                     if got is not None:
                         data, peer = got
-                        self.stats.chunks_fetched += 1
+                        self._chunks_fetched += 1
                         if peer.node_id in self.origins:
-                            self.stats.bytes_from_origin += len(data)
+                            self._bytes_from_origin += len(data)
                         else:
-                            self.stats.bytes_from_peers += len(data)
+                            self._bytes_from_peers += len(data)
                         return data, peer
                 # Nobody had it (or nobody is connected yet): wait a moment for peers to
                 # appear or reconnect, then ask again the ones not asked yet or all anew.
                 await trio.sleep(0.2)
                 if not [c for c in self.candidates(cid, proxy=proxy) if c[0].node_id not in tried]:
                     tried.clear()
-        self.stats.failed_fetches += 1
+        self._failed += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"
         raise MissingChunk(
             f"chunk {cid.hex()} is not available within {self.deadline_s:g} s ({detail})"
@@ -131,7 +191,7 @@ class Fetcher:
             for i, (peer, fetch) in enumerate(order):
                 tried.add(peer.node_id)
                 if i:
-                    self.stats.hedged_requests += 1
+                    self._hedged += 1
                 ended = trio.Event()
                 nursery.start_soon(attempt, peer, fetch, ended)
                 # Move on when this one failed, or hedge when it is slow: slow for this
@@ -163,7 +223,7 @@ class Fetcher:
         # Hash as the bytes enter memory; nothing unverified goes further.
         if not matches(cid, payload):
             peer.bad_chunks += 1
-            self.stats.corrupt_chunks_rejected += 1
+            self._corrupt_rejected += 1
             self.quarantine.quarantine(peer, f"served a corrupt copy of chunk {cid.hex()}")
             raise _BadChunk
         peer.observe_latency(trio.current_time() - start)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True)
+class SyncStats:
+    accepted: int  # snapshots taken
+    refused: int  # snapshots refused (unendorsed, bad signature, replayed, ...)
+    recent_refusals: tuple[str, ...]
+
+
 class VolumeSync:
     def __init__(
         self,
@@ -39,7 +46,7 @@ class VolumeSync:
         store: Store,
         estate: Estate,
         *,
-        on_change: Callable[[list[str]], None],
+        on_change: Callable[[list[str]], Awaitable[None]],
         announce: Callable[[messages.VolumeHead], None],
         only: frozenset[str] = frozenset(),
     ) -> None:
@@ -152,14 +159,10 @@ class VolumeSync:
         log.info(
             "volume %s: accepted snapshot %d from %s", head.name, snapshot.seq, peer.node_id.hex()
         )
-        self.on_change([head.name])
+        await self.on_change([head.name])
         new_head = self.head_of(record)
         if new_head is not None:
             self.announce(new_head)  # gossip: peers that missed the publisher hear it from us
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "accepted": self.accepted,
-            "refused": self.refused,
-            "recent_refusals": list(self.refusals),
-        }
+    def statistics(self) -> SyncStats:
+        return SyncStats(self.accepted, self.refused, tuple(self.refusals))

@@ -14,13 +14,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from p2pfs.ids import derive
 
 from .connection import Connection
 from .digest import Bloom
 from .messages import Hello
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    """What status and ``p2pfs peers`` show of one peer."""
+
+    node_id: str
+    address: str | None
+    state: str
+    connections: int
+    bytes_from: int
+    chunks_from: int
+    bad_chunks: int
+    latency_ms: float
+    volumes: tuple[str, ...]
+    digest_ids: int | None
+    last_error: str | None
+    quarantine_reason: str | None
 
 
 @dataclass
@@ -62,21 +79,21 @@ class Peer:
     def observe_latency(self, seconds: float) -> None:
         self.latency_s = 0.8 * self.latency_s + 0.2 * seconds
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id.hex(),
-            "address": f"{self.address}:{self.port}" if self.address else None,
-            "state": self.state,
-            "connections": sum(1 for c in self.conns if not c.closed.is_set()),
-            "bytes_from": self.bytes_from,
-            "chunks_from": self.chunks_from,
-            "bad_chunks": self.bad_chunks,
-            "latency_ms": round(self.latency_s * 1000, 1),
-            "volumes": [v.name for v in self.hello.volumes] if self.hello else [],
-            "digest_ids": None if self.digest is None else self.digest_generation,
-            "last_error": self.last_error or None,
-            "quarantine_reason": self.quarantine_reason or None,
-        }
+    def statistics(self) -> PeerStats:
+        return PeerStats(
+            node_id=self.node_id.hex(),
+            address=f"{self.address}:{self.port}" if self.address else None,
+            state=self.state,
+            connections=sum(1 for c in self.conns if not c.closed.is_set()),
+            bytes_from=self.bytes_from,
+            chunks_from=self.chunks_from,
+            bad_chunks=self.bad_chunks,
+            latency_ms=round(self.latency_s * 1000, 1),
+            volumes=tuple(v.name for v in self.hello.volumes) if self.hello else (),
+            digest_ids=None if self.digest is None else self.digest_generation,
+            last_error=self.last_error or None,
+            quarantine_reason=self.quarantine_reason or None,
+        )
 
 
 def _score(cid: bytes, node_id: bytes) -> bytes:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -31,9 +32,9 @@ from . import messages, wire
 from .connection import Connection, PeerUnavailable
 from .digest import Bloom
 from .discovery import Candidate, Discovery
-from .fetcher import Fetcher
+from .fetcher import Fetcher, FetchStats
 from .messages import Hello, VolumeHead
-from .peers import Peer, PeerTable
+from .peers import Peer, PeerStats, PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,27 @@ class LocalNode(Protocol):
     def on_revocations_changed(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class NetworkStats:
+    port: int
+    peers: tuple[PeerStats, ...]
+    quarantined_peers: int
+    bytes_served: int
+    chunks_served: int
+    connections_refused: int
+    fetch: FetchStats
+
+
 class Network:
-    def __init__(self, estate: Estate, store: Store, local: LocalNode, config: Config) -> None:
+    def __init__(
+        self,
+        estate: Estate,
+        store: Store,
+        local: LocalNode,
+        config: Config,
+        *,
+        disk: trio.CapacityLimiter | None = None,
+    ) -> None:
         self.estate = estate
         self.store = store
         self.local = local
@@ -72,6 +92,9 @@ class Network:
             hedge_after_s=config.hedge_after_s,
             others=config.peers_without_digest,
             peer_fetch=config.peer_fetch,
+            store=store,
+            on_stored=self.store_changed,
+            disk=disk,
         )
         self.port = 0
         self.bytes_served = 0
@@ -85,8 +108,6 @@ class Network:
         self._digest_generation = 0
         self._digest: tuple[Bloom, int] | None = None
         self.on_peer_change: Callable[[], None] = lambda: None
-        # Fetches (and stores) a chunk for a peer that made us its home; set by the daemon.
-        self.fetch_for_peer: Callable[[bytes], Awaitable[bytes]] | None = None
         # Test hooks, armed only through the admin control operation of a daemon started
         # with --debug-faults: "serve-unverified" plays a faulty peer that sends what its
         # disk holds without checking it.
@@ -299,11 +320,12 @@ class Network:
             try:
                 data = await trio.to_thread.run_sync(read, cid)
             except MissingChunk:
-                if not (messages.get_wants_fetch(header) and self.fetch_for_peer):
+                if not messages.get_wants_fetch(header):
                     return messages.answer(rid, error="missing"), b""
-                # We are this chunk's home: fetch it once, for everyone who asks.
+                # We are this chunk's home: fetch it once, for everyone who asks (but
+                # never through another home: no loops).
                 try:
-                    data = await self.fetch_for_peer(cid)
+                    data = await self.fetcher.fetch_into_store(cid, proxy=False)
                 except P2pfsError:
                     return messages.answer(rid, error="missing"), b""
             except P2pfsError as e:  # corrupt here: quarantined by the store; say missing
@@ -452,12 +474,13 @@ class Network:
 
     # -- status ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "port": self.port,
-            "peers": [p.describe() for p in self.table.peers.values()],
-            "quarantined_peers": len(self.table.quarantined()),
-            "bytes_served": self.bytes_served,
-            "chunks_served": self.chunks_served,
-            "connections_refused": self.connections_refused,
-        }
+    def statistics(self) -> NetworkStats:
+        return NetworkStats(
+            port=self.port,
+            peers=tuple(p.statistics() for p in self.table.peers.values()),
+            quarantined_peers=len(self.table.quarantined()),
+            bytes_served=self.bytes_served,
+            chunks_served=self.chunks_served,
+            connections_refused=self.connections_refused,
+            fetch=self.fetcher.statistics(),
+        )

@@ -8,20 +8,18 @@ detached and waits for the readiness line it writes to ``ready_fd``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from p2pfs import config as config_mod
 from p2pfs.chunking import chunker
-from p2pfs.errors import Busy, NotFound, P2pfsError, UsageError
+from p2pfs.errors import Busy, P2pfsError
 from p2pfs.fs import fuse
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
@@ -30,18 +28,23 @@ from p2pfs.home import Home
 from p2pfs.net.following import VolumeSync
 from p2pfs.net.link import parse_address
 from p2pfs.net.service import Network
-from p2pfs.store.cas import QuotaExceeded, Store
+from p2pfs.objects.model import Snapshot
+from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate
 from p2pfs.volume.content import Content
-from p2pfs.volume.pins import PinRegistry, normalize_path
-from p2pfs.volume.registry import VolumeRegistry
+from p2pfs.volume.pins import PinRegistry
+from p2pfs.volume.registry import VolumeRecord, VolumeRegistry
 
-from .control import AFTER_REPLY, ControlServer
+from .control import ControlServer
 from .desktop_api import DesktopServer
 from .keeper import Keeper
 from .live import LiveVolumes, work_dir
+from .operations import Operations
+from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 
 log = logging.getLogger(__name__)
+
+DISK_THREADS = 4  # worker threads reading and writing the store at once
 
 
 @contextlib.contextmanager
@@ -79,7 +82,6 @@ class Daemon:
         self.network: Network | None = None
         self.sync: VolumeSync | None = None
         self.nursery: trio.Nursery | None = None
-        self._inflight: dict[bytes, trio.Event] = {}
         self.started = time.time()
         self.mounted = False
         self.desktop_link: DesktopServer | None = None
@@ -109,10 +111,20 @@ class Daemon:
         self.config = config_mod.load(self.home.config_file)
         store.set_quota(self.config.cache_max_bytes, self.config.cache_min_free_bytes)
         self.estate = Estate.load(self.home)
+        disk = trio.CapacityLimiter(DISK_THREADS)  # store reads and writes, from everyone
+        if self.estate is not None:
+            self.sync = VolumeSync(
+                self.registry,
+                store,
+                self.estate,
+                on_change=self._heads_changed,
+                announce=lambda head: self.network.announce(head) if self.network else None,
+                only=frozenset(self.config.follow_volumes),
+            )
+            self.network = Network(self.estate, store, self.sync, self.config, disk=disk)
+        fetch = self.network.fetcher.fetch_into_store if self.network else None
         self.content = Content(
-            store,
-            remote=self._fetch if self.estate else None,
-            chunk_cache_bytes=self.config.memory_cache_bytes,
+            store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
         )
         self.fs = FileSystem(self.content, lambda: self.heads)
         store.set_protector(self.fs.open_chunk_ids)
@@ -133,26 +145,14 @@ class Daemon:
             store,
             PinRegistry(self.home),
             lambda: {n: (h.snapshot_id, h.snapshot) for n, h in self.heads.items()},
-            self._fetch if self.estate else None,
+            fetch,
             self.home.root / "scrub.json",
             scrub_interval_s=self.config.scrub_interval_s,
             scrub_rate_bytes_s=self.config.scrub_rate_bytes_s,
         )
-        if self.estate is not None:
-            self.sync = VolumeSync(
-                self.registry,
-                store,
-                self.estate,
-                on_change=self._heads_changed,
-                announce=lambda head: self.network.announce(head) if self.network else None,
-                only=frozenset(self.config.follow_volumes),
-            )
-            self.network = Network(self.estate, store, self.sync, self.config)
-            # A peer that made us a chunk's home: fetch it (never via another home).
-            self.network.fetch_for_peer = functools.partial(self._fetch, proxy=False)
-        self.reload_heads()
+        await self.reload_heads()
         control = ControlServer(self.home.control_socket)
-        self._register(control)
+        Operations(self).register(control, debug_faults=self.debug_faults)
         await self._bind_desktop_link(control)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -164,7 +164,7 @@ class Daemon:
             if self.live is not None:
                 await nursery.start(self.live.run)
             for name in self.heads:
-                if self.registry.is_publisher(name):
+                if await trio.to_thread.run_sync(self.registry.is_publisher, name):
                     nursery.start_soon(self._keep_published, name)
             nursery.start_soon(self._signals, nursery.cancel_scope)
             if self.network is not None:
@@ -202,27 +202,6 @@ class Daemon:
         )
         await self.desktop_link.listen()
 
-    async def _fetch(self, cid: bytes, *, proxy: bool = True) -> bytes:
-        """A chunk or object the store lacks: fetched verified, stored, then returned.
-
-        Our own reads and peers that made us the chunk's home share one fetch: a
-        second fetch of a chunk already on its way would cost the origin a copy.
-        """
-        while (pending := self._inflight.get(cid)) is not None:
-            await pending.wait()
-            try:  # the fetch we waited for stored it
-                return await trio.to_thread.run_sync(
-                    self.store.get, cid, limiter=self.content.limiter
-                )
-            except P2pfsError:
-                continue  # it failed, or could not be cached: fetch it ourselves
-        event = self._inflight[cid] = trio.Event()
-        try:
-            return await self._fetch_once(cid, proxy=proxy)
-        finally:
-            del self._inflight[cid]
-            event.set()
-
     async def _keep_published(self, name: str) -> bool:
         """Pin a volume published here as its origin; True once done (a writable
         volume's work-tree pins may then go)."""
@@ -232,23 +211,6 @@ class Daemon:
             log.error("could not pin volume %s on its publisher: %s", name, e)
             return False
         return True
-
-    async def _fetch_once(self, cid: bytes, *, proxy: bool) -> bytes:
-        assert self.network is not None
-        data, _peer = await self.network.fetcher.fetch(cid, proxy=proxy)
-        try:
-            await trio.to_thread.run_sync(
-                functools.partial(
-                    self.store.put, cid, data, verify=False, source="peer", durable=False
-                ),
-                limiter=self.content.limiter,
-            )
-        except QuotaExceeded as e:
-            # Everything stored is pinned or in use: serve the read from memory, uncached.
-            log.debug("not caching %s: %s", cid.hex(), e)
-        else:
-            self.network.store_changed()
-        return data
 
     async def _mount(self, nursery: trio.Nursery) -> None:
         assert self.mountpoint is not None
@@ -283,27 +245,46 @@ class Daemon:
         if scope is not None:
             scope.cancel()
 
-    def _heads_changed(self, names: list[str]) -> None:
-        self.reload_heads()
+    async def _heads_changed(self, names: list[str]) -> None:
+        await self.reload_heads()
 
-    def _committed(self, name: str) -> None:
+    async def _committed(self, name: str) -> None:
         """A commit moved a writable volume's head: show it and announce it."""
-        self.reload_heads(keep_published=False)
+        await self.reload_heads(keep_published=False)
 
-    def reload_heads(self, *, keep_published: bool = True) -> list[str]:
-        """Load every volume's verified head; returns the names whose head changed."""
-        changed = []
-        fresh: dict[str, Head] = {}
+    def _read_heads(self) -> list[tuple[str, VolumeRecord | None, Snapshot | None, bool]]:
+        """(name, record, verified head, published here) of every volume; blocking.
+
+        A volume that cannot be read has no record (its error is logged)."""
+        out: list[tuple[str, VolumeRecord | None, Snapshot | None, bool]] = []
         for name in self.registry.names():
             try:
                 record = self.registry.get(name)
                 snap = self.registry.load_head(self.store, record)
             except P2pfsError as e:
                 log.error("volume %s unavailable: %s", name, e)
+                out.append((name, None, None, False))
+                continue
+            out.append((name, record, snap, self.registry.is_publisher(name)))
+        return out
+
+    async def reload_heads(self, *, keep_published: bool = True) -> list[str]:
+        """Load every volume's verified head (reads in a worker thread, the switch at
+        one instant on the event loop); returns the names whose head changed."""
+        read = await trio.to_thread.run_sync(self._read_heads)
+        changed = []
+        fresh: dict[str, Head] = {}
+        records: dict[str, VolumeRecord] = {}
+        publishing: set[str] = set()
+        for name, record, snap, published in read:
+            if record is None:
                 old = self.heads.get(name)
                 if old is not None:
                     fresh[name] = old
                 continue
+            records[name] = record
+            if published:
+                publishing.add(name)
             if snap is None or record.head is None:
                 continue
             fresh[name] = Head(record.head, snap)
@@ -315,7 +296,7 @@ class Daemon:
         if changed and self.nursery is not None:
             self.nursery.start_soon(self.keeper.follow, changed)
             for name in changed:
-                if keep_published and self.registry.is_publisher(name):
+                if keep_published and name in publishing:
                     self.nursery.start_soon(self._keep_published, name)
         writable = self.live.names if self.live is not None else []
         if self.live is not None:
@@ -329,8 +310,8 @@ class Daemon:
             # (After shutdown, a final commit's snapshot reaches peers at next start.)
             for name in changed if self.nursery is not None else []:
                 # A new snapshot made here (an import): tell the peers.
-                if self.registry.is_publisher(name):
-                    head = self.sync.head_of(self.registry.get(name))
+                if name in publishing:
+                    head = self.sync.head_of(records[name])
                     if head is not None and head.endorsement is not None:
                         self.network.announce(head)
         if self.mounted:
@@ -339,225 +320,39 @@ class Daemon:
                     fuse.invalidate_entry(ROOT_INO, name.encode())
         return changed
 
-    # -- control operations -------------------------------------------------
+    # -- status ------------------------------------------------------------------
 
-    def _register(self, control: ControlServer) -> None:
-        control.register("status", "user", self._op_status)
-        control.register("peers", "user", self._op_peers)
-        control.register("pin", "user", self._op_pin)
-        control.register("pin-status", "user", self._op_pin_status)
-        control.register("pin-cancel", "user", self._op_pin_cancel)
-        control.register("unpin", "user", self._op_unpin)
-        control.register("pins", "user", self._op_pins)
-        control.register("log", "user", self._op_log)
-        control.register("scrub", "user", self._op_scrub)
-        control.register("fsck", "admin", self._op_fsck)
-        control.register("reload", "admin", self._op_reload)
-        control.register("commit", "admin", self._op_commit)
-        control.register("stop", "admin", self._op_stop)
-        if self.debug_faults:
-            control.register("inject-fault", "admin", self._op_fault)
-
-    async def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.status()
-
-    def _target(self, request: dict[str, Any]) -> tuple[str, str]:
-        volume, path = request.get("volume"), request.get("path")
-        if not isinstance(volume, str) or not isinstance(path, str):
-            raise UsageError("pin requests name a volume and a path")
-        return volume, normalize_path(path)
-
-    async def _op_pin(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume, path = self._target(request)
-        job = await self.keeper.pin(volume, path, follow=bool(request.get("follow")))
-        return job.describe()
-
-    async def _op_pin_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume, path = self._target(request)
-        job = self.keeper.jobs.get(f"{volume}:{path}")
-        if job is None:
-            raise NotFound(f"no pin job for {volume}:{path}")
-        return job.describe()
-
-    async def _op_pin_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume, path = self._target(request)
-        return self.keeper.cancel(f"{volume}:{path}").describe()
-
-    async def _op_unpin(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume, path = self._target(request)
-        record = await self.keeper.unpin(volume, path)
-        return {"unpinned": record.name}
-
-    async def _op_pins(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"pins": self.keeper.describe_pins(), "offline_ready": self.keeper.offline_ready()}
-
-    async def _op_log(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume = request.get("volume")
-        if not isinstance(volume, str):
-            raise UsageError("log names a volume")
-        limit = request.get("limit", 100)
-        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
-            raise UsageError("limit must be 1..100000")
-        return {"volume": volume, "snapshots": await self.keeper.history(volume, limit)}
-
-    async def _op_scrub(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.keeper.run_scrub()
-
-    async def _op_fsck(self, request: dict[str, Any]) -> dict[str, Any]:
-        report = await trio.to_thread.run_sync(
-            functools.partial(self.store.fsck, repair=bool(request.get("repair")))
+    async def status(self) -> NodeStatus:
+        """The node's status, from every service's statistics (disk parts in a thread)."""
+        disk = await trio.to_thread.run_sync(read_disk, self.home, self.store)
+        link = self.desktop_link
+        return NodeStatus(
+            disk=disk,
+            volumes=self._volumes(),
+            estate=self.estate.estate_id.hex() if self.estate else None,
+            daemon=daemon_info(self.started, str(self.mountpoint) if self.mounted else None),
+            content=self.content.statistics(),
+            scrub=self.keeper.statistics(),
+            fs=self.fs.statistics(),
+            network=self.network.statistics() if self.network else None,
+            sync=self.sync.statistics() if self.sync else None,
+            desktop_link=await trio.to_thread.run_sync(link.statistics) if link else None,
         )
-        return {"clean": report.clean, "lines": report.lines()}
 
-    async def _op_peers(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.network is None:
-            return {"peers": [], "estate": None}
-        assert self.estate is not None
-        return {"peers": self.network.status()["peers"], "estate": self.estate.estate_id.hex()}
-
-    async def _op_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.estate is not None and self.network is not None:
-            # `estate revoke` on this node wrote a newer list: apply and spread it.
-            fresh = Estate.load(self.home)
-            if (
-                fresh is not None
-                and fresh.revocation_number > self.estate.revocation_number
-                and self.estate.accept_revocation_list(fresh.revocation_list())
-            ):
-                self.network.revocations_changed()
-        return {"changed": self.reload_heads()}
-
-    async def _op_commit(self, request: dict[str, Any]) -> dict[str, Any]:
-        volume = request.get("volume")
-        if not isinstance(volume, str):
-            raise UsageError("commit names a volume")
-        if self.live is None:
-            reason = "--read-only" if self.read_only else "no mount"
-            raise P2pfsError(f"this daemon has no writable volumes ({reason})")
-        return (await self.live.commit(volume)).as_dict()
-
-    async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
-        request[AFTER_REPLY] = self.stop
-        return {"stopping": True}
-
-    async def _op_fault(self, request: dict[str, Any]) -> dict[str, Any]:
-        handler = str(request.get("handler", ""))
-        # "net:NAME" arms a fault in the network layer, "publish:NAME" in every writable
-        # volume's commits, anything else in a FUSE handler.
-        faults, key = self.fs.faults, handler
-        if handler.startswith("net:") and self.network is not None:
-            faults, key = self.network.faults, handler.removeprefix("net:")
-        if handler.startswith("publish:") and self.live is not None:
-            key = handler.removeprefix("publish:")
-            for publisher in self.live.publishers.values():
-                if request.get("clear"):
-                    publisher.faults.discard(key)
-                else:
-                    publisher.faults.add(key)
-            return {"disarmed" if request.get("clear") else "armed": handler}
-        if request.get("clear"):
-            faults.discard(key)
-            return {"disarmed": handler}
-        faults.add(key)
-        return {"armed": handler}
-
-    def status(self) -> dict[str, Any]:
-        stats = self.store.statistics()
-        cache = self.content.chunks
-        return {
-            "node_id": self.home.node_id().hex(),
-            "home": str(self.home.root),
-            "daemon": {
-                "pid": os.getpid(),
-                "uptime_s": round(time.time() - self.started, 1),
-                "mountpoint": str(self.mountpoint) if self.mounted else None,
-            },
-            "volumes": self._volumes_status(),
-            "store": {
-                "chunks": stats.chunks,
-                "bytes": stats.bytes,
-                "corrupt_chunks": stats.corrupt_chunks,
-                "quarantined": stats.quarantined,
-            },
-            "memory_cache": {
-                "bytes": cache.bytes,
-                "hits": cache.stats.hits,
-                "misses": cache.stats.misses,
-                "evictions": cache.stats.evictions,
-            },
-            "cache": self._cache_status(),
-            "offline_ready": self.keeper.offline_ready(),
-            "pins": len(self.keeper.pins.all()),
-            "scrub": self.keeper.status(),
-            "fuse_errors": self.fs.errors,
-            "inodes": self.fs.inode_count,
-            **self._network_status(),
-            **self._desktop_link_status(),
-        }
-
-    def _volumes_status(self) -> list[dict[str, Any]]:
+    def _volumes(self) -> tuple[VolumeInfo, ...]:
         out = []
         writable = self.live.names if self.live is not None else []
         for name in sorted({*self.heads, *writable}):
             head = self.heads.get(name)
-            entry: dict[str, Any] = {
-                "name": name,
-                "id": head.snapshot.volume_id.hex() if head else self.registry.get(name).id.hex(),
-                "seq": head.snapshot.seq if head else 0,
-                "snapshot": head.snapshot_id.hex() if head else None,
-                "writable": name in writable,
-            }
-            if self.live is not None and name in writable:
-                entry["live"] = self.live.status(name)
-            out.append(entry)
-        return out
-
-    def _desktop_link_status(self) -> dict[str, Any]:
-        link = self.desktop_link
-        return {"desktop_link": link.status()} if link is not None else {}
-
-    def _cache_status(self) -> dict[str, Any]:
-        u = self.store.cache_usage()
-        return {
-            "bytes": u.bytes,
-            "quota": u.quota,
-            "max_bytes": u.max_bytes,
-            "min_free_bytes": u.min_free_bytes,
-            "pinned_bytes": u.pinned_bytes,
-            "evictions": u.evictions,
-        }
-
-    def _network_status(self) -> dict[str, Any]:
-        local = self.content.bytes_from_local
-        if self.network is None or self.estate is None or self.sync is None:
-            return {
-                "estate": None,
-                "peers": [],
-                "bytes_from": {"local": local, "peers": 0, "origin": 0},
-                "bytes_served": 0,
-                "corrupt_chunks_rejected": 0,
-                "quarantined_peers": 0,
-            }
-        net = self.network.status()
-        fetch = self.network.fetcher.stats
-        return {
-            "estate": self.estate.estate_id.hex(),
-            "port": net["port"],
-            "peers": net["peers"],
-            "bytes_from": {
-                "local": local,
-                "peers": fetch.bytes_from_peers,
-                "origin": fetch.bytes_from_origin,
-            },
-            "bytes_served": net["bytes_served"],
-            "chunks_served": net["chunks_served"],
-            "corrupt_chunks_rejected": fetch.corrupt_chunks_rejected,
-            "quarantined_peers": net["quarantined_peers"],
-            "fetch": {
-                "chunks": fetch.chunks_fetched,
-                "hedged": fetch.hedged_requests,
-                "failed": fetch.failed_fetches,
-            },
-            "connections_refused": net["connections_refused"],
-            "snapshots": self.sync.status(),
-        }
+            live = self.live.statistics(name) if self.live is not None else None
+            if head is not None:
+                vid, seq, sid = (
+                    head.snapshot.volume_id.hex(),
+                    head.snapshot.seq,
+                    head.snapshot_id.hex(),
+                )
+            else:  # a writable volume with nothing committed yet
+                assert self.live is not None
+                vid, seq, sid = self.live.volume_ids[name].hex(), 0, None
+            out.append(VolumeInfo(name, vid, seq, sid, name in writable, live))
+        return tuple(out)

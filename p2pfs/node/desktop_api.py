@@ -30,6 +30,7 @@ within AUTH_TIMEOUT, and at most MAX_INFLIGHT requests per connection run at onc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hmac
 import logging
@@ -110,13 +111,28 @@ class NotADirectory(P2pfsError):
 
 
 @dataclass
-class LinkStats:
+class _LinkCounts:
     connections: int = 0
     active: int = 0
     refused_tokens: int = 0
     refused_admin: int = 0
     requests: int = 0
     bytes_read: int = 0
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """The desktop link as status shows it (``desktop_link``)."""
+
+    listening: tuple[str, ...]
+    desktops: tuple[str, ...]
+    desktop_pin: bool
+    connections: int
+    active: int
+    refused_tokens: int
+    refused_admin: int
+    requests: int
+    bytes_read: int
 
 
 @dataclass
@@ -173,7 +189,7 @@ class DesktopServer:
         self.allow_pin = allow_pin
         self.frame_timeout = frame_timeout
         self.keys = ApplianceKeys(home)
-        self.stats = LinkStats()
+        self.stats = _LinkCounts()
         self.listening: list[str] = []
         self._handle_key = b""
         self._listeners: list[trio.SocketListener] = []
@@ -438,16 +454,11 @@ class DesktopServer:
         st = os.statvfs(self.content.store.root)
         return {"blocks": st.f_blocks * st.f_frsize, "files": 0}
 
-    def status(self) -> dict[str, Any]:
-        s = self.stats
-        return {
-            "listening": self.listening,
-            "desktops": [d["desktop"] for d in self.keys.desktops()],
-            "desktop_pin": self.allow_pin,
-            "connections": s.connections,
-            "active": s.active,
-            "refused_tokens": s.refused_tokens,
-            "refused_admin": s.refused_admin,
-            "requests": s.requests,
-            "bytes_read": s.bytes_read,
-        }
+    def statistics(self) -> LinkStats:
+        """Blocking (reads the token files): run it in a worker thread."""
+        return LinkStats(
+            listening=tuple(self.listening),
+            desktops=tuple(str(d["desktop"]) for d in self.keys.desktops()),
+            desktop_pin=self.allow_pin,
+            **dataclasses.asdict(self.stats),
+        )

@@ -9,11 +9,12 @@ and fetches them again from peers or the origin, pinned chunks first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,16 @@ from p2pfs.fsutil import write_atomic
 from p2pfs.objects.model import Snapshot, decode_snapshot
 from p2pfs.store.cas import Store
 from p2pfs.volume.content import Content
-from p2pfs.volume.pinning import PinJob, check_quota, collect, fetch_missing
-from p2pfs.volume.pins import PinRecord, PinRegistry
+from p2pfs.volume.pins import (
+    PinJob,
+    PinRecord,
+    PinRegistry,
+    PinState,
+    check_quota,
+    collect,
+    fetch_missing,
+    pin_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +43,10 @@ Fetch = Callable[[bytes], Awaitable[bytes]]
 SCRUB_BATCH = 64
 
 
-@dataclass
-class ScrubState:
+@dataclass(frozen=True)
+class ScrubStats:
+    """The scrubs so far (kept in HOME/scrub.json across restarts)."""
+
     last_run: float | None = None
     chunks_checked: int = 0
     corrupt_found: int = 0
@@ -179,30 +190,16 @@ class Keeper:
         await self._replace_pin_set(f"publish:{volume}", collected.ids, snapshot.seq)
         log.info("volume %s: %d ids pinned as its origin", volume, len(collected.ids))
 
-    def describe_pins(self) -> list[dict[str, Any]]:
-        sets = {s.name: s for s in self.store.pin_sets()}
-        out = []
-        for record in self.pins.all():
-            s = sets.get(record.name)
-            job = self.jobs.get(record.name)
-            out.append(
-                {
-                    "name": record.name,
-                    "volume": record.volume,
-                    "path": record.path,
-                    "follow": record.follow,
-                    "seq": record.seq,
-                    "ids": s.count if s else 0,
-                    "present": s.present if s else 0,
-                    "bytes": s.present_bytes if s else 0,
-                    "complete": s is not None and s.present == s.count,
-                    "job": job.describe() if job else None,
-                }
-            )
-        return out
+    async def pin_states(self) -> list[PinState]:
+        return await trio.to_thread.run_sync(pin_states, self.pins, self.store)
 
-    def offline_ready(self) -> bool:
-        return all(p["complete"] for p in self.describe_pins())
+    async def describe_pins(self) -> list[dict[str, Any]]:
+        """Every pin, what of it is stored, and its running job if any."""
+        out = []
+        for state in await self.pin_states():
+            job = self.jobs.get(state.name)
+            out.append({**dataclasses.asdict(state), "job": job.describe() if job else None})
+        return out
 
     # -- history -------------------------------------------------------------------
 
@@ -242,21 +239,21 @@ class Keeper:
 
     # -- scrub and heal ------------------------------------------------------------
 
-    def _load_scrub_state(self) -> ScrubState:
+    def _load_scrub_state(self) -> ScrubStats:
         try:
-            state = ScrubState(**json.loads(self.state_file.read_text()))
+            state = ScrubStats(**json.loads(self.state_file.read_text()))
         except (FileNotFoundError, ValueError, TypeError):
-            state = ScrubState()
-        state.running = False
-        return state
+            state = ScrubStats()
+        return dataclasses.replace(state, running=False)
 
-    def _save_scrub_state(self) -> None:
-        write_atomic(self.state_file, json.dumps(asdict(self.scrub)).encode())
+    async def _save_scrub_state(self) -> None:
+        data = json.dumps(dataclasses.asdict(self.scrub)).encode()
+        await trio.to_thread.run_sync(write_atomic, self.state_file, data)
 
     async def run_scrub(self, *, rate_bytes_s: float | None = None) -> dict[str, Any]:
         """Verify every stored id; quarantine and heal the bad ones (pinned first)."""
         async with self._scrub_lock:
-            self.scrub.running = True
+            self.scrub = dataclasses.replace(self.scrub, running=True)
             checked = corrupt = healed = unhealed = 0
             bad: list[bytes] = []
             try:
@@ -284,13 +281,17 @@ class Keeper:
                     else:
                         unhealed += 1
             finally:
-                self.scrub.running = False
-                self.scrub.last_run = time.time()
-                self.scrub.chunks_checked += checked
-                self.scrub.corrupt_found += corrupt
-                self.scrub.healed += healed
-                self.scrub.unhealed += unhealed
-                self._save_scrub_state()
+                s = self.scrub
+                self.scrub = ScrubStats(
+                    last_run=time.time(),
+                    chunks_checked=s.chunks_checked + checked,
+                    corrupt_found=s.corrupt_found + corrupt,
+                    healed=s.healed + healed,
+                    unhealed=s.unhealed + unhealed,
+                    running=False,
+                )
+                with trio.CancelScope(shield=True):
+                    await self._save_scrub_state()
             return {
                 "chunks_checked": checked,
                 "corrupt_found": corrupt,
@@ -334,12 +335,5 @@ class Keeper:
             except P2pfsError as e:
                 log.error("background scrub failed: %s", e)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "last_run": self.scrub.last_run,
-            "chunks_checked": self.scrub.chunks_checked,
-            "corrupt_found": self.scrub.corrupt_found,
-            "healed": self.scrub.healed,
-            "unhealed": self.scrub.unhealed,
-            "running": self.scrub.running,
-        }
+    def statistics(self) -> ScrubStats:
+        return self.scrub

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -22,7 +21,7 @@ from p2pfs.fs.vfs import FileSystem
 from p2pfs.fs.writable import WritableVolume
 from p2pfs.store.cas import Store
 from p2pfs.volume.content import Content
-from p2pfs.volume.publish import CommitResult, Publisher
+from p2pfs.volume.publish import CommitResult, Publisher, PublisherStats
 from p2pfs.volume.registry import VolumeRegistry
 from p2pfs.volume.worktree import WorkTree
 
@@ -38,7 +37,7 @@ class LiveVolumes:
         content: Content,
         fs: FileSystem,
         config: Config,
-        on_committed: Callable[[str], None],
+        on_committed: Callable[[str], Awaitable[None]],
         keep: Callable[[str], Awaitable[bool]],
     ) -> None:
         self.work_dir = work_dir
@@ -51,6 +50,7 @@ class LiveVolumes:
         self.keep = keep
         self.publishers: dict[str, Publisher] = {}
         self.volumes: dict[str, WritableVolume] = {}
+        self.volume_ids: dict[str, bytes] = {}
 
     def open(self) -> None:
         """Open (or start) the work tree of every volume published here."""
@@ -76,6 +76,7 @@ class LiveVolumes:
             volume.refusal = publisher.refusal
             self.fs.add_writable(volume)
             self.volumes[name] = volume
+            self.volume_ids[name] = self.registry.get(name).id
             self.publishers[name] = publisher
             log.info("volume %s is writable here (work tree %s)", name, tree.root)
 
@@ -148,9 +149,9 @@ class LiveVolumes:
         for w in self.volumes.values():
             w.tree.close()
 
-    def status(self, name: str) -> dict[str, Any] | None:
+    def statistics(self, name: str) -> PublisherStats | None:
         publisher = self.publishers.get(name)
-        return publisher.status() if publisher else None
+        return publisher.statistics() if publisher else None
 
     @property
     def names(self) -> list[str]:

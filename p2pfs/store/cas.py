@@ -135,8 +135,15 @@ class Store(FsckMixin):
     """A local CAS of chunks and objects under ``root``, with pins and a quota."""
 
     def __init__(
-        self, root: Path, *, max_bytes: int | None = None, min_free_bytes: int = 0
+        self,
+        root: Path,
+        *,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 0,
+        evict_to_fit: bool = True,
     ) -> None:
+        """Open (or create) the store. With a quota it evicts at once to fit it, unless
+        ``evict_to_fit`` is False (a reader that only reports, such as offline status)."""
         self.root = Path(root)
         self.chunks_dir = self.root / "chunks"
         self.tmp_dir = self.root / "tmp"
@@ -162,7 +169,7 @@ class Store(FsckMixin):
             min_free_bytes=min_free_bytes,
         )
         self._recover()
-        if self.quota.limited:
+        if self.quota.limited and evict_to_fit:
             self.quota.fit()
 
     # -- opening, recovering and rebuilding ----------------------------------------

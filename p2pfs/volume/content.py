@@ -35,12 +35,19 @@ BatchLoader = Callable[[list[bytes]], Awaitable[list[bytes | BaseException]]]
 RemoteLoader = Callable[[bytes], Awaitable[bytes]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    loaded_bytes: int = 0
-    evictions: int = 0
+    bytes: int  # verified chunks held now
+    hits: int
+    misses: int
+    loaded_bytes: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class ContentStats:
+    bytes_from_local: int  # chunk bytes read from the local store
+    chunks: CacheStats
 
 
 class _Abandoned(Exception):
@@ -72,13 +79,17 @@ class ChunkCache:
         self.bytes = 0
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
-        self.stats = CacheStats()
+        # Counters, touched on the event loop only (see statistics()).
+        self._hits = self._misses = self._loaded_bytes = self._evictions = 0
+
+    def statistics(self) -> CacheStats:
+        return CacheStats(self.bytes, self._hits, self._misses, self._loaded_bytes, self._evictions)
 
     def get_cached(self, cid: bytes) -> bytes | None:
         data = self._lru.get(cid)
         if data is not None:
             self._lru.move_to_end(cid)
-            self.stats.hits += 1
+            self._hits += 1
         return data
 
     def is_loading(self, cid: bytes) -> bool:
@@ -102,7 +113,7 @@ class ChunkCache:
 
     async def _load(self, cid: bytes) -> bytes:
         pending = self._pending[cid] = _Pending()
-        self.stats.misses += 1
+        self._misses += 1
         try:
             data = await self.loader(cid)
         except BaseException as e:
@@ -117,7 +128,7 @@ class ChunkCache:
             pending.done.set()
 
     def _insert(self, cid: bytes, data: bytes) -> None:
-        self.stats.loaded_bytes += len(data)
+        self._loaded_bytes += len(data)
         if cid in self._lru:
             return
         self._lru[cid] = data
@@ -125,7 +136,7 @@ class ChunkCache:
         while self.bytes > self.max_bytes and len(self._lru) > 1:
             _, old = self._lru.popitem(last=False)
             self.bytes -= len(old)
-            self.stats.evictions += 1
+            self._evictions += 1
 
     async def prefetch(self, cid: bytes) -> None:
         """Load a chunk in the background; failures are left for the real read to report."""
@@ -151,7 +162,7 @@ class ChunkCache:
             return
         pendings = {cid: _Pending() for cid in todo}
         self._pending.update(pendings)
-        self.stats.misses += len(todo)
+        self._misses += len(todo)
         results: list[bytes | BaseException] = []
         try:
             results = await self.batch_loader(todo)
@@ -196,12 +207,13 @@ class Content:
         chunk_cache_bytes: int = 256 * 1024 * 1024,
         max_trees: int = 256,
         max_layouts: int = 1024,
-        disk_threads: int = 4,
         remote: RemoteLoader | None = None,
+        limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.store = store
         self.remote = remote
-        self.limiter = trio.CapacityLimiter(disk_threads)
+        # Bounds the worker threads reading the store (shared with the network's writes).
+        self.limiter = limiter or trio.CapacityLimiter(4)
         self.chunks = ChunkCache(
             self.load_chunk, max_bytes=chunk_cache_bytes, batch_loader=self.load_chunks
         )
@@ -211,6 +223,9 @@ class Content:
         self.max_trees = max_trees
         self.max_layouts = max_layouts
         self.bytes_from_local = 0
+
+    def statistics(self) -> ContentStats:
+        return ContentStats(self.bytes_from_local, self.chunks.statistics())
 
     async def load_chunk(self, cid: bytes) -> bytes:
         """Verified bytes: from the local store, else (missing or corrupt here) from the network."""

@@ -74,6 +74,23 @@ class CommitResult:
         }
 
 
+@dataclass(frozen=True)
+class PublisherStats:
+    """A writable volume's state, as status shows it (``volumes[].live``)."""
+
+    writable: bool
+    uncommitted: bool  # changes not yet in a snapshot
+    staged_files: int
+    staged_bytes: int
+    commits: int
+    absorbed_files: int
+    auto_commit_in_s: float | None
+    committing: str | None  # what a running commit is doing
+    last_commit: dict[str, object] | None
+    error: str | None
+    failsafe: str | None  # why writes are refused, if they are
+
+
 class PinnedWriter:
     """Chunks and objects for the store, pinned under ``pin`` before they are stored,
     written in batches: one durability barrier per batch, not per file. Blocking:
@@ -143,7 +160,7 @@ class Publisher:
         *,
         settle_s: float,
         max_delay_s: float,
-        on_committed: Callable[[str], None],
+        on_committed: Callable[[str], Awaitable[None]],
         keep: Callable[[str], Awaitable[bool]],
         on_absorbed: Callable[[WNode], None] = lambda n: None,
     ) -> None:
@@ -400,7 +417,7 @@ class Publisher:
                 len(ids),
                 chunked,
             )
-            self.on_committed(self.name)
+            await self.on_committed(self.name)
             # Re-pinning the whole head takes a while on a big volume: the commit
             # returns first (the work pins hold everything meanwhile).
             if self._nursery is not None:
@@ -426,22 +443,22 @@ class Publisher:
                 with contextlib.suppress(NotFound):
                     await trio.to_thread.run_sync(self.store.unpin, s.name)
 
-    def status(self) -> dict[str, object]:
+    def statistics(self) -> PublisherStats:
         staged = self.tree.staged_nodes()
         due = None
         if self._first_change is not None and self.settle_s > 0:
             due = min(self._last_change + self.settle_s, self._first_change + self.max_delay_s)
             due = max(0.0, due - time.monotonic())
-        return {
-            "writable": True,
-            "uncommitted": self.tree.dirty,
-            "staged_files": len(staged),
-            "staged_bytes": sum(n.size for n in staged),
-            "commits": self.commits,
-            "absorbed_files": self.absorbed_files,
-            "auto_commit_in_s": None if due is None else round(due, 1),
-            "committing": self.stage,
-            "last_commit": self.last_commit.as_dict() if self.last_commit else None,
-            "error": self.last_error,
-            "failsafe": self.failsafe,
-        }
+        return PublisherStats(
+            writable=True,
+            uncommitted=self.tree.dirty,
+            staged_files=len(staged),
+            staged_bytes=sum(n.size for n in staged),
+            commits=self.commits,
+            absorbed_files=self.absorbed_files,
+            auto_commit_in_s=None if due is None else round(due, 1),
+            committing=self.stage,
+            last_commit=self.last_commit.as_dict() if self.last_commit else None,
+            error=self.last_error,
+            failsafe=self.failsafe,
+        )

@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.common import best_of, ratio_line, workdir
-from p2pfs.chunking.chunker import ChunkParams, ChunkRecord, chunk_file, cut_points
+from p2pfs.chunking.chunker import chunk_file, cut_points
+from p2pfs.chunking.params import ChunkParams, ChunkRecord
 
 GOAL_ONE = 0.40
 GOAL_TWO = 0.70

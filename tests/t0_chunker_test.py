@@ -10,17 +10,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from p2pfs.chunking import _fastcdc, chunker
-from p2pfs.chunking.chunker import (
-    ALGORITHM,
-    ChunkParams,
-    ChunkRecord,
-    chunk_file,
-    cut_points,
-    cut_points_digest,
-    cut_points_py,
-    iter_chunks,
-)
+from p2pfs.chunking import _fastcdc, chunker, twin
+from p2pfs.chunking.chunker import chunk_file, cut_points, cut_points_digest, iter_chunks
+from p2pfs.chunking.params import ALGORITHM, ChunkParams, ChunkRecord
+from p2pfs.chunking.twin import cut_points_py
 from p2pfs.errors import DecodeError, UsageError
 
 pytestmark = pytest.mark.unit
@@ -51,19 +44,19 @@ def check_records(records: list[ChunkRecord], data: bytes) -> None:
 
 def test_gear_table_is_its_derivation() -> None:
     table = _fastcdc.gear_table()
-    assert table == chunker.derive_gear_table()
+    assert table == twin.derive_gear_table()
     assert len(table) == 256 and len(set(table)) == 256
     assert table[0] == 0x3E7FEB82A9FF01CC
 
 
 def test_masks() -> None:
     # b = log2(256 KiB) = 18: MASK_S has 20 one bits, MASK_L 16, both ending at bit 62.
-    mask_s, mask_l = chunker.masks(DEFAULT)
+    mask_s, mask_l = twin.masks(DEFAULT)
     assert mask_s == ((1 << 20) - 1) << 43
     assert mask_l == ((1 << 16) - 1) << 47
     assert _fastcdc.Cutter(65536, 262144, 1048576).masks == (mask_s, mask_l)
     for p in (SMALL, TINY, MEDIUM, ODD):
-        s, lo = chunker.masks(p)
+        s, lo = twin.masks(p)
         assert not (s | lo) >> 63
         assert _fastcdc.Cutter(p.min_size, p.avg_size, p.max_size).masks == (s, lo)
 
@@ -427,7 +420,7 @@ def test_self_test_passes_and_detects_a_change(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_self_test_detects_twin_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunker, "_GEAR_PY", [0] * 256)
+    monkeypatch.setattr(twin, "GEAR_TABLE", [0] * 256)
     with pytest.raises(RuntimeError, match="chunker self-test failed"):
         chunker.self_test()
 

@@ -44,7 +44,7 @@ HOMES = {
     "sqlite3": {"p2pfs.store.index", "p2pfs.store.schema", "p2pfs.volume.worktree_db"},
     "pyfuse3": {"p2pfs.fs.fuse"},
     "zeroconf": {"p2pfs.net.discovery"},
-    "blake3": {"p2pfs.ids", "p2pfs.chunking.chunker"},
+    "blake3": {"p2pfs.ids", "p2pfs.chunking.chunker", "p2pfs.chunking.twin"},
     "rich": {"p2pfs.cli.progress"},
     "msgspec": {"p2pfs.config", "p2pfs.appliance.seed"},
 }

@@ -31,6 +31,7 @@ import pytest
 import trio
 from harness import require_lab, run_cli
 
+from p2pfs.appliance.link_client import ApplianceLink, LinkClient, LinkError, with_link
 from p2pfs.appliance.thin_fs import ThinFileSystem, read_state
 from p2pfs.fs import fuse
 from p2pfs.fsutil import pid_alive as cli_alive
@@ -38,15 +39,7 @@ from p2pfs.home import Home
 from p2pfs.lab.netns import Host, Lab
 from p2pfs.lab.smbd import start_smbd_in_lab
 from p2pfs.net import wire
-from p2pfs.net.link import (
-    Address,
-    ApplianceLink,
-    LinkClient,
-    LinkError,
-    parse_address,
-    vsock_unavailable,
-    with_link,
-)
+from p2pfs.net.link import Address, parse_address, vsock_unavailable
 from p2pfs.node import control
 from p2pfs.node.control import ControlServer
 from p2pfs.node.daemon import Daemon

@@ -23,7 +23,7 @@ import blake3
 import pytest
 from harness import require_lab
 
-from p2pfs.chunking.chunker import ChunkParams
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.lab.estate import (
     EstateLab,
     Node,

@@ -39,9 +39,11 @@ from p2pfs.fs.api import BLOCK_SIZE, Attr, FsError, Opened, ReadOnlyChanges
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, XATTR_ID, XATTR_SNAPSHOT
 from p2pfs.ids import derive
-from p2pfs.net.link import Address, ApplianceLink
+from p2pfs.net.link import Address
 from p2pfs.trust.desktop import DesktopToken
 from p2pfs.volume.content import SEQUENTIAL_SLACK
+
+from .link_client import ApplianceLink
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 The cut points are a format (``ALGORITHM``, specified in docs/chunking.md): every
 peer of a volume must cut a file at the same offsets, or chunk ids stop matching.
-The scan runs in the native module ``p2pfs._fastcdc`` (imported here and nowhere
-else); ``cut_points_py`` is its pure-Python twin, written from the spec, and the
-tests and ``self_test()`` hold the two to identical cut points.
+The scan runs in the native module ``_fastcdc`` (imported here and nowhere else);
+``twin.cut_points_py`` is its pure-Python twin, written from the spec, and the tests
+and ``self_test()`` hold the two to identical cut points. The parameters and
+records are ``params.py``.
 
 Everything here that reads files or hashes is blocking: callers in trio run it
 with ``trio.to_thread.run_sync``. The native scan and BLAKE3 both release the
@@ -18,92 +19,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import blake3
 
-from p2pfs.errors import DecodeError, UsageError
+from p2pfs.errors import UsageError
 
-from . import _fastcdc
+from . import _fastcdc, twin
+from .params import ChunkParams, ChunkRecord, bytes_view
 
 log = logging.getLogger(__name__)
-
-ALGORITHM = "fastcdc-gear-v1"  # recorded in volumes; bump on any cut-point change
-
-MIN_LIMIT = 64
-MAX_LIMIT = 64 * 1024 * 1024
-GEAR_SEED = b"p2pfs fastcdc-gear-v1"
-_M64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class ChunkParams:
-    """A volume's chunking parameters, in bytes.
-
-    They must satisfy 64 <= min_size < avg_size < max_size <= 64 MiB, and avg_size
-    must be a power of two (its log2 sets the number of bits in the two masks).
-    """
-
-    min_size: int = 64 * 1024
-    avg_size: int = 256 * 1024
-    max_size: int = 1024 * 1024
-
-    def validate(self) -> None:
-        """Raise UsageError naming the rule the sizes break."""
-        for name in ("min_size", "avg_size", "max_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise UsageError(f"chunk {name} must be an integer, not {v!r}")
-        mn, avg, mx = self.min_size, self.avg_size, self.max_size
-        if mn < MIN_LIMIT:
-            raise UsageError(f"chunk min size must be at least {MIN_LIMIT} bytes; got {mn}")
-        if mn >= avg:
-            raise UsageError(f"chunk min size ({mn}) must be less than avg size ({avg})")
-        if avg >= mx:
-            raise UsageError(f"chunk avg size ({avg}) must be less than max size ({mx})")
-        if mx > MAX_LIMIT:
-            raise UsageError(f"chunk max size must be at most 64 MiB ({MAX_LIMIT}); got {mx}")
-        if avg & (avg - 1):
-            raise UsageError(f"chunk avg size must be a power of two; got {avg}")
-
-    def to_dict(self) -> dict[str, int | str]:
-        return {
-            "algorithm": ALGORITHM,
-            "min": self.min_size,
-            "avg": self.avg_size,
-            "max": self.max_size,
-        }
-
-    @classmethod
-    def from_dict(cls, d: object) -> ChunkParams:
-        """Decode and validate parameters recorded by ``to_dict``; DecodeError if bad."""
-        if not isinstance(d, dict):
-            raise DecodeError(f"chunk parameters must be a map, not {type(d).__name__}")
-        if set(d) != {"algorithm", "min", "avg", "max"}:
-            raise DecodeError(
-                f"chunk parameters must have keys algorithm, min, avg, max; got {sorted(map(str, d))}"
-            )
-        if d["algorithm"] != ALGORITHM:
-            raise DecodeError(
-                f"unknown chunking algorithm {d['algorithm']!r} (this version knows {ALGORITHM!r})"
-            )
-        for key in ("min", "avg", "max"):
-            v = d[key]
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise DecodeError(f"chunk parameter {key} must be an integer, not {v!r}")
-        params = cls(d["min"], d["avg"], d["max"])
-        try:
-            params.validate()
-        except UsageError as e:
-            raise DecodeError(f"invalid chunk parameters: {e}") from None
-        return params
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    offset: int
-    length: int
-    id: bytes  # BLAKE3-256 digest (32 bytes) of the chunk's bytes
 
 
 def _cutter(params: ChunkParams) -> _fastcdc.Cutter:
@@ -116,66 +40,9 @@ def _cached_cutter(min_size: int, avg_size: int, max_size: int) -> _fastcdc.Cutt
     return _fastcdc.Cutter(min_size, avg_size, max_size)
 
 
-def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
-    mv = memoryview(data)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
-
-
 def cut_points(data: bytes | bytearray | memoryview, params: ChunkParams) -> list[int]:
     """End offsets of every chunk of ``data`` taken as a whole file; [] if empty."""
-    return _cutter(params).cut_points(_bytes_view(data))
-
-
-# --- The pure-Python twin: written from docs/chunking.md, slow, for checking only.
-
-
-def derive_gear_table() -> list[int]:
-    """The gear table by its definition: BLAKE3 XOF of GEAR_SEED, 256 LE uint64s."""
-    xof = blake3.blake3(GEAR_SEED).digest(length=256 * 8)
-    return [int.from_bytes(xof[8 * i : 8 * i + 8], "little") for i in range(256)]
-
-
-_GEAR_PY = derive_gear_table()
-
-
-def masks(params: ChunkParams) -> tuple[int, int]:
-    """(MASK_S, MASK_L): b+2 and b-2 one bits ending at bit 62, b = log2(avg_size)."""
-    params.validate()
-    b = params.avg_size.bit_length() - 1
-
-    def mask(k: int) -> int:
-        return ((1 << k) - 1) << (63 - k)
-
-    return mask(b + 2), mask(b - 2)
-
-
-def cut_points_py(data: bytes | bytearray | memoryview, params: ChunkParams) -> list[int]:
-    """Pure-Python twin of ``cut_points``: must cut at identical points."""
-    mask_s, mask_l = masks(params)
-    buf = bytes(_bytes_view(data))
-    gear = _GEAR_PY
-    n_total = len(buf)
-    out: list[int] = []
-    start = 0
-    while start < n_total:
-        n = n_total - start
-        if n <= params.min_size:
-            length = n
-        else:
-            end = min(n, params.max_size)
-            normal = min(params.avg_size, end)
-            length = end
-            h = 0
-            for i in range(params.min_size, end):
-                h = ((h << 1) + gear[buf[start + i]]) & _M64
-                if h & (mask_s if i < normal else mask_l) == 0:
-                    length = i + 1
-                    break
-        start += length
-        out.append(start)
-    return out
+    return _cutter(params).cut_points(bytes_view(data))
 
 
 # --- Chunking files: read into one reusable buffer, cut, hash while in cache.
@@ -373,12 +240,12 @@ def self_test() -> None:
     """Check the native scan against the twin and a pinned digest (a few ms)."""
     try:
         gear = list(_fastcdc.gear_table())
-        if gear != _GEAR_PY:
+        if gear != twin.GEAR_TABLE:
             raise RuntimeError("native gear table differs from its derivation")
         data = _self_test_data(64 * 1024)
         native = cut_points(data, _SELF_TEST_PARAMS)
-        twin = cut_points_py(data[:16384], _SELF_TEST_PARAMS)
-        if cut_points(data[:16384], _SELF_TEST_PARAMS) != twin:
+        pure = twin.cut_points_py(data[:16384], _SELF_TEST_PARAMS)
+        if cut_points(data[:16384], _SELF_TEST_PARAMS) != pure:
             raise RuntimeError("native and pure-Python cut points differ")
         if cut_points_digest(native) != _SELF_TEST_DIGEST:
             raise RuntimeError("cut points differ from the pinned digest")

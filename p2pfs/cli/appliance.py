@@ -22,10 +22,11 @@ from typing import Any
 
 import trio
 
+from p2pfs.appliance.link_client import ApplianceLink, with_link
 from p2pfs.appliance.thin_fs import DEFAULT_DEADLINE, ThinMount, read_state, state_dir, state_file
 from p2pfs.errors import NotFound, UsageError
 from p2pfs.fsutil import write_atomic
-from p2pfs.net.link import ApplianceLink, parse_address, with_link
+from p2pfs.net.link import parse_address
 from p2pfs.trust.desktop import ApplianceKeys, load_token
 
 from . import image as image_cli

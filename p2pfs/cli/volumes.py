@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from p2pfs.chunking.chunker import ChunkParams
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import EXIT_ERROR, NotFound, UsageError
 from p2pfs.node import control
 from p2pfs.sizes import parse_size

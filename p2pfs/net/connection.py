@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -25,10 +24,10 @@ import trio
 from p2pfs.errors import P2pfsError
 
 from . import messages, wire
+from .rpc import FrameReader, Pending
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
 FRAME_TIMEOUT = 30.0
 
 
@@ -41,18 +40,12 @@ RequestHandler = Callable[["Connection", dict[str, Any], bytes], Awaitable[Answe
 NoticeHandler = Callable[["Connection", dict[str, Any], bytes], Awaitable[None]]
 
 
-@dataclass
-class _Waiter:
-    done: trio.Event = field(default_factory=trio.Event)
-    answer: Answer | None = None
-
-
-@dataclass
+@dataclass(frozen=True)
 class ConnectionStats:
-    frames_in: int = 0
-    frames_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
 
 
 class Connection:
@@ -72,17 +65,23 @@ class Connection:
         self.on_request = on_request
         self.on_notice = on_notice
         self.frame_timeout = frame_timeout
-        self.decoder = decoder or wire.Decoder()
-        self.stats = ConnectionStats()
-        self.last_received = trio.current_time()
+        self.reader = FrameReader(stream, frame_timeout, decoder=decoder)
         self.closed = trio.Event()
         self.ready = trio.Event()  # set once the peer's hello was accepted
         self.close_reason = ""
         self._send_lock = trio.Lock()
-        self._next_id = 1
-        self._waiters: dict[int, _Waiter] = {}
+        self._pending = Pending()
+        self._frames_out = self._bytes_out = 0
         self._slots = trio.Semaphore(max_inflight)
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def last_received(self) -> float:
+        return self.reader.last_received
+
+    def statistics(self) -> ConnectionStats:
+        r = self.reader
+        return ConnectionStats(r.frames_in, self._frames_out, r.bytes_in, self._bytes_out)
 
     # -- sending --------------------------------------------------------------
 
@@ -96,22 +95,16 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._close(f"send failed: {e}")
             raise PeerUnavailable(f"connection to {self.peer_id.hex()} broke") from None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame)
+        self._frames_out += 1
+        self._bytes_out += len(frame)
 
     async def request(
         self, header: dict[str, Any], *, within: float, payload: bytes = b""
     ) -> Answer:
         """Send a request and wait for its answer; PeerUnavailable past ``within`` seconds."""
-        rid = self._next_id
-        self._next_id += 1
-        waiter = self._waiters[rid] = _Waiter()
-        try:
-            with trio.move_on_after(within):
-                await self.send({**header, "id": rid}, payload)
-                await waiter.done.wait()  # set by the answer, or by the connection closing
-        finally:
-            del self._waiters[rid]
+        with self._pending.request() as (rid, waiter), trio.move_on_after(within):
+            await self.send({**header, "id": rid}, payload)
+            await waiter.done.wait()  # set by the answer, or by the connection closing
         if waiter.answer is None:
             if self.closed.is_set():
                 raise PeerUnavailable(
@@ -140,51 +133,33 @@ class Connection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
-            # A frame that has begun must complete in time; between frames we wait freely.
-            deadline = (
-                trio.current_time() + self.frame_timeout if self.decoder.buffered else math.inf
-            )
-            with trio.move_on_at(deadline) as scope:
-                try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    self.close_reason = f"receive failed: {e}"
-                    return
-            if scope.cancelled_caught:
-                self.close_reason = "a frame did not complete in time"
-                log.info("peer %s: %s; closing", self.peer_id.hex(), self.close_reason)
-                return
-            if not data:
-                self.close_reason = "peer closed the connection"
-                return
-            self.stats.bytes_in += len(data)
-            self.last_received = trio.current_time()
             try:
-                frames = self.decoder.feed(data)
+                frame = await self.reader.next()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self.close_reason = f"receive failed: {e}"
+                return
             except wire.ProtocolError as e:
                 self.close_reason = str(e)
                 log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
                 return
-            for header, payload in frames:
-                self.stats.frames_in += 1
-                try:
-                    await self._dispatch(nursery, header, payload)
-                except wire.ProtocolError as e:
-                    self.close_reason = str(e)
-                    log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
-                    return
+            if frame is None:
+                self.close_reason = "peer closed the connection"
+                return
+            try:
+                await self._dispatch(nursery, *frame)
+            except wire.ProtocolError as e:
+                self.close_reason = str(e)
+                log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
+                return
 
     async def _dispatch(
         self, nursery: trio.Nursery, header: dict[str, Any], payload: bytes
     ) -> None:
         kind = header["t"]
         if kind == messages.ANSWER:
-            rid = messages.request_id(header)
-            waiter = self._waiters.get(rid)
-            if waiter is not None and not waiter.done.is_set():
-                waiter.answer = (header, payload)
-                waiter.done.set()
-            return  # an answer to a request we gave up on: drop it
+            # (An answer to a request we gave up on is dropped.)
+            self._pending.answered(messages.request_id(header), (header, payload))
+            return
         if kind in messages.REQUESTS:
             rid = messages.request_id(header)
             await self._slots.acquire()  # backpressure: stop reading while at the limit
@@ -231,8 +206,7 @@ class Connection:
         if not self.closed.is_set():
             self.close_reason = self.close_reason or reason
             self.closed.set()
-            for waiter in self._waiters.values():
-                waiter.done.set()
+            self._pending.close()
 
     async def aclose(self) -> None:
         self._close("closed by us")

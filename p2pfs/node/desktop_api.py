@@ -47,7 +47,15 @@ from p2pfs.fs.vfs import Head
 from p2pfs.home import Home
 from p2pfs.ids import keyed
 from p2pfs.net import wire
-from p2pfs.net.link import AUTH_TIMEOUT, LINK_VERSION, MAX_READ, Address, FrameReader, encode_result
+from p2pfs.net.link import (
+    AUTH_TIMEOUT,
+    LINK_VERSION,
+    MAX_READ,
+    RECEIVE_SIZE,
+    Address,
+    encode_result,
+)
+from p2pfs.net.rpc import FrameReader
 from p2pfs.objects.model import Entry, Kind
 from p2pfs.trust.desktop import ApplianceKeys, TokenRefused
 from p2pfs.trust.tlsstream import TLSStream
@@ -169,6 +177,11 @@ def attrs_of(entry: Entry, snapshot_id: bytes) -> dict[str, Any]:
     }
 
 
+def _reader(stream: trio.abc.ReceiveStream, timeout: float) -> FrameReader:
+    # A desktop sends headers only: a payload of any size breaks the protocol.
+    return FrameReader(stream, timeout, decoder=wire.Decoder(0), receive_size=RECEIVE_SIZE)
+
+
 class DesktopServer:
     def __init__(
         self,
@@ -250,7 +263,7 @@ class DesktopServer:
     async def _authenticate(self, stream: TLSStream) -> _Session | None:
         with trio.move_on_after(AUTH_TIMEOUT):
             await stream.do_handshake()
-            frame = await FrameReader(stream, 0, AUTH_TIMEOUT).next()
+            frame = await _reader(stream, AUTH_TIMEOUT).next()
             if frame is None:
                 return None
             header, _ = frame
@@ -279,7 +292,7 @@ class DesktopServer:
         return None
 
     async def _requests(self, stream: TLSStream, session: _Session) -> None:
-        reader = FrameReader(stream, 0, self.frame_timeout)
+        reader = _reader(stream, self.frame_timeout)
         send_lock = trio.Lock()
         slots = trio.Semaphore(MAX_INFLIGHT)
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pfs.chunking.chunker import ChunkParams, iter_chunks
+from p2pfs.chunking.chunker import iter_chunks
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import NotFound, P2pfsError
 from p2pfs.objects.model import (
     MAX_BLOB_REFS,

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import trio
 
-from p2pfs.chunking.chunker import ChunkParams, iter_chunks
+from p2pfs.chunking.chunker import iter_chunks
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import IntegrityError, NotFound, P2pfsError
 from p2pfs.objects.model import ChunkRef, Entry, Snapshot, Tree, object_id
 from p2pfs.store.cas import Store

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from p2pfs.chunking.chunker import ChunkParams
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import (
     DecodeError,
     IntegrityError,

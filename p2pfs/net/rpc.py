@@ -1,0 +1,115 @@
+"""The request/answer core both of our protocols share: the peer connections and the
+desktop link.
+
+- ``FrameReader``: whole frames (``wire.py``) from a stream. A frame that has begun
+  must finish within its timeout (a trickling sender is cut off); between frames the
+  reader waits freely.
+- ``Pending``: the requests of one connection waiting for their answers: an id for
+  each, the answer routed to its waiter, every waiter woken when the connection
+  ends, and an answer nobody waits for any more dropped.
+
+Both are the trio side of the sans-IO ``wire.Decoder``; the protocols on top say what
+a request and an answer look like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import wire
+
+RECEIVE_SIZE = 256 * 1024
+
+Frame = tuple[dict[str, Any], bytes]
+
+
+class FrameReader:
+    """Whole frames from a stream; a frame that has begun must finish within ``timeout``."""
+
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        timeout: float,
+        *,
+        decoder: wire.Decoder | None = None,
+        receive_size: int = RECEIVE_SIZE,
+    ) -> None:
+        self.stream = stream
+        self.decoder = decoder or wire.Decoder()
+        self.timeout = timeout
+        self.receive_size = receive_size
+        self.bytes_in = 0
+        self.frames_in = 0
+        self.last_received = trio.current_time()
+        self._ready: list[Frame] = []
+
+    async def next(self) -> Frame | None:
+        """The next frame, or None at a clean end of stream.
+
+        ProtocolError if malformed or cut off in time; the stream's own errors
+        (BrokenResourceError, ClosedResourceError) pass through.
+        """
+        while not self._ready:
+            deadline = trio.current_time() + self.timeout if self.decoder.buffered else math.inf
+            with trio.move_on_at(deadline) as scope:
+                data = await self.stream.receive_some(self.receive_size)
+            if scope.cancelled_caught:
+                raise wire.ProtocolError("a frame did not complete in time")
+            if not data:
+                if self.decoder.buffered:
+                    raise wire.ProtocolError("the stream ended inside a frame")
+                return None
+            self.bytes_in += len(data)
+            self.last_received = trio.current_time()
+            self._ready.extend(self.decoder.feed(data))
+        self.frames_in += 1
+        return self._ready.pop(0)
+
+
+@dataclass
+class Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: Frame | None = None  # None: no answer (timed out, or the connection ended)
+
+
+class Pending:
+    """The requests of one connection that wait for their answers."""
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        self._waiters: dict[int, Waiter] = {}
+        self.closed = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[tuple[int, Waiter]]:
+        """A fresh request id and its waiter, forgotten on exit (a late answer is dropped)."""
+        rid = self._next_id
+        self._next_id += 1
+        waiter = self._waiters[rid] = Waiter()
+        if self.closed:
+            waiter.done.set()
+        try:
+            yield rid, waiter
+        finally:
+            del self._waiters[rid]
+
+    def answered(self, rid: object, frame: Frame) -> bool:
+        """Route an answer to its waiter; False if nobody waits for ``rid`` (dropped)."""
+        waiter = self._waiters.get(rid) if isinstance(rid, int) else None
+        if waiter is None or waiter.done.is_set():
+            return False
+        waiter.answer = frame
+        waiter.done.set()
+        return True
+
+    def close(self) -> None:
+        """The connection ended: every waiter wakes without an answer."""
+        self.closed = True
+        for waiter in self._waiters.values():
+            waiter.done.set()

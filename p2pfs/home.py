@@ -9,7 +9,7 @@ Layout::
     HOME/run/               control socket and pid file of a running daemon
     HOME/log/               daemon logs
     HOME/config.toml        settings (optional; see config.py)
-    HOME/estate/            estate membership: CA cert, node cert, revocations (see estate.py)
+    HOME/estate/            estate membership: CA cert, node cert, revocations (see trust/estate.py)
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 ``p2pfs mount --appliance ADDR --token FILE MOUNTPOINT`` runs this on a desktop.
 It holds no store, no keys and no estate membership: every lookup, listing and
-read is one request of the user API to the appliance (desktop_api.py) over the
-desktop link (desktop_link.py). The FUSE adapter is the node's own (fuse.py):
-``ThinFileSystem`` offers the methods it calls, the way vfs.FileSystem does.
+read is one request of the user API to the appliance (``node/desktop_api.py``) over the
+desktop link (``link_client.py``). The FUSE adapter is the node's own (``fs/fuse.py``):
+``ThinFileSystem`` is an ``fs.api.Filesystem``, as ``vfs.FileSystem`` is.
 
 Inodes are keyed by (path, object id), so a path whose content changed with a
 new snapshot gets a new inode and the kernel never mixes cached pages of two

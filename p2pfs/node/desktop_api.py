@@ -1,10 +1,10 @@
 """The appliance's desktop face: the user API served over the host-only link.
 
 In appliance mode (DESIGN.md, Trust) the daemon, store and keys live in a VM; a
-desktop reads the volumes through a thin FUSE client (thin_fs.py) that speaks
+desktop reads the volumes through a thin FUSE client (``appliance/thin_fs.py``) that speaks
 only this API. Every connection is TLS 1.3 with the appliance's link certificate
 (pinned by the client) and is authenticated by a per-desktop token before any
-request is read (desktop_auth.py). Then it serves exactly:
+request is read (``trust/desktop.py``). Then it serves exactly:
 
 - files: ``stat``, ``list``, ``open`` and ``read`` of paths under the volumes
   (``VOLUME/dir/file``, never ``..``; no object or chunk is addressable by id),

@@ -8,7 +8,7 @@ Layout under ``root`` (docs/objects.md, "Store layout"):
   ``chunks/`` only once complete and durable, so a crash never leaves a half
   chunk under a real id. Temp files of dead processes are removed on open.
 - ``quarantine/``: files that failed verification, kept for inspection.
-- ``index.sqlite``: the index (p2pfs/index.py). The chunk files are the truth:
+- ``index.sqlite``: the index (``index.py``). The chunk files are the truth:
   a missing, truncated or garbage index is moved aside and rebuilt from them.
 
 Every read verifies the bytes against the id. A mismatch moves the file to

@@ -1,8 +1,8 @@
 """Credentials of the desktop link (appliance mode): the appliance's TLS key, desktop tokens.
 
 In appliance mode the daemon serves desktops only their *user* face (see
-desktop_api.py) on a host-only link. This module owns what proves who is who
-there, and imports ``ssl`` and ``cryptography`` for it (with estate.py and keys.py):
+``node/desktop_api.py``) on a host-only link. This module owns what proves who is
+who there (``ssl`` and ``cryptography`` stay inside the trust package and keys.py):
 
 - the appliance's own TLS certificate for that link: a self-signed Ed25519
   certificate made on first use, separate from the estate node key, so nothing

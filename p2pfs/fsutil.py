@@ -13,6 +13,29 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from p2pfs.errors import NotFound, P2pfsError
+
+
+def read_bounded(
+    path: Path | str, limit: int, what: str, *, too_large: type[P2pfsError] = P2pfsError
+) -> bytes:
+    """A small file's bytes, at most ``limit`` of them; a one-line error naming ``what``
+    and the file when it is missing (NotFound), unreadable or larger (``too_large``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise NotFound(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise P2pfsError(f"{what} {path} is a directory") from None
+    except PermissionError:
+        raise P2pfsError(f"{what} {path} is not readable (permission denied)") from None
+    except OSError as e:
+        raise P2pfsError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise too_large(f"{what} {path} is larger than the limit of {limit} bytes")
+    return data
+
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write every byte of ``data`` to ``fd`` (os.write may take fewer)."""

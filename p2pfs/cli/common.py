@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from p2pfs.errors import NotFound, NotRunning, P2pfsError
-from p2pfs.fsutil import pid_alive, write_atomic
+from p2pfs.fsutil import pid_alive, read_bounded, write_atomic
 from p2pfs.home import Home, default_home
 from p2pfs.node import control
 
@@ -44,18 +44,10 @@ def tell_daemon(home: Home) -> None:
 
 
 def read_input(name: str, limit: int, what: str) -> bytes:
-    if name == STDIO:
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
-        try:
-            with open(name, "rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise NotFound(f"{what} {name} does not exist") from None
-        except IsADirectoryError:
-            raise P2pfsError(f"{what} {name} is a directory") from None
-        except PermissionError:
-            raise P2pfsError(f"{what} {name} is not readable (permission denied)") from None
+    """A file's bytes (at most ``limit``), or standard input's for ``-``."""
+    if name != STDIO:
+        return read_bounded(name, limit, what)
+    data = sys.stdin.buffer.read(limit + 1)
     if len(data) > limit:
         raise P2pfsError(f"{what} {name} is larger than the limit of {limit} bytes")
     return data

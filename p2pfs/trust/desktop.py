@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from p2pfs.errors import NotFound, P2pfsError, UsageError
-from p2pfs.fsutil import write_atomic
+from p2pfs.fsutil import read_bounded, write_atomic
 from p2pfs.home import Home
 from p2pfs.ids import derive
 from p2pfs.keys import SigningKey
@@ -97,22 +97,9 @@ def fingerprint(cert_der: bytes) -> bytes:
     return hashlib.sha256(cert_der).digest()
 
 
-def _read_bounded(path: Path, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_FILE + 1)
-    except FileNotFoundError:
-        raise NotFound(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise P2pfsError(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(data) > MAX_TOKEN_FILE:
-        raise P2pfsError(f"{what} {path} is too large")
-    return data
-
-
 def load_token(path: Path) -> DesktopToken:
     """Read a desktop's token file; a one-line error naming what is wrong with it."""
-    data = _read_bounded(path, "token file")
+    data = read_bounded(path, MAX_TOKEN_FILE, "token file")
     try:
         doc = json.loads(data)
         if doc.get("format") != TOKEN_FORMAT or doc.get("version") != TOKEN_VERSION:
@@ -182,12 +169,12 @@ class ApplianceKeys:
         return cert.public_bytes(serialization.Encoding.PEM)
 
     def cert_der(self) -> bytes:
-        pem = _read_bounded(self.cert_path, "link certificate")
+        pem = read_bounded(self.cert_path, MAX_TOKEN_FILE, "link certificate")
         cert = x509.load_pem_x509_certificate(pem)
         return cert.public_bytes(serialization.Encoding.DER)
 
     def handle_key(self) -> bytes:
-        key = _read_bounded(self.handles_path, "handle key")
+        key = read_bounded(self.handles_path, MAX_TOKEN_FILE, "handle key")
         if len(key) != 32:
             raise P2pfsError(f"{self.handles_path} is damaged: remove it and restart the daemon")
         return key
@@ -234,7 +221,7 @@ class ApplianceKeys:
             return out
         for path in sorted(self.tokens_dir.glob("*.token")):
             try:
-                doc = json.loads(_read_bounded(path, "token record"))
+                doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
                 out.append({"desktop": doc["desktop"], "created": int(doc["created"])})
             except (P2pfsError, ValueError, KeyError, TypeError):
                 out.append({"desktop": path.stem, "created": None, "damaged": True})
@@ -253,7 +240,7 @@ class ApplianceKeys:
         if name_problem(desktop) is None:
             path = self.tokens_dir / f"{desktop}.token"
             try:
-                doc = json.loads(_read_bounded(path, "token record"))
+                doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
                 expected = bytes.fromhex(doc["digest"])
                 known = doc.get("desktop") == desktop and len(expected) == 32
             except (P2pfsError, ValueError, KeyError, TypeError):

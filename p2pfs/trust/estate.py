@@ -31,13 +31,12 @@ import datetime
 import logging
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError, SignatureError
-from p2pfs.fsutil import locked, write_atomic
+from p2pfs.errors import DecodeError, IntegrityError, P2pfsError, SignatureError
+from p2pfs.fsutil import locked, read_bounded, write_atomic
 from p2pfs.home import Home, node_id_of
 from p2pfs.ids import NodeId
 from p2pfs.keys import SigningKey, verify
@@ -80,21 +79,6 @@ _BUNDLE_VERSION = 1
 
 
 # -- files ---------------------------------------------------------------------
-
-
-def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise NotFound(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise P2pfsError(f"{what} {path} is a directory") from None
-    except PermissionError:
-        raise P2pfsError(f"{what} {path} is not readable (permission denied)") from None
-    if len(data) > limit:
-        raise DecodeError(f"{what} {path} is larger than the limit of {limit} bytes")
-    return data
 
 
 @contextlib.contextmanager
@@ -152,10 +136,12 @@ class Estate:
                 )
             return None  # an interrupted join leaves no node.pem: join again
         ca_cert = parse_cert(
-            _read_bounded(d / CA_CERT, MAX_CERT, "CA certificate"), f"{d / CA_CERT}", pem=True
+            read_bounded(d / CA_CERT, MAX_CERT, "CA certificate", too_large=DecodeError),
+            f"{d / CA_CERT}",
+            pem=True,
         )
         node_cert = parse_cert(
-            _read_bounded(d / NODE_CERT, MAX_CERT, "node certificate"),
+            read_bounded(d / NODE_CERT, MAX_CERT, "node certificate", too_large=DecodeError),
             f"{d / NODE_CERT}",
             pem=True,
         )
@@ -167,7 +153,9 @@ class Estate:
             raise IntegrityError(f"{e}: the estate files are damaged") from None
         if node_id != home.node_id():
             raise IntegrityError(f"{d / NODE_CERT} belongs to node {node_id.hex()}, not this one")
-        data = _read_bounded(d / REVOCATIONS, MAX_REVOCATION_LIST, "revocation list")
+        data = read_bounded(
+            d / REVOCATIONS, MAX_REVOCATION_LIST, "revocation list", too_large=DecodeError
+        )
         try:
             revocations = decode_revocations(data, ca_public, estate_id_of(ca_public))
         except IntegrityError as e:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pfs.errors import P2pfsError
-from p2pfs.objects.model import Entry, Kind, Snapshot, decode_snapshot
+from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
+from p2pfs.volume.history import history
 
 from .api import BLOCK_SIZE, Attr, FsError, Opened
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
@@ -255,23 +255,18 @@ class FileSystem:
         head = self.heads().get(snapdir.volume)
         if head is None:
             raise FsError(errno.ENOENT)
-        snap, sid = head.snapshot, head.snapshot_id
+        found = await history(self.content, head.snapshot_id, head.snapshot, MAX_HISTORY)
+        if found.broken is not None:
+            log.error("history of %s: %s", snapdir.volume, found.broken)
         out: list[tuple[Entry, bytes]] = []
-        while len(out) < MAX_HISTORY:
-            name = str(snap.seq).encode()
-            out.append((Entry(name, Kind.DIR, 0o555, snap.time_ns, 0, snap.root, None), sid))
-            parent_id = snap.parent
-            if parent_id is None:
+        for v in found.versions:
+            if v.snapshot is None:
+                log.info("history of %s stops at %d: %s", snapdir.volume, v.seq + 1, v.error)
                 break
-            try:
-                parent = decode_snapshot(await self.content.object_bytes(parent_id))
-            except P2pfsError as e:
-                log.info("history of %s stops at %d: %s", snapdir.volume, snap.seq, e)
-                break
-            if parent.volume_id != snap.volume_id or parent.seq != snap.seq - 1:
-                log.error("snapshot %s does not continue %s", parent_id.hex(), snapdir.volume)
-                break
-            snap, sid = parent, parent_id
+            name = str(v.seq).encode()
+            out.append(
+                (Entry(name, Kind.DIR, 0o555, v.snapshot.time_ns, 0, v.snapshot.root, None), v.id)
+            )
         out.sort(key=lambda pair: pair[0].name)
         return out
 

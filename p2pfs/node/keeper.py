@@ -20,11 +20,12 @@ from typing import Any
 
 import trio
 
-from p2pfs.errors import IntegrityError, MissingChunk, NotFound, P2pfsError
+from p2pfs.errors import MissingChunk, NotFound, P2pfsError
 from p2pfs.fsutil import write_atomic
-from p2pfs.objects.model import Snapshot, decode_snapshot
+from p2pfs.objects.model import Snapshot
 from p2pfs.store.cas import Store
 from p2pfs.volume.content import Content
+from p2pfs.volume.history import history
 from p2pfs.volume.pins import (
     PinJob,
     PinRecord,
@@ -207,35 +208,24 @@ class Keeper:
         """The volume's snapshots, newest first, following parent links (each verified:
         same volume key, signature, sequence falling by one)."""
         snapshot_id, snapshot = self._head(volume)
+        found = await history(self.content, snapshot_id, snapshot, limit)
+        if found.broken is not None:
+            raise found.broken
         out: list[dict[str, Any]] = []
-        while True:
+        for v in found.versions:
+            if v.snapshot is None:
+                out.append({"seq": v.seq, "id": v.id.hex(), "available": False, "error": v.error})
+                continue
             out.append(
                 {
-                    "seq": snapshot.seq,
-                    "id": snapshot_id.hex(),
-                    "time": snapshot.time_ns / 1e9,
-                    "root": snapshot.root.hex(),
+                    "seq": v.seq,
+                    "id": v.id.hex(),
+                    "time": v.snapshot.time_ns / 1e9,
+                    "root": v.snapshot.root.hex(),
                     "available": True,
                 }
             )
-            if snapshot.parent is None or len(out) >= limit:
-                return out
-            parent_id = snapshot.parent
-            try:
-                parent = decode_snapshot(await self.content.object_bytes(parent_id))
-            except P2pfsError as e:
-                out.append(
-                    {
-                        "seq": snapshot.seq - 1,
-                        "id": parent_id.hex(),
-                        "available": False,
-                        "error": str(e),
-                    }
-                )
-                return out
-            if parent.volume_id != snapshot.volume_id or parent.seq != snapshot.seq - 1:
-                raise IntegrityError(f"snapshot {parent_id.hex()} does not continue {volume!r}")
-            snapshot_id, snapshot = parent_id, parent
+        return out
 
     # -- scrub and heal ------------------------------------------------------------
 

@@ -210,12 +210,15 @@ def read(path: Path) -> ConfigFile:
 
 def decode(data: bytes, where: str, record: type[T]) -> T:
     """TOML ``data`` as ``record``; UsageError with one line from ``decode_error``."""
+    # Decoded here, not by msgspec: how it reports bad UTF-8 differs between its versions.
     try:
-        return msgspec.toml.decode(data, type=record)
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(
             f"{where} is not valid TOML: not UTF-8 ({e.reason} at byte {e.start})"
         ) from None
+    try:
+        return msgspec.toml.decode(text, type=record)
     except msgspec.MsgspecError as e:
         raise UsageError(decode_error(where, e, record)) from None
 

@@ -255,7 +255,8 @@ class Operations(pyfuse3.Operations):
         await self.fs.rmdir(parent_inode, name)
 
     @_failsafe
-    async def rename(  # type: ignore[override]  # pyfuse3's stub says str; it passes bytes
+    # pyfuse3 before 3.5 typed the names str (it passes bytes); unused-ignore for 3.5 on.
+    async def rename(  # type: ignore[override, unused-ignore]
         self,
         parent_inode_old: pyfuse3.InodeT,
         name_old: pyfuse3.FileNameT,

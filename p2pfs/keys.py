@@ -1,4 +1,5 @@
-"""Ed25519 keys and signatures: the only module that imports ``cryptography`` for them.
+"""Ed25519 keys and signatures: the only module that imports ``cryptography`` for them,
+and sealed boxes to a node's Ed25519 key (PyNaCl's one home).
 
 A key file is an unencrypted PKCS#8 PEM private key (``openssl pkey -in FILE``
 reads it), written atomically with mode 0600. A public key is its 32 raw bytes.
@@ -16,8 +17,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from nacl.bindings import (
+    crypto_box_seal,
+    crypto_box_seal_open,
+    crypto_sign_ed25519_pk_to_curve25519,
+    crypto_sign_ed25519_sk_to_curve25519,
+)
+from nacl.exceptions import CryptoError
 
-from p2pfs.errors import NotFound, P2pfsError, SignatureError
+from p2pfs.errors import IntegrityError, NotFound, P2pfsError, SignatureError
 from p2pfs.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,23 @@ class SigningKey:
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
+    def open_box(self, box: bytes) -> bytes:
+        """What ``seal_box`` sealed to this key; IntegrityError if it was not for us."""
+        seed = self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        public = self.public_bytes()
+        # libsodium's Ed25519 secret key is the seed followed by the public key.
+        secret = crypto_sign_ed25519_sk_to_curve25519(seed + public)
+        try:
+            return bytes(
+                crypto_box_seal_open(box, crypto_sign_ed25519_pk_to_curve25519(public), secret)
+            )
+        except CryptoError:
+            raise IntegrityError("a sealed box does not open with this node's key") from None
+
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_bytes().hex()})"
 
@@ -117,3 +142,19 @@ def verify(public: bytes, signature: bytes, data: bytes) -> None:
         raise SignatureError("signature does not verify") from None
     except ValueError as e:
         raise SignatureError(f"invalid public key: {e}") from None
+
+
+BOX_OVERHEAD = 48  # an ephemeral X25519 key and a Poly1305 tag
+
+
+def seal_box(public: bytes, data: bytes) -> bytes:
+    """``data`` sealed to the holder of Ed25519 key ``public`` (libsodium's sealed box:
+    X25519 to the key's Montgomery form, XSalsa20-Poly1305): how a volume secret
+    reaches a granted node without a key exchange of its own."""
+    if not isinstance(public, bytes) or len(public) != PUBLIC_KEY_SIZE:
+        raise SignatureError(f"an Ed25519 public key must be {PUBLIC_KEY_SIZE} bytes")
+    try:
+        target = crypto_sign_ed25519_pk_to_curve25519(public)
+    except CryptoError:
+        raise SignatureError("not a valid Ed25519 public key") from None
+    return bytes(crypto_box_seal(data, target))

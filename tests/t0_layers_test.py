@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "p2pfs"
 LAYERS: list[set[str]] = [
     {"__init__", "errors"},
     {"ids", "names", "sizes", "fsutil"},
-    {"keys", "config", "home"},
+    {"keys", "config", "home", "seal"},
     {"chunking", "objects"},
     {"store"},
     {"volume"},
@@ -39,7 +39,8 @@ LAYERS: list[set[str]] = [
 # in one place.
 HOMES = {
     "msgpack": {"p2pfs.objects.codec"},
-    "cryptography": {"p2pfs.keys", "p2pfs.trust"},
+    "cryptography": {"p2pfs.keys", "p2pfs.seal", "p2pfs.trust"},
+    "nacl": {"p2pfs.keys"},
     "ssl": {"p2pfs.trust"},
     "sqlite3": {"p2pfs.store.index", "p2pfs.store.schema", "p2pfs.volume.worktree_db"},
     "pyfuse3": {"p2pfs.fs.fuse"},

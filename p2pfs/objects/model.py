@@ -42,6 +42,13 @@ MAX_ALGORITHM_NAME = 64
 MAX_BLOB_BYTES = 256 * 1024  # 4096 refs take about 160 KiB
 MAX_TREE_BYTES = 64 * 1024 * 1024
 MAX_SNAPSHOT_BYTES = 4 * 1024
+MAX_ID_LIST = 32768  # ids in one list object of a private snapshot's id list (1 MiB)
+MAX_ID_LIST_BYTES = MAX_ID_LIST * (ID_SIZE + 2 + 9) + 128
+MAX_SEALED_KEY = 128
+
+# A private volume's blobs and trees refer to sealed objects by a sealed ref: the
+# object's id and then its key (p2pfs/seal.py); public ones by the id alone.
+SEALED_REF_SIZE = 2 * ID_SIZE
 
 SNAPSHOT_DOMAIN = b"p2pfs-snapshot-v1\0"
 
@@ -73,6 +80,13 @@ def _int(value: object, what: str, lo: int, hi: int) -> int:
 def _id(value: object, what: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != ID_SIZE:
         raise DecodeError(f"{what} must be {ID_SIZE} bytes")
+    return value
+
+
+def _ref(value: object, what: str) -> bytes:
+    """An id, or a sealed ref (id and key) in a private volume's objects."""
+    if not isinstance(value, bytes) or len(value) not in (ID_SIZE, SEALED_REF_SIZE):
+        raise DecodeError(f"{what} must be {ID_SIZE} bytes (or {SEALED_REF_SIZE}: sealed)")
     return value
 
 
@@ -187,7 +201,7 @@ class Blob:
         for i, ref in enumerate(self.refs):
             if not isinstance(ref, ChunkRef):
                 raise DecodeError(f"blob ref {i} is not a ChunkRef")
-            _id(ref.id, f"blob ref {i} id")
+            _ref(ref.id, f"blob ref {i} id")
             total += _int(ref.length, f"blob ref {i} length", 1, max_len)
         if total != self.size:
             raise DecodeError(f"blob refs cover {total} bytes but its size is {self.size}")
@@ -259,7 +273,7 @@ class Entry:
             if self.size != len(t):
                 raise DecodeError(f"symlink {self.name!r} size must be its target's length")
         else:
-            _id(self.id, f"{self.kind.name.lower()} {self.name!r} id")
+            _ref(self.id, f"{self.kind.name.lower()} {self.name!r} id")
             if self.target is not None:
                 raise DecodeError(f"{self.kind.name.lower()} {self.name!r} must not have a target")
 
@@ -315,7 +329,13 @@ def decode_tree(data: bytes) -> Tree:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A signed version of a volume. ``volume_id`` is the publisher's public key."""
+    """A signed version of a volume. ``volume_id`` is the publisher's public key.
+
+    A private volume's snapshot also carries the key ``epoch`` its objects are sealed
+    in, the root tree's key sealed under that epoch's secret (``root_key``), and the
+    id of its id list (``ids``: every object id the snapshot reaches, so a node that
+    may only cache the volume can fetch, pin and serve it without reading it).
+    """
 
     volume_id: bytes
     name: str
@@ -325,6 +345,13 @@ class Snapshot:
     time_ns: int
     params: dict[str, int | str] = field(hash=False)
     signature: bytes
+    epoch: int = 0  # 0: a public volume
+    root_key: bytes | None = None
+    ids: bytes | None = None
+
+    @property
+    def private(self) -> bool:
+        return self.epoch > 0
 
     def __post_init__(self) -> None:
         _id(self.volume_id, "snapshot volume id")
@@ -338,6 +365,16 @@ class Snapshot:
         object.__setattr__(self, "params", validate_params(self.params))
         if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
             raise DecodeError(f"snapshot signature must be {SIGNATURE_SIZE} bytes")
+        _int(self.epoch, "snapshot epoch", 0, _U63)
+        if self.epoch:
+            k = self.root_key
+            if not isinstance(k, bytes) or not 0 < len(k) <= MAX_SEALED_KEY:
+                raise DecodeError(
+                    f"a private snapshot's root key must be 1..{MAX_SEALED_KEY} bytes"
+                )
+            _id(self.ids, "snapshot id list")
+        elif self.root_key is not None or self.ids is not None:
+            raise DecodeError("a public snapshot has no root key or id list")
 
     @classmethod
     def create(
@@ -350,13 +387,15 @@ class Snapshot:
         root: bytes,
         time_ns: int,
         params: dict[str, int | str],
+        epoch: int = 0,
+        root_key: bytes | None = None,
+        ids: bytes | None = None,
     ) -> Snapshot:
         """A new snapshot of the volume whose publisher key is ``key``, signed."""
-        unsigned = cls(
-            key.public_bytes(), name, seq, parent, root, time_ns, params, bytes(SIGNATURE_SIZE)
-        )
+        fields = (key.public_bytes(), name, seq, parent, root, time_ns, params)
+        unsigned = cls(*fields, bytes(SIGNATURE_SIZE), epoch, root_key, ids)
         signature = key.sign(SNAPSHOT_DOMAIN + unsigned._body())
-        return cls(key.public_bytes(), name, seq, parent, root, time_ns, params, signature)
+        return cls(*fields, signature, epoch, root_key, ids)
 
     def _fields(self) -> dict[str, object]:
         return {
@@ -369,7 +408,7 @@ class Snapshot:
             "root": self.root,
             "time": self.time_ns,
             "params": dict(self.params),
-        }
+        } | ({"epoch": self.epoch, "rkey": self.root_key, "ids": self.ids} if self.epoch else {})
 
     def _body(self) -> bytes:
         """The canonical bytes the signature covers: every field but the signature."""
@@ -384,11 +423,14 @@ class Snapshot:
 
 
 _SNAPSHOT_KEYS = {"v", "t", "vol", "name", "seq", "parent", "root", "time", "params", "sig"}
+_PRIVATE_KEYS = _SNAPSHOT_KEYS | {"epoch", "rkey", "ids"}
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
     """Decode and validate a snapshot and verify its signature (SignatureError)."""
-    obj = _header(_unpack(data, "snapshot", MAX_SNAPSHOT_BYTES), "snapshot", _SNAPSHOT_KEYS)
+    raw = _unpack(data, "snapshot", MAX_SNAPSHOT_BYTES)
+    private = isinstance(raw, dict) and "epoch" in raw
+    obj = _header(raw, "snapshot", _PRIVATE_KEYS if private else _SNAPSHOT_KEYS)
     snap = Snapshot(
         volume_id=obj["vol"],
         name=obj["name"],
@@ -398,6 +440,55 @@ def decode_snapshot(data: bytes) -> Snapshot:
         time_ns=obj["time"],
         params=obj["params"],
         signature=obj["sig"],
+        epoch=obj.get("epoch", 0),
+        root_key=obj.get("rkey"),
+        ids=obj.get("ids"),
     )
+    if private and snap.epoch == 0:
+        raise DecodeError("snapshot epoch 0 is written by leaving the field out")
     snap.verify()
     return snap
+
+
+# -- id list ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdList:
+    """Part of a private snapshot's id list: the stored ids it reaches with their stored
+    sizes, and the next part's id.
+
+    Ids and sizes only (never keys): a node that may only cache the volume learns from it
+    what to fetch, pin and serve (and how much room that takes), nothing of the content.
+    """
+
+    ids: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    next: bytes | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, tuple) or len(self.ids) > MAX_ID_LIST:
+            raise DecodeError(f"an id list part holds a tuple of at most {MAX_ID_LIST} ids")
+        if not isinstance(self.sizes, tuple) or len(self.sizes) != len(self.ids):
+            raise DecodeError("an id list part has one size per id")
+        for i, (oid, size) in enumerate(zip(self.ids, self.sizes, strict=True)):
+            _id(oid, f"id list entry {i}")
+            _int(size, f"id list size {i}", 0, MAX_CHUNK_LENGTH + 4096)
+        _opt_id(self.next, "id list next")
+
+    def encode(self) -> bytes:
+        return codec.pack(
+            {
+                "i": list(self.ids),
+                "n": self.next,
+                "s": list(self.sizes),
+                "t": "ids",
+                "v": FORMAT_VERSION,
+            }
+        )
+
+
+def decode_id_list(data: bytes) -> IdList:
+    obj = _header(_unpack(data, "ids", MAX_ID_LIST_BYTES), "ids", {"v", "t", "i", "s", "n"})
+    ids = tuple(_list(obj["i"], "id list", MAX_ID_LIST))
+    return IdList(ids, tuple(_list(obj["s"], "id list sizes", MAX_ID_LIST)), obj["n"])

@@ -432,6 +432,17 @@ class Store(FsckMixin):
         """Every id the index lists (chunks and objects): what this node can serve."""
         return self.index.chunk_ids()
 
+    def tag(self, volume: bytes, ids: Iterable[bytes]) -> None:
+        """Record that ``ids`` belong to private volume ``volume`` (stored or not yet)."""
+        self.index.tag(volume, ids)
+
+    def volumes_of(self, cid: bytes) -> list[bytes]:
+        """The private volumes ``cid`` belongs to; empty for a public one."""
+        return self.index.volumes_of(cid)
+
+    def tagged(self) -> dict[bytes, set[bytes]]:
+        return self.index.tagged()
+
     def has(self, cid: bytes) -> bool:
         return self.path_of(cid).exists()
 

@@ -191,6 +191,27 @@ class Index:
             assert isinstance(last, bytes)
             after = last
 
+    # -- tags: ids of private volumes -----------------------------------------------
+
+    def tag(self, volume: bytes, ids: Iterable[bytes]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO tags (id, volume) VALUES (?, ?)",
+                ((i, volume) for i in ids),
+            )
+
+    def volumes_of(self, cid: bytes) -> list[bytes]:
+        rows = self._query("SELECT volume FROM tags WHERE id = ?", (cid,))
+        return [r[0] for r in rows if isinstance(r[0], bytes)]
+
+    def tagged(self) -> dict[bytes, set[bytes]]:
+        """Every tagged id and its volumes (to leave out of a peer's digest)."""
+        out: dict[bytes, set[bytes]] = {}
+        for cid, vol in self._query("SELECT id, volume FROM tags"):
+            assert isinstance(cid, bytes) and isinstance(vol, bytes)
+            out.setdefault(cid, set()).add(vol)
+        return out
+
     def remove_chunk(self, cid: bytes) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM chunks WHERE id = ?", (cid,))

@@ -15,7 +15,7 @@ from p2pfs.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 STORED_BYTES = "stored_bytes"
@@ -112,10 +112,21 @@ class IndexCorrupt(IntegrityError):
     """The index database is unreadable or malformed."""
 
 
+# Version 2 -> 3: which private volume each id belongs to (learned from the volume's
+# id lists), so serving checks an asker's grants with one indexed lookup.
+_MIGRATE_V3 = """
+CREATE TABLE tags (
+    id BLOB NOT NULL,
+    volume BLOB NOT NULL,
+    PRIMARY KEY (id, volume)
+) WITHOUT ROWID;
+"""
+
+
 def migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, 1, SCHEMA_VERSION):
+    if version not in (0, 1, 2, SCHEMA_VERSION):
         raise IndexCorrupt(f"index {path} has unknown schema version {version}")
     if version == SCHEMA_VERSION:
         return
@@ -123,13 +134,16 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:  # another process may have migrated meanwhile
-            for stmt in _statements(_SCHEMA_V1):
-                db.execute(stmt)
-            for stmt in _statements(_MIGRATE_V2):
+            if version < 2:
+                for stmt in _statements(_SCHEMA_V1):
+                    db.execute(stmt)
+                for stmt in _statements(_MIGRATE_V2):
+                    db.execute(stmt)
+            for stmt in _statements(_MIGRATE_V3):
                 db.execute(stmt)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            if version == 1:
-                log.info("index %s migrated from schema 1 to %d", path, SCHEMA_VERSION)
+            if version in (1, 2):
+                log.info("index %s migrated from schema %d to %d", path, version, SCHEMA_VERSION)
     except BaseException:
         db.execute("ROLLBACK")
         raise

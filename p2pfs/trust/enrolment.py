@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError
 from p2pfs.fsutil import write_atomic
@@ -42,6 +43,7 @@ from .estate import (
     admin_lock,
     node_key,
 )
+from .grants import remember_node
 from .revocation import MAX_REVOCATION_LIST, NODE_ID_SIZE, decode_revocations, sign_revocations
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def init_estate(home: Home) -> Estate:
         write_atomic(d / REVOCATIONS, revocations, 0o644)
         node_cert = issue_node_cert(ca_key, ca_cert, key.private_key.public_key())
         write_atomic(d / NODE_CERT, to_pem(node_cert), 0o644)  # last: it makes the node a member
+    remember_node(home, key.public_bytes())
     log.info("created estate %s with admin node %s", estate_id.hex(), home.node_id().hex())
     estate = Estate.load(home)
     assert estate is not None
@@ -100,6 +103,8 @@ def approve(home: Home, request: bytes) -> bytes:
     if estate.is_revoked(node_id):
         raise P2pfsError(f"node {node_id.hex()} is revoked; it cannot rejoin with this key")
     cert = estate._issue(public)
+    # The admin seals private volumes' secrets to approved nodes' keys: keep this one.
+    remember_node(home, public.public_bytes(Encoding.Raw, PublicFormat.Raw))
     log.info("approved node %s until %s", node_id.hex(), cert.not_valid_after_utc.date())
     return estate._bundle(cert)
 

@@ -15,6 +15,10 @@ Layout (``HOME/estate/``)::
     ca.pem        the CA certificate (self-signed)
     node.pem      this node's certificate, issued by the CA
     revocations   the newest CA-signed revocation list this node has seen
+    access        the newest CA-signed access list (private volumes), if any
+    nodes.json    (admin) each approved node's public key, to seal volume secrets to
+    grants.json   (admin) each private volume's grants as given (groups unexpanded)
+    groups.json   (admin) groups of node ids that grants may name
 
 The revocation list is checked by ``Estate.peer_node_id`` right after every
 handshake, not by OpenSSL, so a newer list applies at once to every new
@@ -42,6 +46,7 @@ from p2pfs.ids import NodeId
 from p2pfs.keys import SigningKey, verify
 from p2pfs.objects import codec
 
+from .access import EMPTY, MAX_ACCESS_LIST, AccessList, decode_access
 from .certs import (
     EXPIRY_WARNING,
     MAX_CERT,
@@ -71,6 +76,7 @@ CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
 NODE_CERT = "node.pem"
 REVOCATIONS = "revocations"
+ACCESS = "access"
 _LOCK = ".lock"
 
 
@@ -111,6 +117,7 @@ class Estate:
         node_id: NodeId,
         revocations: RevocationList,
         ca_key: SigningKey | None,
+        access: AccessList = EMPTY,
     ) -> None:
         self.home = home
         self._ca_cert = ca_cert
@@ -121,6 +128,7 @@ class Estate:
         self.node_id: bytes = node_id
         self._ca_key = ca_key
         self._revocations = revocations
+        self._access = access
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
 
@@ -160,12 +168,19 @@ class Estate:
             revocations = decode_revocations(data, ca_public, estate_id_of(ca_public))
         except IntegrityError as e:
             raise IntegrityError(f"{d / REVOCATIONS} is damaged: {e}") from None
+        access = EMPTY
+        if (d / ACCESS).exists():
+            data = read_bounded(d / ACCESS, MAX_ACCESS_LIST, "access list", too_large=DecodeError)
+            try:
+                access = decode_access(data, ca_public, estate_id_of(ca_public))
+            except (DecodeError, IntegrityError) as e:
+                raise IntegrityError(f"{d / ACCESS} is damaged: {e}") from None
         ca_key = None
         if (d / CA_KEY).exists():
             ca_key = SigningKey.load(d / CA_KEY)
             if ca_key.public_bytes() != ca_public:
                 raise IntegrityError(f"{d / CA_KEY} does not match {d / CA_CERT}")
-        estate = cls(home, ca_cert, node_cert, node_id, revocations, ca_key)
+        estate = cls(home, ca_cert, node_cert, node_id, revocations, ca_key, access)
         left = estate.node_cert_expiry - utc_now()
         if left < EXPIRY_WARNING:
             log.warning(
@@ -264,6 +279,26 @@ class Estate:
             fresh.number,
             ", ".join(sorted(n.hex() for n in added)) or "none",
         )
+        return True
+
+    # -- access ----------------------------------------------------------------------
+
+    @property
+    def access(self) -> AccessList:
+        """The newest access list held (number 0 when the estate has no private volume)."""
+        return self._access
+
+    def accept_access_list(self, data: bytes) -> bool:
+        """Take an access list: True if it was newer and is now stored and in force.
+
+        SignatureError if the CA did not sign it, DecodeError if it is malformed.
+        """
+        fresh = decode_access(data, self._ca_public, self.estate_id)
+        if fresh.number <= self._access.number:
+            return False
+        write_atomic(self.home.estate_dir / ACCESS, fresh.encoded, 0o644)
+        self._access = fresh  # one assignment: readers see the old list or the new
+        log.info("access list %d accepted (%d private volumes)", fresh.number, len(fresh.volumes))
         return True
 
     # -- endorsement -----------------------------------------------------------------

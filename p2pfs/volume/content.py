@@ -6,6 +6,11 @@ served from memory without hashing again: that is how integrity and speed go
 together. Loads run in worker threads; concurrent misses on one chunk share one
 load.
 
+A private volume's objects are named by sealed refs (id and key, ``p2pfs/seal.py``):
+the stored bytes are fetched and verified by their id like any chunk, then opened
+(AES-GCM checks its tag) in the same worker-thread trip; the caches hold plaintext
+keyed by the ref, in memory only.
+
 Atomicity under trio: the LRU dicts are only touched from the event loop
 thread, between checkpoints, so they need no lock; worker threads only see the
 store and the ids they are given.
@@ -24,6 +29,7 @@ import trio
 
 from p2pfs.errors import CorruptChunk, IntegrityError, MissingChunk, P2pfsError
 from p2pfs.objects.model import Blob, Tree, decode_blob, decode_tree
+from p2pfs.seal import is_sealed, stored_id, unseal
 from p2pfs.store.cas import Store
 
 log = logging.getLogger(__name__)
@@ -227,8 +233,9 @@ class Content:
     def statistics(self) -> ContentStats:
         return ContentStats(self.bytes_from_local, self.chunks.statistics())
 
-    async def load_chunk(self, cid: bytes) -> bytes:
-        """Verified bytes: from the local store, else (missing or corrupt here) from the network."""
+    async def load_stored(self, cid: bytes) -> bytes:
+        """Verified stored bytes of ``cid`` (a plain id): from the local store, else
+        (missing or corrupt here) from the network. Never opened: what pins fetch."""
         try:
             # Store.get hashes what it read and quarantines a mismatch.
             data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
@@ -239,6 +246,28 @@ class Content:
         self.bytes_from_local += len(data)
         return data
 
+    async def load_chunk(self, ref: bytes) -> bytes:
+        """The verified plaintext of a chunk or object by its ref."""
+        if not is_sealed(ref):
+            return await self.load_stored(ref)
+        sid = stored_id(ref)
+
+        def read_open() -> bytes | None:
+            try:
+                data = self.store.get(sid)
+            except (MissingChunk, CorruptChunk):
+                return None
+            self.bytes_from_local += len(data)
+            return unseal(ref, data)
+
+        plain = await trio.to_thread.run_sync(read_open, limiter=self.limiter)
+        if plain is not None:
+            return plain
+        if self.remote is None:
+            raise MissingChunk(f"chunk {sid.hex()} is not here")
+        data = await self.remote(sid)
+        return await trio.to_thread.run_sync(unseal, ref, data, limiter=self.limiter)
+
     async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
         """Several chunks with one worker-thread trip; missing ones fetched concurrently."""
 
@@ -246,21 +275,25 @@ class Content:
             out: list[bytes | BaseException] = []
             for cid in cids:
                 try:
-                    out.append(self.store.get(cid))
+                    data = self.store.get(stored_id(cid))
+                    self.bytes_from_local += len(data)
+                    out.append(unseal(cid, data) if is_sealed(cid) else data)
                 except P2pfsError as e:
                     out.append(e)
             return out
 
         results = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
-        for r in results:
-            if isinstance(r, bytes):
-                self.bytes_from_local += len(r)
         if self.remote is not None:
             remote = self.remote
 
             async def fetch(i: int) -> None:
                 try:
-                    results[i] = await remote(cids[i])
+                    data = await remote(stored_id(cids[i]))
+                    if is_sealed(cids[i]):
+                        data = await trio.to_thread.run_sync(
+                            unseal, cids[i], data, limiter=self.limiter
+                        )
+                    results[i] = data
                 except P2pfsError as e:
                     results[i] = e
 

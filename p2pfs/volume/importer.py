@@ -4,6 +4,10 @@ Unchanged files are skipped by their stat, as borg's files cache does: a file wh
 size, mtime, ctime and inode match the last import reuses its blob without being
 read. Devices, sockets and fifos are skipped with a warning; unreadable files and
 directories are reported and left out, never fatal.
+
+A private volume's import seals every chunk, blob and tree (``p2pfs/seal.py``) in
+the volume's current key epoch, so the store never holds its plaintext; the snapshot
+carries the sealed root key and the id list of everything it reaches.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import NotFound, P2pfsError
 from p2pfs.objects.model import (
     MAX_BLOB_REFS,
+    MAX_ID_LIST,
     Blob,
     ChunkRef,
     Entry,
+    IdList,
     Kind,
     Snapshot,
     Tree,
     decode_blob,
     object_id,
 )
+from p2pfs.seal import TAG_SIZE, EpochSecret, is_sealed, seal, seal_root, stored_id, unseal
 from p2pfs.store.cas import Store
 from p2pfs.store.files_cache import CachedFile
 
@@ -97,12 +104,19 @@ class _Scanned:
     children: list[_Scanned] | None = None  # directories only
 
 
-class _ChunkWriter:
-    """Collects new chunks and writes them to the store in batches."""
+class ChunkWriter:
+    """Collects new chunks and writes them to the store in batches; seals them first
+    when the volume is private (``sealing``): then refs are sealed refs."""
 
-    def __init__(self, store: Store, report: ImportReport) -> None:
+    def __init__(
+        self, store: Store, report: ImportReport, sealing: EpochSecret | None = None
+    ) -> None:
         self.store = store
         self.report = report
+        self.sealing = sealing
+        # Every stored id a private snapshot reaches and its stored size, for its id list.
+        self.reached: dict[bytes, int] = {}
+        self._sealed: dict[bytes, bytes] = {}  # plaintext id -> sealed ref
         self.pending: dict[bytes, bytes] = {}
         self.pending_bytes = 0
         self.seen: dict[bytes, int] = {}  # chunk ids of this snapshot -> length
@@ -111,30 +125,52 @@ class _ChunkWriter:
         self.objects: dict[bytes, bytes] = {}
         self.objects_bytes = 0
 
-    def add(self, cid: bytes, data: memoryview) -> None:
-        if cid not in self.seen:
-            self.seen[cid] = len(data)
+    def add(self, cid: bytes, data: memoryview) -> bytes:
+        """Store a chunk whose plaintext id is ``cid``; returns its ref."""
+        if self.sealing is None:
+            ref, stored = cid, data
+        else:
+            if cid in self._sealed:  # the same plaintext again: the same ciphertext
+                return self._sealed[cid]
+            stored_bytes, ref = seal(self.sealing.secret, data, cid)
+            stored = memoryview(stored_bytes)
+            self._sealed[cid] = ref
+            self.reached[stored_id(ref)] = len(stored)
+        if ref not in self.seen:
+            self.seen[ref] = len(data)
             self.report.unique_bytes += len(data)
-            if not self.store.has(cid):
-                self.pending[cid] = bytes(data)
-                self.pending_bytes += len(data)
+            sid = stored_id(ref)
+            if not self.store.has(sid):
+                self.pending[sid] = bytes(stored)
+                self.pending_bytes += len(stored)
                 if self.pending_bytes >= BATCH_BYTES or len(self.pending) >= BATCH_COUNT:
                     self.flush()
+        return ref
 
     def note_existing(self, refs: list[ChunkRef]) -> None:
         for ref in refs:
+            if self.sealing is not None:
+                self.reached[stored_id(ref.id)] = ref.length + TAG_SIZE
             if ref.id not in self.seen:
                 self.seen[ref.id] = ref.length
                 self.report.unique_bytes += ref.length
 
     def put_object(self, data: bytes) -> bytes:
-        oid = object_id(data)
+        """Store a blob or tree; returns its ref (a sealed ref in a private volume)."""
+        oid: bytes
+        ref: bytes
+        if self.sealing is None:
+            oid = ref = object_id(data)
+        else:
+            data, ref = seal(self.sealing.secret, data)
+            oid = stored_id(ref)
+            self.reached[oid] = len(data)
         if oid not in self.objects and not self.store.has(oid):
             self.objects[oid] = data
             self.objects_bytes += len(data)
             if self.objects_bytes >= BATCH_BYTES or len(self.objects) >= BATCH_COUNT:
                 self.flush()
-        return oid
+        return ref
 
     def flush(self) -> None:
         if self.objects:
@@ -150,15 +186,87 @@ class _ChunkWriter:
             self.pending_bytes = 0
 
 
-def _leaf_refs(store: Store, blob_id: bytes) -> list[ChunkRef]:
-    """The chunk refs of a stored blob, descending its index levels."""
-    blob = decode_blob(store.get_object(blob_id))
+def read_object(store: Store, ref: bytes) -> bytes:
+    """A stored blob's or tree's plaintext by its ref (opened if sealed)."""
+    if is_sealed(ref):
+        return unseal(ref, store.get_object(stored_id(ref)))
+    return store.get_object(ref)
+
+
+def leaf_refs(
+    store: Store, blob_ref: bytes, visit: Callable[[bytes, int], object] | None = None
+) -> list[ChunkRef]:
+    """The chunk refs of a stored blob, descending its index levels; ``visit`` sees the
+    stored id and size of every blob object on the way."""
+    data = store.get_object(stored_id(blob_ref))
+    if visit is not None:
+        visit(stored_id(blob_ref), len(data))
+    blob = decode_blob(unseal(blob_ref, data) if is_sealed(blob_ref) else data)
     if blob.level == 0:
         return list(blob.refs)
     out: list[ChunkRef] = []
     for ref in blob.refs:
-        out.extend(_leaf_refs(store, ref.id))
+        out.extend(leaf_refs(store, ref.id, visit))
     return out
+
+
+def store_id_list(put: Callable[[bytes], bytes], reached: dict[bytes, int]) -> bytes:
+    """Store a private snapshot's id list as a chain of parts; returns the first's id."""
+    ids, sizes = list(reached), list(reached.values())
+    following: bytes | None = None
+    starts = list(range(0, len(ids), MAX_ID_LIST)) or [0]
+    for start in reversed(starts):
+        end = start + MAX_ID_LIST
+        following = put(IdList(tuple(ids[start:end]), tuple(sizes[start:end]), following).encode())
+    assert following is not None
+    return following
+
+
+def commit_snapshot(
+    store: Store,
+    registry: VolumeRegistry,
+    record: VolumeRecord,
+    root: bytes,
+    params: dict[str, int | str],
+    writer: ChunkWriter,
+) -> tuple[VolumeRecord, Snapshot, bytes]:
+    """Sign and store the next snapshot of ``record`` with root ``root`` (a ref); for a
+    private volume with its sealed root key and id list, every id tagged as its own."""
+    seq = record.seq + 1
+    extra: dict[str, object] = {}
+    if writer.sealing is not None:
+        parts: list[bytes] = []
+
+        def put_part(data: bytes) -> bytes:
+            oid = store.put_object(data)
+            parts.append(oid)
+            return oid
+
+        reached = list(writer.reached)
+        ids_head = store_id_list(put_part, writer.reached)
+        extra = {
+            "epoch": writer.sealing.epoch,
+            "root_key": seal_root(writer.sealing.secret, record.id, seq, root),
+            "ids": ids_head,
+        }
+        # Tagged before the head moves: no moment in which a peer could be served
+        # these ids as if they were public.
+        store.tag(record.id, [*reached, *parts])
+    snapshot = Snapshot.create(
+        registry.publisher_key(record.name),
+        name=record.name,
+        seq=seq,
+        parent=record.head,
+        root=stored_id(root),
+        time_ns=time.time_ns(),
+        params=params,
+        **extra,  # type: ignore[arg-type]
+    )
+    data = snapshot.encode()
+    if writer.sealing is not None:
+        store.tag(record.id, [object_id(data)])
+    sid = store.put_object(data)
+    return registry.advance(record, snapshot, sid), snapshot, sid
 
 
 def store_blob(put: Callable[[bytes], bytes], size: int, refs: list[ChunkRef]) -> bytes:
@@ -184,6 +292,7 @@ class Importer:
         volume: str,
         *,
         progress: Progress | None = None,
+        sealing: EpochSecret | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -191,7 +300,9 @@ class Importer:
         self.params: ChunkParams = self.record.params
         self.report = ImportReport(volume)
         self.progress = progress
-        self.writer = _ChunkWriter(store, self.report)
+        self.writer = ChunkWriter(store, self.report, sealing)
+        # A private volume's files cache is per epoch: a new epoch seals every file anew.
+        self.cache_key = volume if sealing is None else f"{volume}/epoch-{sealing.epoch}"
         self.cache = store.files_cache
         self.new_cache: list[tuple[bytes, CachedFile]] = []
         self.started_ns = time.time_ns()
@@ -257,19 +368,11 @@ class Importer:
         assert root.children is not None
         root_tree = self._store_dir(os.fsencode(source), root.children)
         self.writer.flush()
-        snapshot = Snapshot.create(
-            self.registry.publisher_key(self.record.name),
-            name=self.record.name,
-            seq=self.record.seq + 1,
-            parent=self.record.head,
-            root=root_tree,
-            time_ns=time.time_ns(),
-            params=self.params.to_dict(),
+        self.record, snapshot, sid = commit_snapshot(
+            self.store, self.registry, self.record, root_tree, self.params.to_dict(), self.writer
         )
-        sid = self.store.put_object(snapshot.encode())
-        self.record = self.registry.advance(self.record, snapshot, sid)
         # Only a complete import may vouch for files next time.
-        self.cache.replace(self.record.name, self.new_cache)
+        self.cache.replace(self.cache_key, self.new_cache)
         self.report.snapshot_id = sid
         self.report.seq = snapshot.seq
         return self.report
@@ -309,17 +412,18 @@ class Importer:
 
     def _store_file(self, path: bytes, item: _Scanned) -> tuple[bytes, int] | None:
         st = item.st
-        cached = self.cache.lookup(self.record.name, item.rel)
+        cached = self.cache.lookup(self.cache_key, item.rel)
         if (
             cached is not None
             and cached.size == st.st_size
             and cached.mtime_ns == st.st_mtime_ns
             and cached.ctime_ns == st.st_ctime_ns
             and cached.ino == st.st_ino
-            and self.store.has(cached.blob_id)
+            and self.store.has(stored_id(cached.blob_id))
         ):
+            visit = None if self.writer.sealing is None else self.writer.reached.setdefault
             try:
-                refs = _leaf_refs(self.store, cached.blob_id)
+                refs = leaf_refs(self.store, cached.blob_id, visit)
             except Exception as e:  # a damaged cached blob: fall back to reading
                 log.warning("files cache entry of %r unusable: %s", item.rel, e)
             else:
@@ -335,8 +439,7 @@ class Importer:
             refs = []
             size = 0
             for record, data in iter_chunks(fd, self.params, size_hint=st.st_size):
-                self.writer.add(record.id, data)
-                refs.append(ChunkRef(record.id, record.length))
+                refs.append(ChunkRef(self.writer.add(record.id, data), record.length))
                 size += record.length
                 if self.progress:
                     self.progress(0, record.length)

@@ -30,6 +30,7 @@ from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.names import check_volume_name
 from p2pfs.objects.model import Kind, Snapshot, decode_blob
+from p2pfs.seal import stored_id
 from p2pfs.store.cas import Store
 
 from .content import Content
@@ -161,10 +162,13 @@ class Collected:
         return sum(self.chunks.values())
 
 
-async def collect(content: Content, snapshot_id: bytes, snapshot: Snapshot, path: str) -> Collected:
-    """Every id needed to read ``path`` (a normalized '/a/b') of ``snapshot``."""
-    out = Collected(objects=[snapshot_id, snapshot.root])
-    tree_id = snapshot.root
+async def collect(
+    content: Content, snapshot_id: bytes, snapshot: Snapshot, path: str, root: bytes | None = None
+) -> Collected:
+    """Every stored id needed to read ``path`` (a normalized '/a/b') of ``snapshot``;
+    ``root``: its root's ref when that is not the snapshot's root id (a private volume)."""
+    tree_id = snapshot.root if root is None else root
+    out = Collected(objects=[snapshot_id, stored_id(tree_id)])
     parts = [p.encode() for p in path.strip("/").split("/") if p]
     for i, name in enumerate(parts):
         tree, names = await content.tree(tree_id)
@@ -174,7 +178,7 @@ async def collect(content: Content, snapshot_id: bytes, snapshot: Snapshot, path
         if entry is None:
             raise NotFound(f"{here} does not exist in snapshot {snapshot.seq} of {snapshot.name}")
         if entry.kind is Kind.DIR and entry.id is not None:
-            out.objects.append(entry.id)
+            out.objects.append(stored_id(entry.id))
             tree_id = entry.id
         elif i == len(parts) - 1:
             if entry.kind is Kind.FILE and entry.id is not None:
@@ -192,18 +196,18 @@ async def _collect_tree(content: Content, tree_id: bytes, out: Collected) -> Non
         if entry.id is None:
             continue
         if entry.kind is Kind.DIR:
-            out.objects.append(entry.id)
+            out.objects.append(stored_id(entry.id))
             await _collect_tree(content, entry.id, out)
         elif entry.kind is Kind.FILE:
             await _collect_blob(content, entry.id, out)
 
 
 async def _collect_blob(content: Content, blob_id: bytes, out: Collected) -> None:
-    out.objects.append(blob_id)
+    out.objects.append(stored_id(blob_id))
     blob = decode_blob(await content.object_bytes(blob_id))
     for ref in blob.refs:
         if blob.level == 0:
-            out.chunks[ref.id] = ref.length
+            out.chunks[stored_id(ref.id)] = ref.length
         else:
             await _collect_blob(content, ref.id, out)
 
@@ -273,7 +277,7 @@ async def fetch_missing(content: Content, store: Store, job: PinJob, collected: 
     async def one(cid: bytes) -> None:
         async with limiter:
             try:
-                await content.load_chunk(cid)
+                await content.load_stored(cid)
             except P2pfsError as e:
                 job.failed += 1
                 errors.append(str(e))

@@ -15,12 +15,12 @@ from pathlib import Path
 from p2pfs import __version__
 from p2pfs.errors import P2pfsError
 
-from . import appliance, cache, estate, mounts, status, volumes
+from . import access, appliance, cache, estate, mounts, status, volumes
 from .common import Handler
 
 log = logging.getLogger("p2pfs")
 
-GROUPS = (volumes, mounts, status, cache, estate, appliance)
+GROUPS = (volumes, access, mounts, status, cache, estate, appliance)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

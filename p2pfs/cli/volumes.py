@@ -1,4 +1,5 @@
-"""Commands about volumes: init, volume create/list, import, commit, log."""
+"""Commands about volumes: init, volume create/list, import, commit, log (and, through
+``access.py``, volume grant/revoke/access/rekey)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from p2pfs.node import control
 from p2pfs.sizes import parse_size
 from p2pfs.trust.estate import Estate
 
+from . import access
 from .common import Handler, Subparsers, node_home, print_json, tell_daemon
 from .progress import import_bar
 
@@ -35,8 +37,14 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     vc.add_argument("--min-chunk", type=_size, default=defaults.min_size, metavar="SIZE")
     vc.add_argument("--avg-chunk", type=_size, default=defaults.avg_size, metavar="SIZE")
     vc.add_argument("--max-chunk", type=_size, default=defaults.max_size, metavar="SIZE")
+    vc.add_argument(
+        "--private",
+        action="store_true",
+        help="(admin) only granted nodes read it; its content is encrypted",
+    )
     vl = vsub.add_parser("list", help="list the volumes of this node")
     vl.add_argument("--json", action="store_true")
+    access.add_volume_actions(vsub)
 
     im = sub.add_parser("import", help="import a directory tree as the volume's next snapshot")
     im.add_argument("source", type=Path)
@@ -73,6 +81,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_volume(args: argparse.Namespace) -> int:
     from p2pfs.volume.registry import VolumeRegistry
 
+    if args.volume_command in ("grant", "revoke", "access", "rekey"):
+        return access.cmd_volume_access(args)
     home = node_home(args).require()
     registry = VolumeRegistry(home)
     if args.volume_command == "create":
@@ -81,7 +91,16 @@ def cmd_volume(args: argparse.Namespace) -> int:
         # member will follow it; elsewhere the volume stays local to this node.
         estate = Estate.load(home)
         endorse = estate.endorse if estate is not None and estate.is_admin else None
+        if args.private and endorse is None:
+            raise UsageError(
+                "a private volume is made on the estate's admin node (it holds the CA key "
+                "that signs who may read it)"
+            )
         record = registry.create(args.name, params, endorse=endorse)
+        if args.private:
+            from p2pfs.trust.grants import make_private
+
+            make_private(home, record.id, record.name)
         print(record.id.hex())
         if endorse is None:
             print(
@@ -121,7 +140,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise NotFound(f"cannot import {args.source}: no such directory")
     store = Store(home.store_dir)
     try:
-        importer = Importer(store, registry, args.volume)
+        sealing = access.sealing_of(home, Estate.load(home), args.volume)
+        importer = Importer(store, registry, args.volume, sealing=sealing)
         root = importer.scan(args.source)
         with import_bar(sys.stderr.isatty() and not args.json, importer.total_bytes) as progress:
             importer.progress = progress

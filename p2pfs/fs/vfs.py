@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
+from p2pfs.errors import P2pfsError
+from p2pfs.ids import ID_SIZE
 from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
 from p2pfs.volume.history import history
@@ -58,8 +60,16 @@ class FsStats:
 
 @dataclass(frozen=True)
 class Head:
+    """A volume's snapshot as the filesystem shows it; ``root``: the ref of its root
+    tree (the snapshot's root id, or for a private volume that id and its key)."""
+
     snapshot_id: bytes
     snapshot: Snapshot
+    root: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            object.__setattr__(self, "root", self.snapshot.root)
 
 
 class Node:
@@ -107,9 +117,13 @@ class FileSystem:
         *,
         uid: int | None = None,
         gid: int | None = None,
+        root_of: Callable[[Snapshot], bytes] | None = None,
     ) -> None:
         self.content = content
         self.heads = heads
+        # The root ref of an older snapshot (.snapshots/): a private one's root key
+        # opens with its epoch's secret. P2pfsError if this node cannot.
+        self.root_of: Callable[[Snapshot], bytes] = root_of or (lambda snap: snap.root)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._nodes: dict[int, Node] = {}
@@ -236,7 +250,7 @@ class FileSystem:
 
     def _volume_entry(self, name: str, head: Head) -> Entry:
         snap = head.snapshot
-        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, snap.root, None)
+        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, head.root, None)
 
     async def _dir_listing(self, ino: int) -> tuple[list[bytes], Sequence[Entry] | None]:
         if ino == ROOT_INO:
@@ -264,9 +278,14 @@ class FileSystem:
                 log.info("history of %s stops at %d: %s", snapdir.volume, v.seq + 1, v.error)
                 break
             name = str(v.seq).encode()
-            out.append(
-                (Entry(name, Kind.DIR, 0o555, v.snapshot.time_ns, 0, v.snapshot.root, None), v.id)
-            )
+            try:
+                root = self.root_of(v.snapshot)
+            except P2pfsError as e:
+                log.info(
+                    "history of %s: snapshot %d is not readable here: %s", snapdir.volume, v.seq, e
+                )
+                continue
+            out.append((Entry(name, Kind.DIR, 0o555, v.snapshot.time_ns, 0, root, None), v.id))
         out.sort(key=lambda pair: pair[0].name)
         return out
 
@@ -448,7 +467,7 @@ class FileSystem:
     def open_chunk_ids(self) -> set[bytes]:
         """Chunks of open files (never evicted while open). Called from store threads:
         list() copies the values in one step under the GIL."""
-        return {cid for f in list(self._files.values()) for cid in f.layout.ids}
+        return {cid[:ID_SIZE] for f in list(self._files.values()) for cid in f.layout.ids}
 
     def release(self, fh: int) -> None:
         w = self._w(fh)

@@ -25,12 +25,13 @@ from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.fsutil import locked
 from p2pfs.home import Home
+from p2pfs.keys import SigningKey
 from p2pfs.net.following import VolumeSync
 from p2pfs.net.link import parse_address
 from p2pfs.net.service import Network
 from p2pfs.objects.model import Snapshot
 from p2pfs.store.cas import Store
-from p2pfs.trust.estate import Estate
+from p2pfs.trust.estate import Estate, node_key
 from p2pfs.volume.content import Content
 from p2pfs.volume.pins import PinRegistry
 from p2pfs.volume.registry import VolumeRecord, VolumeRegistry
@@ -79,6 +80,10 @@ class Daemon:
         self.ready = ReadyLine(ready_fd)
         self.debug_faults = debug_faults
         self.heads: dict[str, Head] = {}
+        # Private volumes this node follows but cannot read (cache-only, or not granted
+        # any more): name -> (snapshot id, snapshot, access, problem).
+        self.unread: dict[str, tuple[bytes, Snapshot, str, str]] = {}
+        self._node_key: SigningKey | None = None
         self.network: Network | None = None
         self.sync: VolumeSync | None = None
         self.nursery: trio.Nursery | None = None
@@ -126,7 +131,7 @@ class Daemon:
         self.content = Content(
             store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
         )
-        self.fs = FileSystem(self.content, lambda: self.heads)
+        self.fs = FileSystem(self.content, lambda: self.heads, root_of=self.root_of)
         store.set_protector(self.fs.open_chunk_ids)
         if self.mountpoint is not None and not self.read_only:
             self.live = LiveVolumes(
@@ -144,7 +149,7 @@ class Daemon:
             self.content,
             store,
             PinRegistry(self.home),
-            lambda: {n: (h.snapshot_id, h.snapshot) for n, h in self.heads.items()},
+            lambda: {n: (h.snapshot_id, h.snapshot, h.root) for n, h in self.heads.items()},
             fetch,
             self.home.root / "scrub.json",
             scrub_interval_s=self.config.scrub_interval_s,
@@ -268,10 +273,30 @@ class Daemon:
             out.append((name, record, snap, self.registry.is_publisher(name)))
         return out
 
+    def access_of(self, volume_id: bytes) -> str:
+        """This node's access to a volume: public, reader, cache-only or none."""
+        if self.estate is None:
+            return "public"
+        va = self.estate.access.of(volume_id)
+        return "public" if va is None else va.role_of(self.estate.node_id)
+
+    def root_of(self, snap: Snapshot) -> bytes:
+        """The root ref of ``snap``: a private one's root key opens with its epoch's
+        secret, which this node holds only if it is granted to read the volume."""
+        if not snap.private:
+            return snap.root
+        if self.estate is None:
+            raise P2pfsError("a private volume is read only within its estate")
+        if self._node_key is None:
+            self._node_key = node_key(self.home)
+        return self.estate.access.root_of(snap, self._node_key, self.estate.node_id)
+
     async def reload_heads(self, *, keep_published: bool = True) -> list[str]:
         """Load every volume's verified head (reads in a worker thread, the switch at
         one instant on the event loop); returns the names whose head changed."""
         read = await trio.to_thread.run_sync(self._read_heads)
+        unread: dict[str, tuple[bytes, Snapshot, str, str]] = {}
+        cache_changed: list[str] = []
         changed = []
         fresh: dict[str, Head] = {}
         records: dict[str, VolumeRecord] = {}
@@ -287,12 +312,34 @@ class Daemon:
                 publishing.add(name)
             if snap is None or record.head is None:
                 continue
-            fresh[name] = Head(record.head, snap)
+            access = self.access_of(snap.volume_id)
+            try:
+                root = self.root_of(snap)
+            except P2pfsError as e:
+                problem = f"snapshot {snap.seq} is not readable here: {e}"
+                old_unread = self.unread.get(name)
+                unread[name] = (record.head, snap, access, problem)
+                if access == "cache-only" and (old_unread is None or old_unread[0] != record.head):
+                    cache_changed.append(name)
+                continue
+            if access == "none":
+                unread[name] = (
+                    record.head,
+                    snap,
+                    access,
+                    "this node is no longer granted this volume: it gets no newer snapshot",
+                )
+            fresh[name] = Head(record.head, snap, root)
             old = self.heads.get(name)
             if old is None or old.snapshot_id != record.head:
                 changed.append(name)
         gone = [n for n in self.heads if n not in fresh]
         self.heads = fresh
+        self.unread = unread
+        if self.nursery is not None:
+            for name in cache_changed:
+                sid, snap, _, _ = unread[name]
+                self.nursery.start_soon(self.keeper.keep_cached, name, sid, snap)
         if changed and self.nursery is not None:
             self.nursery.start_soon(self.keeper.follow, changed)
             for name in changed:
@@ -354,5 +401,25 @@ class Daemon:
             else:  # a writable volume with nothing committed yet
                 assert self.live is not None
                 vid, seq, sid = self.live.volume_ids[name].hex(), 0, None
-            out.append(VolumeInfo(name, vid, seq, sid, name in writable, live))
+            note = self.unread.get(name)
+            access = note[2] if note else self.access_of(bytes.fromhex(vid))
+            out.append(
+                VolumeInfo(
+                    name, vid, seq, sid, name in writable, live, access, note[3] if note else None
+                )
+            )
+        for name, (sid_b, snap, access, problem) in sorted(self.unread.items()):
+            if name not in self.heads:
+                out.append(
+                    VolumeInfo(
+                        name,
+                        snap.volume_id.hex(),
+                        snap.seq,
+                        sid_b.hex(),
+                        False,
+                        None,
+                        access,
+                        problem,
+                    )
+                )
         return tuple(out)

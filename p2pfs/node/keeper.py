@@ -33,13 +33,15 @@ from p2pfs.volume.pins import (
     PinState,
     check_quota,
     collect,
+    collect_id_list,
     fetch_missing,
     pin_states,
 )
 
 log = logging.getLogger(__name__)
 
-Heads = Callable[[], dict[str, tuple[bytes, Snapshot]]]
+# name -> (snapshot id, snapshot, root ref) of every volume this node reads
+Heads = Callable[[], dict[str, tuple[bytes, Snapshot, bytes]]]
 Fetch = Callable[[bytes], Awaitable[bytes]]
 SCRUB_BATCH = 64
 
@@ -93,7 +95,7 @@ class Keeper:
 
     # -- pins -------------------------------------------------------------------
 
-    def _head(self, volume: str) -> tuple[bytes, Snapshot]:
+    def _head(self, volume: str) -> tuple[bytes, Snapshot, bytes]:
         head = self.heads().get(volume)
         if head is None:
             known = ", ".join(sorted(self.heads())) or "none"
@@ -102,7 +104,7 @@ class Keeper:
 
     async def pin(self, volume: str, path: str, *, follow: bool) -> PinJob:
         """Start (or resume) pinning; returns the job, which runs in the background."""
-        snapshot_id, snapshot = self._head(volume)
+        snapshot_id, snapshot, root = self._head(volume)
         name = f"{volume}:{path}"
         running = self.jobs.get(name)
         if running is not None and running.state in ("resolving", "fetching"):
@@ -111,7 +113,7 @@ class Keeper:
         self.jobs[name] = job
         # Resolve and check the quota now, so the CLI hears a refusal at once.
         try:
-            collected = await collect(self.content, snapshot_id, snapshot, path)
+            collected = await collect(self.content, snapshot_id, snapshot, path, root)
             check_quota(self.store, name, collected)
             await trio.to_thread.run_sync(self.store.pin, name, collected.ids)
             self.pins.put(volume, path, follow=follow, seq=snapshot.seq)
@@ -161,10 +163,10 @@ class Keeper:
                     log.warning("pin %s could not follow the new snapshot: %s", record.name, e)
 
     async def repin(self, record: PinRecord) -> None:
-        snapshot_id, snapshot = self._head(record.volume)
+        snapshot_id, snapshot, root = self._head(record.volume)
         if snapshot.seq == record.seq:
             return
-        collected = await collect(self.content, snapshot_id, snapshot, record.path)
+        collected = await collect(self.content, snapshot_id, snapshot, record.path, root)
         check_quota(self.store, record.name, collected)
         await self._replace_pin_set(record.name, collected.ids, snapshot.seq)
         self.pins.put(record.volume, record.path, follow=True, seq=snapshot.seq)
@@ -186,10 +188,29 @@ class Keeper:
     async def keep_published(self, volume: str) -> None:
         """The publisher is where every chunk of its volumes always exists (the origin):
         pin the whole head snapshot so a cache quota never evicts any of it."""
-        snapshot_id, snapshot = self._head(volume)
-        collected = await collect(self.content, snapshot_id, snapshot, "/")
+        snapshot_id, snapshot, root = self._head(volume)
+        collected = await collect(self.content, snapshot_id, snapshot, "/", root)
         await self._replace_pin_set(f"publish:{volume}", collected.ids, snapshot.seq)
         log.info("volume %s: %d ids pinned as its origin", volume, len(collected.ids))
+
+    async def keep_cached(self, volume: str, snapshot_id: bytes, snapshot: Snapshot) -> None:
+        """A volume this node may only cache (its ciphertext, never its plaintext): hold
+        all of its head snapshot, as its id list names it, pinned and fetched."""
+        name = f"cache:{volume}"
+        running = self.jobs.get(name)
+        if running is not None and running.state in ("resolving", "fetching"):
+            running.scope.cancel()  # a newer snapshot replaces what it was fetching
+        job = PinJob(name)
+        self.jobs[name] = job
+        try:
+            collected = await collect_id_list(self.content, snapshot_id, snapshot)
+            await self._replace_pin_set(name, collected.ids, snapshot.seq)
+        except P2pfsError as e:
+            job.state, job.error, job.finished = "failed", str(e), time.monotonic()
+            log.warning("cache of %s: %s", volume, e)
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_job, job, collected)
 
     async def pin_states(self) -> list[PinState]:
         return await trio.to_thread.run_sync(pin_states, self.pins, self.store)
@@ -207,7 +228,7 @@ class Keeper:
     async def history(self, volume: str, limit: int = 100) -> list[dict[str, Any]]:
         """The volume's snapshots, newest first, following parent links (each verified:
         same volume key, signature, sequence falling by one)."""
-        snapshot_id, snapshot = self._head(volume)
+        snapshot_id, snapshot, _root = self._head(volume)
         found = await history(self.content, snapshot_id, snapshot, limit)
         if found.broken is not None:
             raise found.broken

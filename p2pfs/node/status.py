@@ -48,6 +48,8 @@ class VolumeInfo:
     snapshot: str | None
     writable: bool
     live: PublisherStats | None = None  # a writable volume's publisher
+    access: str = "public"  # or, for a private volume: reader, cache-only, none
+    problem: str | None = None  # why this node cannot read it, or gets no newer snapshot
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ def _volume(v: VolumeInfo) -> dict[str, Any]:
         "seq": v.seq,
         "snapshot": v.snapshot,
         "writable": v.writable,
+        "access": v.access,
+        "problem": v.problem,
     }
     if v.live is not None:
         out["live"] = dataclasses.asdict(v.live)

@@ -25,6 +25,8 @@ from p2pfs.errors import DecodeError, IntegrityError, P2pfsError, SignatureError
 from p2pfs.keys import PUBLIC_KEY_SIZE, SigningKey, verify
 from p2pfs.names import name_problem
 from p2pfs.objects import codec
+from p2pfs.objects.model import Snapshot
+from p2pfs.seal import open_root
 
 from .revocation import MAX_NUMBER, NODE_ID_SIZE
 
@@ -104,6 +106,15 @@ class AccessList:
                 f"(access list {self.number}): it is not granted to read it"
             )
         return key.open_box(box)
+
+    def root_of(self, snap: Snapshot, key: SigningKey, node_id: bytes) -> bytes:
+        """The root ref of snapshot ``snap``: for a private one, its root key opened with
+        this node's copy of the epoch secret (P2pfsError if it holds none)."""
+        if not snap.private:
+            return snap.root
+        assert snap.root_key is not None
+        secret = self.secret(snap.volume_id, snap.epoch, key, node_id)
+        return open_root(secret, snap.volume_id, snap.seq, snap.root, snap.root_key)
 
 
 EMPTY = AccessList(0, 0, {}, b"")

@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 
-from p2pfs.errors import NotFound, P2pfsError, UsageError
+from p2pfs.errors import IntegrityError, NotFound, P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.names import check_volume_name
-from p2pfs.objects.model import Kind, Snapshot, decode_blob
+from p2pfs.objects.model import Kind, Snapshot, decode_blob, decode_id_list
 from p2pfs.seal import stored_id
 from p2pfs.store.cas import Store
 
@@ -187,6 +187,26 @@ async def collect(
         else:
             raise NotFound(f"{here} is not a directory")
     await _collect_tree(content, tree_id, out)
+    return out
+
+
+MAX_ID_LIST_PARTS = 1 << 16
+
+
+async def collect_id_list(content: Content, snapshot_id: bytes, snapshot: Snapshot) -> Collected:
+    """Every stored id of a private snapshot from its id list: what a node that may
+    only cache the volume fetches and pins, without a key to read any of it."""
+    if snapshot.ids is None:
+        raise P2pfsError(f"snapshot {snapshot.seq} of {snapshot.name} has no id list")
+    out = Collected(objects=[snapshot_id])
+    part_id: bytes | None = snapshot.ids
+    while part_id is not None:
+        if part_id in out.objects or len(out.objects) > MAX_ID_LIST_PARTS:
+            raise IntegrityError(f"the id list of {snapshot.name} {snapshot.seq} loops")
+        out.objects.append(part_id)
+        part = decode_id_list(await content.load_stored(part_id))
+        out.chunks.update(zip(part.ids, part.sizes, strict=True))
+        part_id = part.next
     return out
 
 

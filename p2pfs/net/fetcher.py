@@ -95,10 +95,15 @@ class Fetcher:
             self._failed,
         )
 
-    async def fetch_into_store(self, cid: bytes, *, proxy: bool = True) -> bytes:
+    async def fetch_into_store(
+        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
+    ) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
 
-        ``proxy=False`` when a peer made us the chunk's home (see ``fetch``).
+        ``proxy=False`` when a peer made us the chunk's home (see ``fetch``);
+        ``origins_only`` when nothing we follow vouches for the id: then only the
+        publishers of what we follow are asked, so a peer cannot make us store bytes of
+        its own choosing by serving them itself (cache stuffing).
         """
         assert self.store is not None
         store = self.store
@@ -110,7 +115,7 @@ class Fetcher:
                 continue  # it failed, or could not be cached: fetch it ourselves
         event = self._inflight[cid] = trio.Event()
         try:
-            data, _peer = await self.fetch(cid, proxy=proxy)
+            data, _peer = await self.fetch(cid, proxy=proxy, origins_only=origins_only)
             try:
                 await trio.to_thread.run_sync(
                     functools.partial(
@@ -128,14 +133,18 @@ class Fetcher:
             del self._inflight[cid]
             event.set()
 
-    def candidates(self, cid: bytes, *, proxy: bool = True) -> list[tuple[Peer, bool]]:
-        if not self.peer_fetch:
+    def candidates(
+        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
+    ) -> list[tuple[Peer, bool]]:
+        if not self.peer_fetch or origins_only:
             found = (self.table.peers.get(o) for o in sorted(self.origins))
             return [(p, False) for p in found if p is not None and p.usable]
         home = self.table.home_of(cid, self.node_id, self.origins) if proxy else None
         return self.table.ranked_for(cid, others=self.others, origins=self.origins, home=home)
 
-    async def fetch(self, cid: bytes, *, proxy: bool = True) -> tuple[bytes, Peer]:
+    async def fetch(
+        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
+    ) -> tuple[bytes, Peer]:
         """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) past the deadline.
 
         ``proxy=False`` when fetching on behalf of a peer that made us the chunk's
@@ -145,7 +154,11 @@ class Fetcher:
         errors: list[str] = []
         with trio.move_on_after(self.deadline_s):
             while True:
-                order = [c for c in self.candidates(cid, proxy=proxy) if c[0].node_id not in tried]
+                order = [
+                    c
+                    for c in self.candidates(cid, proxy=proxy, origins_only=origins_only)
+                    if c[0].node_id not in tried
+                ]
                 if order:
                     got = await self._race(cid, order, tried, errors)
                     if got is not None:
@@ -159,7 +172,8 @@ class Fetcher:
                 # Nobody had it (or nobody is connected yet): wait a moment for peers to
                 # appear or reconnect, then ask again the ones not asked yet or all anew.
                 await trio.sleep(0.2)
-                if not [c for c in self.candidates(cid, proxy=proxy) if c[0].node_id not in tried]:
+                again = self.candidates(cid, proxy=proxy, origins_only=origins_only)
+                if not [c for c in again if c[0].node_id not in tried]:
                     tried.clear()
         self._failed += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"

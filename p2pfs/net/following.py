@@ -6,6 +6,11 @@ Ed25519 signature verifies under that key, its bytes hash to the head id that
 was announced, and its sequence number is higher than the one held. Anything
 else is refused, logged and counted; the tree and file objects under an
 accepted snapshot are fetched lazily, on first use, and verified like chunks.
+
+A private volume is followed only by the nodes its access list lets read or cache
+it. Before its snapshot is taken, its id list is fetched (verified by id) and every
+id in it tagged in the store as the volume's, so this node serves them only to
+peers that may see the volume, and may fetch them for others as their home.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from dataclasses import dataclass
 import trio
 
 from p2pfs.errors import P2pfsError
-from p2pfs.objects.model import MAX_SNAPSHOT_BYTES, decode_snapshot, object_id
+from p2pfs.ids import matches
+from p2pfs.objects.model import (
+    MAX_ID_LIST_BYTES,
+    MAX_SNAPSHOT_BYTES,
+    Snapshot,
+    decode_id_list,
+    decode_snapshot,
+    object_id,
+)
 from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate
 from p2pfs.volume.registry import VolumeRecord, VolumeRegistry
@@ -30,6 +43,7 @@ from .peers import Peer
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 10.0
+MAX_ID_LIST_PARTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class VolumeSync:
         self.refused = 0
         self.refusals: deque[str] = deque(maxlen=20)
         self._busy: set[bytes] = set()
+        # Set by the daemon: a newer access list may open (or close) private volumes.
+        self.access_changed: Callable[[], None] = lambda: None
 
     def _records(self) -> list[VolumeRecord]:
         out = []
@@ -102,6 +118,9 @@ class VolumeSync:
     def on_revocations_changed(self) -> None:
         pass
 
+    def on_access_changed(self) -> None:
+        self.access_changed()
+
     async def on_volume_head(self, peer: Peer, head: messages.VolumeHead) -> None:
         if self.only and head.name not in self.only:
             return
@@ -135,6 +154,11 @@ class VolumeSync:
         if head.endorsement is None:
             raise P2pfsError("the volume is not endorsed by the estate")
         self.estate.verify_endorsement(head.volume_id, head.name, head.endorsement)
+        access = self.estate.access
+        if not access.may_see(self.estate.node_id, head.volume_id):
+            raise P2pfsError(
+                f"the volume is private and this node is not granted it (access list {access.number})"
+            )
         conn = peer.conn
         if conn is None:
             raise PeerUnavailable("peer went away")
@@ -153,6 +177,14 @@ class VolumeSync:
         if sid != head.head:
             # The peer may have moved on since its hello: fine if still newer than ours.
             log.debug("snapshot of %s moved from %s to %s", head.name, head.head.hex(), sid.hex())
+        if snapshot.private != access.is_private(head.volume_id):
+            raise P2pfsError(
+                "the snapshot is sealed but the volume is public"
+                if snapshot.private
+                else "the volume is private but its snapshot is not sealed"
+            )
+        if snapshot.private:
+            await self._take_id_list(peer, snapshot, sid)
         await trio.to_thread.run_sync(self.store.put_object, data)
         record = self.registry.follow(snapshot, sid, head.endorsement, head.origin)
         self.accepted += 1
@@ -163,6 +195,36 @@ class VolumeSync:
         new_head = self.head_of(record)
         if new_head is not None:
             self.announce(new_head)  # gossip: peers that missed the publisher hear it from us
+
+    async def _take_id_list(self, peer: Peer, snapshot: Snapshot, sid: bytes) -> None:
+        """Fetch a private snapshot's id list from ``peer`` and tag what it names."""
+        parts: list[tuple[bytes, bytes]] = []
+        ids: list[bytes] = []
+        part_id: bytes | None = snapshot.ids
+        while part_id is not None:
+            if len(parts) >= MAX_ID_LIST_PARTS or any(part_id == p for p, _ in parts):
+                raise P2pfsError("the snapshot's id list loops")
+            conn = peer.conn
+            if conn is None:
+                raise PeerUnavailable("peer went away")
+            answer, data = await conn.request(messages.get(part_id), within=SNAPSHOT_TIMEOUT)
+            err = messages.answer_error(answer)
+            if err is not None:
+                raise P2pfsError(f"peer answered for the id list: {err}")
+            if len(data) > MAX_ID_LIST_BYTES or not matches(part_id, data):
+                raise P2pfsError("the peer sent a corrupt part of the id list")
+            part = decode_id_list(data)
+            parts.append((part_id, data))
+            ids.extend(part.ids)
+            part_id = part.next
+        extra = [sid] if snapshot.parent is None else [sid, snapshot.parent]
+
+        def store_and_tag() -> None:
+            self.store.tag(snapshot.volume_id, [*ids, *(p for p, _ in parts), *extra])
+            for _, data in parts:
+                self.store.put_object(data)
+
+        await trio.to_thread.run_sync(store_and_tag)
 
     def statistics(self) -> SyncStats:
         return SyncStats(self.accepted, self.refused, tuple(self.refusals))

@@ -26,8 +26,8 @@ MAX_SEQ = 2**63 - 1
 MAX_DIGEST_BYTES = 16 * 1024 * 1024
 
 # Requests (carry an "id" the answer repeats) and one-way notices.
-REQUESTS = {"get", "have", "snapshot", "revocations", "ping"}
-NOTICES = {"hello", "announce", "digest", "revoked"}
+REQUESTS = {"get", "have", "snapshot", "revocations", "access-list", "ping"}
+NOTICES = {"hello", "announce", "digest", "revoked", "access"}
 ANSWER = "r"
 
 
@@ -105,6 +105,7 @@ class Hello:
     version: int
     volumes: tuple[VolumeHead, ...]
     revocation_number: int
+    access_number: int = 0  # the newest access list the node holds (0: none)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -114,6 +115,7 @@ class Hello:
             "v": self.version,
             "vols": [v.to_wire() for v in self.volumes],
             "crl": self.revocation_number,
+            "acl": self.access_number,
         }
 
     @classmethod
@@ -127,6 +129,8 @@ class Hello:
             version=_int(h, "v", 0, 2**16, "hello"),
             volumes=tuple(VolumeHead.from_wire(v, "hello") for v in vols),
             revocation_number=_int(h, "crl", 0, MAX_SEQ, "hello"),
+            # Absent from the first release's hello: it held no access list.
+            access_number=_int(h, "acl", 0, MAX_SEQ, "hello") if "acl" in h else 0,
         )
 
 
@@ -192,6 +196,15 @@ def revoked_notice(number: int) -> dict[str, Any]:
 
 def parse_revoked(h: dict[str, Any]) -> int:
     return _int(h, "n", 0, MAX_SEQ, "revoked")
+
+
+def access_notice(number: int) -> dict[str, Any]:
+    """A newer access list exists here (ask for it with an ``access`` request)."""
+    return {"t": "access", "n": number}
+
+
+def parse_access_notice(h: dict[str, Any]) -> int:
+    return _int(h, "n", 0, MAX_SEQ, "access")
 
 
 def answer(rid: int, *, error: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -8,10 +8,18 @@ send ``hello``; the connection serves requests both ways until it breaks.
 
 Followers learn volumes from hellos and announces; what to do with a newer
 snapshot is the daemon's business (``LocalNode.on_volume_head``).
+
+Private volumes (trust/access.py): a peer hears only of volumes it may read or
+cache. Hellos, announces and snapshot answers leave the others out; ``get`` and
+``have`` treat an id tagged with a volume the asker may not see as absent; each
+peer gets a digest of what it may see. Acting as a chunk's home, the node fetches
+for a peer only ids its followed private volumes vouch for, or else asks only the
+publishers (no cache stuffing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -24,6 +32,7 @@ import trio
 from p2pfs.config import Config
 from p2pfs.errors import MissingChunk, P2pfsError
 from p2pfs.store.cas import Store
+from p2pfs.trust.access import MAX_ACCESS_LIST
 from p2pfs.trust.estate import Estate
 from p2pfs.trust.revocation import MAX_REVOCATION_LIST
 from p2pfs.trust.tlsstream import TLSStream
@@ -57,6 +66,8 @@ class LocalNode(Protocol):
 
     def on_revocations_changed(self) -> None: ...
 
+    def on_access_changed(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class NetworkStats:
@@ -67,6 +78,10 @@ class NetworkStats:
     chunks_served: int
     connections_refused: int
     fetch: FetchStats
+
+
+class _NotForThisPeer(Exception):
+    """The id belongs to a private volume the asking peer may not see."""
 
 
 class Network:
@@ -106,7 +121,9 @@ class Network:
         self._dialing: set[bytes] = set()
         self._store_changed = trio.Event()
         self._digest_generation = 0
-        self._digest: tuple[Bloom, int] | None = None
+        # One digest per set of private volumes a peer may see ("class"); public
+        # ids are in every one of them.
+        self._digests: dict[frozenset[bytes], tuple[Bloom, int]] = {}
         self.on_peer_change: Callable[[], None] = lambda: None
         # Test hooks, armed only through the admin control operation of a daemon started
         # with --debug-faults: "serve-unverified" plays a faulty peer that sends what its
@@ -272,7 +289,7 @@ class Network:
     async def _greet(self, conn: Connection) -> None:
         """Each side speaks first with its hello; the other's must arrive in time."""
         try:
-            await conn.send(self._hello().to_wire())
+            await conn.send(self._hello(conn.peer_id).to_wire())
             await self._send_digest(conn)
         except PeerUnavailable:
             return
@@ -298,14 +315,35 @@ class Network:
                 await conn.aclose()
                 return
 
-    def _hello(self) -> Hello:
+    def may_see(self, peer_id: bytes, volume_id: bytes) -> bool:
+        return self.estate.access.may_see(peer_id, volume_id)
+
+    def _visible(self, peer_id: bytes) -> frozenset[bytes]:
+        return self.estate.access.visible_private(peer_id)
+
+    def _hello(self, peer_id: bytes) -> Hello:
         return Hello(
             node_id=self.node_id,
             estate_id=self.estate.estate_id,
             version=messages.PROTOCOL_VERSION,
-            volumes=tuple(self.local.volume_heads()),
+            volumes=tuple(
+                h for h in self.local.volume_heads() if self.may_see(peer_id, h.volume_id)
+            ),
             revocation_number=self.estate.revocation_number,
+            access_number=self.estate.access.number,
         )
+
+    def _read_for(self, peer_id: bytes, cid: bytes) -> tuple[bytes | None, list[bytes]]:
+        """(bytes or None if absent, the private volumes the id belongs to); blocking.
+        _NotForThisPeer if it belongs only to volumes ``peer_id`` may not see."""
+        vols = self.store.volumes_of(cid)
+        if vols and not any(self.may_see(peer_id, v) for v in vols):
+            raise _NotForThisPeer
+        read = self._read_unverified if "serve-unverified" in self.faults else self.store.get
+        try:
+            return read(cid), vols
+        except MissingChunk:
+            return None, vols
 
     # -- handling ---------------------------------------------------------------
 
@@ -316,27 +354,40 @@ class Network:
         kind = header["t"]
         if kind == "get":
             cid = messages.parse_get(header)
-            read = self._read_unverified if "serve-unverified" in self.faults else self.store.get
             try:
-                data = await trio.to_thread.run_sync(read, cid)
-            except MissingChunk:
-                if not messages.get_wants_fetch(header):
-                    return messages.answer(rid, error="missing"), b""
-                # We are this chunk's home: fetch it once, for everyone who asks (but
-                # never through another home: no loops).
-                try:
-                    data = await self.fetcher.fetch_into_store(cid, proxy=False)
-                except P2pfsError:
-                    return messages.answer(rid, error="missing"), b""
+                stored, vols = await trio.to_thread.run_sync(self._read_for, conn.peer_id, cid)
+            except _NotForThisPeer:  # the same answer as for an id we never heard of
+                return messages.answer(rid, error="missing"), b""
             except P2pfsError as e:  # corrupt here: quarantined by the store; say missing
                 log.warning("not serving %s: %s", cid.hex(), e)
                 return messages.answer(rid, error="missing"), b""
+            if stored is None:
+                if not messages.get_wants_fetch(header):
+                    return messages.answer(rid, error="missing"), b""
+                # We are this chunk's home: fetch it once, for everyone who asks (but
+                # never through another home: no loops). An id no private volume we
+                # follow vouches for is asked of the publishers only.
+                try:
+                    stored = await self.fetcher.fetch_into_store(
+                        cid, proxy=False, origins_only=not vols
+                    )
+                except P2pfsError:
+                    return messages.answer(rid, error="missing"), b""
+            data = stored
             self.bytes_served += len(data)
             self.chunks_served += 1
             return messages.answer(rid), data
         if kind == "have":
             ids = messages.parse_have(header)
-            bits = await trio.to_thread.run_sync(lambda: [self.store.has(i) for i in ids])
+            peer_id = conn.peer_id
+
+            def has(i: bytes) -> bool:
+                vols = self.store.volumes_of(i)
+                if vols and not any(self.may_see(peer_id, v) for v in vols):
+                    return False
+                return self.store.has(i)
+
+            bits = await trio.to_thread.run_sync(lambda: [has(i) for i in ids])
             packed = bytearray((len(ids) + 7) // 8)
             for i, yes in enumerate(bits):
                 if yes:
@@ -344,7 +395,7 @@ class Network:
             return messages.answer(rid, bits=bytes(packed)), b""
         if kind == "snapshot":
             vid = messages.parse_snapshot(header)
-            found = self.local.snapshot_for(vid)
+            found = self.local.snapshot_for(vid) if self.may_see(conn.peer_id, vid) else None
             if found is None:
                 return messages.answer(rid, error="unknown volume"), b""
             head, data = found
@@ -355,6 +406,8 @@ class Network:
             return messages.answer(rid, n=self.estate.revocation_number), (
                 self.estate.revocation_list()
             )
+        if kind == "access-list":
+            return messages.answer(rid, n=self.estate.access.number), self.estate.access.encoded
         raise wire.ProtocolError(f"unknown request {kind!r}")
 
     def _read_unverified(self, cid: bytes) -> bytes:
@@ -381,6 +434,11 @@ class Network:
                 await self._pull_revocations(conn)
             elif hello.revocation_number < self.estate.revocation_number:
                 await conn.send(messages.revoked_notice(self.estate.revocation_number))
+            # Before its volumes: a grant that arrives with them must be in force.
+            if hello.access_number > self.estate.access.number:
+                await self._pull_access(conn)
+            elif hello.access_number < self.estate.access.number:
+                await conn.send(messages.access_notice(self.estate.access.number))
             for head in hello.volumes:
                 await self.local.on_volume_head(peer, head)
         elif kind == "announce":
@@ -392,6 +450,35 @@ class Network:
                 peer.digest_generation = gen
         elif kind == "revoked" and messages.parse_revoked(header) > self.estate.revocation_number:
             await self._pull_revocations(conn)
+        elif kind == "access" and messages.parse_access_notice(header) > self.estate.access.number:
+            await self._pull_access(conn)
+
+    async def _pull_access(self, conn: Connection) -> None:
+        header, data = await conn.request({"t": "access-list"}, within=REQUEST_TIMEOUT)
+        if (
+            messages.answer_error(header) is None
+            and len(data) <= MAX_ACCESS_LIST
+            and self.estate.accept_access_list(data)
+        ):
+            self.access_changed()
+
+    def access_changed(self) -> None:
+        """A newer access list is in force: pass it on, and tell every peer again what
+        it may now see (a new grant shows it volumes; a revoked one stops hearing)."""
+        self.local.on_access_changed()
+        self._digests.clear()
+        self.broadcast(messages.access_notice(self.estate.access.number))
+        if self._nursery is None:
+            return
+        for peer in self.table.connected():
+            conn = peer.conn
+            if conn is not None:
+                self._nursery.start_soon(self._regreet, conn)
+        self.store_changed()  # each peer's digest again, for what it may see now
+
+    async def _regreet(self, conn: Connection) -> None:
+        with contextlib.suppress(PeerUnavailable):
+            await conn.send(self._hello(conn.peer_id).to_wire())
 
     async def _pull_revocations(self, conn: Connection) -> None:
         header, data = await conn.request({"t": "revocations"}, within=REQUEST_TIMEOUT)
@@ -429,12 +516,15 @@ class Network:
 
     # -- gossip ------------------------------------------------------------------
 
-    def broadcast(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def broadcast(
+        self, header: dict[str, Any], payload: bytes = b"", *, volume: bytes | None = None
+    ) -> None:
+        """Send to every connected peer (about ``volume``: to those that may see it)."""
         if self._nursery is None:
             return
         for peer in self.table.connected():
             conn = peer.conn
-            if conn is not None:
+            if conn is not None and (volume is None or self.may_see(peer.node_id, volume)):
                 self._nursery.start_soon(self._send_quietly, conn, header, payload)
 
     async def _send_quietly(self, conn: Connection, header: dict[str, Any], payload: bytes) -> None:
@@ -444,33 +534,50 @@ class Network:
             log.debug("send to %s failed: %s", conn.peer_id.hex(), e)
 
     def announce(self, head: VolumeHead) -> None:
-        self.broadcast(messages.announce(head))
+        self.broadcast(messages.announce(head), volume=head.volume_id)
 
-    async def _build_digest(self) -> tuple[Bloom, int]:
-        ids = await trio.to_thread.run_sync(self.store.chunk_ids)
-        return await trio.to_thread.run_sync(Bloom.of, ids, len(ids)), len(ids)
+    async def _build_digest(self, visible: frozenset[bytes]) -> tuple[Bloom, int]:
+        def ids() -> list[bytes]:
+            every = self.store.chunk_ids()
+            tagged = self.store.tagged()
+            if not tagged:
+                return every
+            return [i for i in every if not (v := tagged.get(i)) or not v.isdisjoint(visible)]
+
+        found = await trio.to_thread.run_sync(ids)
+        return await trio.to_thread.run_sync(Bloom.of, found, len(found)), len(found)
+
+    async def _digest_for(self, peer_id: bytes) -> tuple[Bloom, int]:
+        visible = self._visible(peer_id)
+        digest = self._digests.get(visible)
+        if digest is None:
+            digest = self._digests[visible] = await self._build_digest(visible)
+        return digest
 
     async def _send_digest(self, conn: Connection) -> None:
-        if self._digest is None:
-            self._digest = await self._build_digest()
-        bloom, count = self._digest
+        bloom, count = await self._digest_for(conn.peer_id)
         await conn.send(
             messages.digest_notice(self._digest_generation, bloom.hashes, count), bloom.to_bytes()
         )
 
     async def _digest_loop(self) -> None:
-        """Refresh and push the digest when the store changed, at most every DIGEST_INTERVAL."""
+        """Refresh and push the digests when the store changed, at most every DIGEST_INTERVAL."""
         while True:
             await self._store_changed.wait()
             self._store_changed = trio.Event()
             await trio.sleep(DIGEST_INTERVAL)
-            self._digest = await self._build_digest()
+            self._digests = {}
             self._digest_generation = time.time_ns()
-            bloom, count = self._digest
-            self.broadcast(
-                messages.digest_notice(self._digest_generation, bloom.hashes, count),
-                bloom.to_bytes(),
-            )
+            for peer in self.table.connected():
+                conn = peer.conn
+                if conn is not None and self._nursery is not None:
+                    bloom, count = await self._digest_for(peer.node_id)
+                    self._nursery.start_soon(
+                        self._send_quietly,
+                        conn,
+                        messages.digest_notice(self._digest_generation, bloom.hashes, count),
+                        bloom.to_bytes(),
+                    )
 
     # -- status ------------------------------------------------------------------
 

@@ -127,6 +127,7 @@ class Daemon:
                 only=frozenset(self.config.follow_volumes),
             )
             self.network = Network(self.estate, store, self.sync, self.config, disk=disk)
+            self.sync.access_changed = self._access_changed
         fetch = self.network.fetcher.fetch_into_store if self.network else None
         self.content = Content(
             store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
@@ -272,6 +273,11 @@ class Daemon:
                 continue
             out.append((name, record, snap, self.registry.is_publisher(name)))
         return out
+
+    def _access_changed(self) -> None:
+        # A grant may open volumes here now, a revocation close them: look again.
+        if self.nursery is not None:
+            self.nursery.start_soon(self.reload_heads)
 
     def access_of(self, volume_id: bytes) -> str:
         """This node's access to a volume: public, reader, cache-only or none."""

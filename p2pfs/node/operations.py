@@ -135,6 +135,13 @@ class Operations:
                 and self.d.estate.accept_revocation_list(fresh.revocation_list())
             ):
                 self.d.network.revocations_changed()
+            # `volume grant/revoke`, `group add` here signed a newer access list.
+            if (
+                fresh is not None
+                and fresh.access.number > self.d.estate.access.number
+                and self.d.estate.accept_access_list(fresh.access.encoded)
+            ):
+                self.d.network.access_changed()
         return {"changed": await self.d.reload_heads()}
 
     async def _op_commit(self, request: dict[str, Any]) -> dict[str, Any]:

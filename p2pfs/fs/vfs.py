@@ -28,7 +28,7 @@ import trio
 
 from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
-from p2pfs.volume.history import history
+from p2pfs.volume.history import snapshot_dirs
 
 from .api import BLOCK_SIZE, Attr, FsError, Opened
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
@@ -255,20 +255,9 @@ class FileSystem:
         head = self.heads().get(snapdir.volume)
         if head is None:
             raise FsError(errno.ENOENT)
-        found = await history(self.content, head.snapshot_id, head.snapshot, MAX_HISTORY)
-        if found.broken is not None:
-            log.error("history of %s: %s", snapdir.volume, found.broken)
-        out: list[tuple[Entry, bytes]] = []
-        for v in found.versions:
-            if v.snapshot is None:
-                log.info("history of %s stops at %d: %s", snapdir.volume, v.seq + 1, v.error)
-                break
-            name = str(v.seq).encode()
-            out.append(
-                (Entry(name, Kind.DIR, 0o555, v.snapshot.time_ns, 0, v.snapshot.root, None), v.id)
-            )
-        out.sort(key=lambda pair: pair[0].name)
-        return out
+        return await snapshot_dirs(
+            self.content, head.snapshot_id, head.snapshot, MAX_HISTORY, volume=snapdir.volume
+        )
 
     # -- handlers -----------------------------------------------------------
 

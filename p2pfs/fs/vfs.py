@@ -107,9 +107,14 @@ class FileSystem:
         *,
         uid: int | None = None,
         gid: int | None = None,
+        snapshots: bool = True,
     ) -> None:
         self.content = content
         self.heads = heads
+        # Whether each volume's root has the hidden .snapshots/ (off: that name is looked
+        # up like any other). An appliance's policy ([appliance] desktop_snapshots) for the
+        # mount that SMB shares, the same as for its desktop link.
+        self.snapshots = snapshots
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._nodes: dict[int, Node] = {}
@@ -268,7 +273,7 @@ class FileSystem:
             return await self._lookup_self(self._parent_of(parent))
         w = self._w(parent)
         if w is not None:
-            if parent == w.root_ino and name == SNAPSHOTS_DIR:
+            if parent == w.root_ino and name == SNAPSHOTS_DIR and self.snapshots:
                 return self._snapshots_dir(parent, w.name)
             return self._wattr(await w.lookup(parent, name))
         if parent == ROOT_INO:
@@ -286,7 +291,7 @@ class FileSystem:
         if pnode.entry.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
         assert pnode.entry.id is not None
-        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR:
+        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR and self.snapshots:
             return self._snapshots_dir(parent, pnode.volume)
         if pnode.entry.id == SNAPSHOTS_ID:
             for entry, sid in await self._history(pnode):

@@ -126,7 +126,11 @@ class Daemon:
         self.content = Content(
             store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
         )
-        self.fs = FileSystem(self.content, lambda: self.heads)
+        # An appliance shows .snapshots/ on its mount (which SMB shares) only as its policy
+        # for desktops says; any other node always does.
+        appliance = bool(self.config.appliance_listen)
+        snapshots = self.config.desktop_snapshots or not appliance
+        self.fs = FileSystem(self.content, lambda: self.heads, snapshots=snapshots)
         store.set_protector(self.fs.open_chunk_ids)
         if self.mountpoint is not None and not self.read_only:
             self.live = LiveVolumes(

@@ -202,6 +202,7 @@ class Daemon:
             control,
             [parse_address(a) for a in self.config.appliance_listen],
             allow_pin=self.config.desktop_pin,
+            snapshots=self.config.desktop_snapshots,
             frame_timeout=self.config.frame_timeout_s,
         )
         await self.desktop_link.listen()

@@ -30,6 +30,7 @@ max_delay_s = 30.0          # ... and at the latest this long after the first on
 [appliance]                 # appliance mode: the desktop link (docs/appliance.md)
 user_listen = ["192.168.122.2:7421"]   # where desktops reach the user API (TCP, or vsock:CID:PORT)
 desktop_pin = false         # may desktops pin and unpin?
+desktop_snapshots = true    # VOLUME/.snapshots/<seq>/ on the desktop link and the mount SMB shares
 volumes = ["tools"]         # follow only these volumes (default: every endorsed volume)
 ```
 
@@ -101,6 +102,7 @@ class PublishSection(_Section):
 class ApplianceSection(_Section):
     user_listen: str | list[str] = []
     desktop_pin: bool = False
+    desktop_snapshots: bool = True
     volumes: list[str] = []
 
 
@@ -147,6 +149,7 @@ class Config:
     max_delay_s: float = 30.0
     appliance_listen: tuple[str, ...] = field(default_factory=tuple)
     desktop_pin: bool = False
+    desktop_snapshots: bool = True
     follow_volumes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -261,5 +264,6 @@ def load(path: Path) -> Config:
         max_delay_s=publish.max_delay_s,
         appliance_listen=tuple(listen),
         desktop_pin=appl.desktop_pin,
+        desktop_snapshots=appl.desktop_snapshots,
         follow_volumes=tuple(appl.volumes),
     )

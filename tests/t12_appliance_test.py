@@ -29,9 +29,15 @@ from typing import Any
 
 import pytest
 import trio
-from harness import require_lab, run_cli
+from harness import mounted, require_lab, run_cli
 
-from p2pfs.appliance.link_client import ApplianceLink, LinkClient, LinkError, with_link
+from p2pfs.appliance.link_client import (
+    ApplianceLink,
+    ApplianceUnavailable,
+    LinkClient,
+    LinkError,
+    with_link,
+)
 from p2pfs.appliance.thin_fs import ThinFileSystem, read_state
 from p2pfs.fs import fuse
 from p2pfs.fsutil import pid_alive as cli_alive
@@ -44,8 +50,9 @@ from p2pfs.node import control
 from p2pfs.node.control import ControlServer
 from p2pfs.node.daemon import Daemon
 from p2pfs.node.desktop_api import ADMIN_OPERATIONS, ADMIN_REFUSED, INFO_OPERATIONS, PIN_OPERATIONS
+from p2pfs.node.desktop_view import desktop_peers, desktop_status
 from p2pfs.node.operations import Operations
-from p2pfs.trust.desktop import DesktopToken, TokenRefused, load_token
+from p2pfs.trust.desktop import ApplianceKeys, DesktopToken, TokenRefused, load_token
 
 MIB = 1024 * 1024
 
@@ -68,10 +75,26 @@ def make_tree(root: Path, big_mib: int = 6) -> dict[str, str]:
     }
 
 
-def write_config(home: Path, listen: str, *, desktop_pin: bool = False) -> None:
+def write_config(
+    home: Path, listen: str, *, desktop_pin: bool = False, snapshots: bool = True
+) -> None:
     (home / "config.toml").write_text(
         f'[appliance]\nuser_listen = ["{listen}"]\ndesktop_pin = {str(desktop_pin).lower()}\n'
+        f"desktop_snapshots = {str(snapshots).lower()}\n"
     )
+
+
+def second_snapshot(home: Path, src: Path) -> dict[str, str]:
+    """Change the tree and import it again (snapshot 2); the new tree's digests."""
+    (src / "docs" / "n0.txt").write_bytes(b"changed in snapshot 2\n")
+    (src / "docs" / "n2.txt").unlink()
+    (src / "added.txt").write_bytes(b"new in snapshot 2\n")
+    run_cli(home, "import", str(src), "tools", check=True)
+    return {
+        str(p.relative_to(src)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in src.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @dataclass
@@ -82,6 +105,7 @@ class Appliance:
     proc: subprocess.Popen[bytes]
     tree: dict[str, str]
     source: Path
+    first: dict[str, str]  # the tree of snapshot 1 (the same as ``tree`` without a second)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = control.call(self.home / "run" / "control.sock", "status")
@@ -117,13 +141,19 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
 
 
 @contextlib.contextmanager
-def running_appliance(work: Path, *, desktop_pin: bool = False) -> Iterator[Appliance]:
+def running_appliance(
+    work: Path, *, desktop_pin: bool = False, snapshots: bool = True, second: bool = False
+) -> Iterator[Appliance]:
+    """A daemon serving desktops on 127.0.0.1 (volume ``tools``; with ``second``, two
+    snapshots of it)."""
     home = work / "home"
-    tree = make_tree(work / "src", big_mib=3)
+    first = tree = make_tree(work / "src", big_mib=3)
     run_cli(home, "init", check=True)
     run_cli(home, "volume", "create", "tools", check=True)
     run_cli(home, "import", str(work / "src"), "tools", check=True)
-    write_config(home, "127.0.0.1:0", desktop_pin=desktop_pin)
+    if second:
+        tree = second_snapshot(home, work / "src")
+    write_config(home, "127.0.0.1:0", desktop_pin=desktop_pin, snapshots=snapshots)
     run_cli(
         home, "appliance", "token", "add", "alice", "--out", str(work / "alice.token"), check=True
     )
@@ -134,7 +164,7 @@ def running_appliance(work: Path, *, desktop_pin: bool = False) -> Iterator[Appl
         )
     try:
         address = parse_address(wait_listening(home, proc, log))
-        yield Appliance(home, address, work / "alice.token", proc, tree, work / "src")
+        yield Appliance(home, address, work / "alice.token", proc, tree, work / "src", first)
     finally:
         stop(proc)
 
@@ -204,8 +234,9 @@ def test_desktops_pin_and_unpin_when_the_policy_allows(tmp_path: Path) -> None:
         assert [p["name"] for p in app_pins(app)] == ["tools:/docs"]
         run_cli(None, "appliance", "unpin", *link, "tools:/docs", check=True)
         assert app_pins(app) == []
-        status = run_cli(None, "appliance", "status", *link, check=True)
-        assert json.loads(status.stdout)["desktop_link"]["desktop_pin"] is True
+        status = run_cli(None, "appliance", "status", *link, "--json", check=True)
+        assert json.loads(status.stdout)["policy"]["pin"] is True
+        assert app.status()["desktop_link"]["desktop_pin"] is True
 
 
 @pytest.mark.unit
@@ -277,7 +308,10 @@ async def test_the_token_cannot_read_keys_or_chunks(appliance: Appliance) -> Non
         b"appliance/link.key",
         b"tools//big.img",
         b"tools/big.img\0",
-        b"tools/.snapshots/1/big.img",
+        b"tools/.snapshots/1/../../../node.key",
+        b"tools/.snapshots/01/big.img",
+        b"tools/.snapshots/2/big.img",  # no such snapshot
+        b"tools/.snapshots/x/big.img",
     ):
         for op in ("stat", "list", "open"):
             with pytest.raises(LinkError) as e:
@@ -323,6 +357,331 @@ async def test_reads_over_the_link_are_byte_identical(appliance: Appliance) -> N
         link = await client.request("stat", within=10, path=b"tools/link")
         assert link["kind"] == "symlink" and link["target"] == b"docs/n1.txt"
         await client.aclose()
+
+
+# -- a removed or replaced token ends its desktop's live sessions ------------------------
+
+
+def add_token(app: Appliance, desktop: str, out: Path) -> DesktopToken:
+    run_cli(app.home, "appliance", "token", "add", desktop, "--out", str(out), check=True)
+    return load_token(out)
+
+
+def read_args(opened: dict[str, Any], offset: int, size: int = 4096) -> dict[str, Any]:
+    return {"blob": opened["blob"], "handle": opened["handle"], "offset": offset, "size": size}
+
+
+async def read_all(link: ApplianceLink, path: bytes) -> bytes:
+    opened = await link.call("open", path=path)
+    data = bytearray()
+    while len(data) < opened["size"]:
+        data += await link.call("read", **read_args(opened, len(data), 1 << 20))
+    return bytes(data)
+
+
+async def call_read_all(app: Appliance, path: bytes) -> bytes:
+    async def one(link: ApplianceLink) -> bytes:
+        return await read_all(link, path)
+
+    return await with_link(app.address, load_token(app.token), 10, one)
+
+
+async def wait_ended(link: ApplianceLink, within: float) -> float:
+    """Seconds until the appliance ended the link's session; fails after ``within``."""
+    assert link.client is not None
+    start = time.monotonic()
+    with trio.move_on_after(within):
+        await link.client.closed.wait()
+    took = time.monotonic() - start
+    assert link.client.closed.is_set(), f"the session was still open after {within} s"
+    return took
+
+
+ENDED = "the appliance ended the session: the desktop's token was removed or replaced"
+
+
+@pytest.mark.unit
+async def test_removing_a_token_ends_the_open_session_within_a_second(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    token = add_token(appliance, "carol", tmp_path / "carol.token")
+    before = appliance.status()["desktop_link"]["sessions_ended"]
+    async with trio.open_nursery() as nursery:
+        link = ApplianceLink(appliance.address, token, 5, nursery)
+        opened = await link.call("open", path=b"tools/big.img")
+        assert len(await link.call("read", **read_args(opened, 0))) == 4096
+
+        # What `p2pfs appliance token remove carol` does, timed from the moment it happens.
+        ApplianceKeys(Home(appliance.home)).remove("carol")
+        assert await wait_ended(link, 1.0) < 1.0
+        assert link.client is not None and link.client.close_reason == ENDED
+        # A read on the open session (its handle still in hand) fails like a broken link,
+        # with that reason, and the link does not come back with the old token.
+        for _ in range(2):
+            with pytest.raises(ApplianceUnavailable, match=ENDED) as e:
+                await link.call("read", **read_args(opened, 4096))
+            assert e.value.errno == errno.EIO
+        await link.aclose()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(TokenRefused, match="refused: no valid token for desktop 'carol'"):
+        await connect(appliance, token)
+    assert appliance.status()["desktop_link"]["sessions_ended"] == before + 1
+
+
+@pytest.mark.unit
+async def test_replacing_a_token_ends_the_session_and_voids_its_handles(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    old = add_token(appliance, "dave", tmp_path / "dave-1.token")
+    async with trio.open_nursery() as nursery:
+        link = ApplianceLink(appliance.address, old, 5, nursery)
+        opened = await link.call("open", path=b"tools/docs/n1.txt")
+        assert await link.call("read", **read_args(opened, 0, 10))
+        new = add_token(appliance, "dave", tmp_path / "dave-2.token")  # the CLI, as an admin
+        await wait_ended(link, 1.0)
+        with pytest.raises(ApplianceUnavailable, match=ENDED):
+            await link.call("stat", path=b"tools")
+        await link.aclose()
+        # The new token's session cannot use the handle the old token's session got.
+        fresh = ApplianceLink(appliance.address, new, 5, nursery)
+        with pytest.raises(LinkError, match="not issued to this desktop") as e:
+            await fresh.call("read", **read_args(opened, 0, 10))
+        assert e.value.errno == errno.EACCES
+        reopened = await fresh.call("open", path=b"tools/docs/n1.txt")
+        assert reopened["handle"] != opened["handle"]
+        want = (appliance.source / "docs" / "n1.txt").read_bytes()
+        assert await read_all(fresh, b"tools/docs/n1.txt") == want
+        await fresh.aclose()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(TokenRefused):
+        await connect(appliance, old)
+
+
+@pytest.mark.unit
+async def test_a_read_handle_of_one_desktop_is_refused_to_another(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    erin = add_token(appliance, "erin", tmp_path / "erin.token")
+    opened = await call(appliance, "open", path=b"tools/docs/n3.txt")  # alice's handle
+
+    async def read_as_erin(link: ApplianceLink) -> Any:
+        return await link.call("read", **read_args(opened, 0, 10))
+
+    with pytest.raises(LinkError, match="not issued to this desktop") as e:
+        await with_link(appliance.address, erin, 10, read_as_erin)
+    assert e.value.errno == errno.EACCES
+    assert await call(appliance, "read", **read_args(opened, 0, 10))  # alice's own: fine
+
+
+# -- what a desktop sees of the appliance ---------------------------------------------
+
+
+@pytest.mark.unit
+async def test_status_and_peers_over_the_link_name_no_path_and_no_address(
+    appliance: Appliance,
+) -> None:
+    full = appliance.status()  # the admin's view holds both: the test would see them
+    assert str(appliance.home) in json.dumps(full) and "127.0.0.1" in json.dumps(full)
+    status = await call(appliance, "status")
+    peers = await call(appliance, "peers")
+    for answer in (status, peers):
+        text = json.dumps(answer)
+        assert str(appliance.home) not in text and "127.0.0.1" not in text, text
+        assert "/" not in text, text  # no path at all
+    assert set(status) == {
+        "appliance",
+        "estate",
+        "health",
+        "problems",
+        "volumes",
+        "offline_ready",
+        "pins",
+        "peers",
+        "cache",
+        "bytes_from",
+        "corrupt_chunks_rejected",
+        "uptime_s",
+        "policy",
+    }
+    assert status["appliance"] == full["node_id"]
+    assert status["estate"] is None
+    # No estate: it can serve only what it holds.
+    assert status["health"] == "offline"
+    assert any("joined no estate" in p for p in status["problems"])
+    [tools] = status["volumes"]
+    assert (tools["name"], tools["seq"]) == ("tools", 1)
+    assert abs(tools["snapshot_time"] - time.time()) < 3600
+    assert status["pins"] == {"count": 0, "complete": 0, "bytes": 0}
+    assert status["offline_ready"] is True
+    assert status["peers"] == {"connected": 0, "known": 0}
+    assert status["cache"] == {"used": full["cache"]["bytes"], "quota": full["cache"]["quota"]}
+    assert set(status["bytes_from"]) == {"local", "peers", "origin"}
+    assert status["corrupt_chunks_rejected"] == 0
+    assert status["uptime_s"] >= 0
+    assert status["policy"] == {"pin": False, "snapshots": True}
+    assert peers == {"peers": [], "connected": 0, "known": 0}
+
+    # The command line: lines for a person, or the same JSON.
+    link = ["--token", str(appliance.token), "--appliance", str(appliance.address)]
+    text = run_cli(None, "appliance", "status", *link, check=True).stdout
+    assert text.startswith(f"appliance {full['node_id']}: offline\n"), text
+    assert "volume tools: snapshot 1 of " in text and "policy: pin from desktops refused" in text
+    assert str(appliance.home) not in text and "127.0.0.1" not in text
+    as_json = json.loads(run_cli(None, "appliance", "status", *link, "--json", check=True).stdout)
+    assert set(as_json) == set(status) and as_json["volumes"] == status["volumes"]
+    text = run_cli(None, "appliance", "peers", *link, check=True).stdout
+    assert text.strip() == "0 connected of 0 known"
+    as_json = json.loads(run_cli(None, "appliance", "peers", *link, "--json", check=True).stdout)
+    assert as_json == peers
+
+
+@pytest.mark.unit
+def test_the_desktop_view_drops_addresses_ports_and_paths() -> None:
+    """desktop_view on a status with peers (the lab has them; here the JSON is written
+    out): peers as 16 hex digits, a state and bytes; health from what is wrong."""
+    full: dict[str, Any] = {
+        "node_id": "ab" * 16,
+        "home": "/var/lib/p2pfs",
+        "daemon": {"pid": 7, "uptime_s": 12.5, "mountpoint": "/srv/p2pfs"},
+        "volumes": [{"name": "tools", "id": "cd" * 16, "seq": 3}],
+        "estate": "ef" * 16,
+        "port": 7420,
+        "peers": [
+            {
+                "node_id": "12" * 16,
+                "address": "10.0.0.5",
+                "port": 7420,
+                "state": "connected",
+                "bytes_from": 100,
+                "last_error": "10.0.0.5:7420 refused",
+            },
+            {
+                "node_id": "34" * 16,
+                "address": "10.0.0.6",
+                "port": 7420,
+                "state": "quarantined",
+                "bytes_from": 5,
+                "quarantine_reason": "bad chunk from 10.0.0.6",
+            },
+        ],
+        "quarantined_peers": 1,
+        "cache": {"bytes": 96, "quota": 100},
+        "bytes_from": {"local": 1, "peers": 105, "origin": 2},
+        "corrupt_chunks_rejected": 1,
+        "scrub": {"unhealed": 0},
+    }
+    pins = [
+        {"name": "tools:/a", "complete": True, "bytes": 10},
+        {"name": "tools:/b", "complete": False, "bytes": 4},
+    ]
+    view = desktop_peers(full)
+    assert view == {
+        "peers": [
+            {"peer": "12" * 8, "state": "connected", "bytes_from": 100},
+            {"peer": "34" * 8, "state": "quarantined", "bytes_from": 5},
+        ],
+        "connected": 1,
+        "known": 2,
+    }
+    st = desktop_status(full, pins, {}, allow_pin=True, snapshots=False)
+    for answer in (view, st):
+        text = json.dumps(answer)
+        assert "10.0.0" not in text and "7420" not in text, text
+        assert "/var/lib" not in text and "/srv" not in text, text
+    assert st["health"] == "degraded"
+    assert st["problems"] == [
+        "no volume to read yet",  # no heads given
+        "1 peer quarantined for sending bad data",
+        "1 of 2 pins not complete: not everything pinned reads offline yet",
+        "the cache is 96% full",
+    ]
+    assert st["pins"] == {"count": 2, "complete": 1, "bytes": 14}
+    assert st["offline_ready"] is False and st["uptime_s"] == 12.5
+    assert st["policy"] == {"pin": True, "snapshots": False}
+    assert st["peers"] == {"connected": 1, "known": 2}
+    calm = {**full, "peers": full["peers"][:1], "quarantined_peers": 0, "cache": {"bytes": 1}}
+    calm_st = desktop_status(calm, [], {}, allow_pin=False, snapshots=True)
+    assert (calm_st["health"], calm_st["problems"]) == ("degraded", ["no volume to read yet"])
+    alone = {**calm, "peers": []}
+    assert desktop_status(alone, [], {}, allow_pin=False, snapshots=True)["health"] == "offline"
+
+
+# -- .snapshots on the link follows [appliance] desktop_snapshots ------------------------
+
+
+@pytest.mark.unit
+async def test_snapshots_over_the_link_read_byte_identical(tmp_path: Path) -> None:
+    with running_appliance(tmp_path, second=True) as app:
+        root = await call(app, "list", path=b"tools")
+        assert b".snapshots" not in [e["name"] for e in root["entries"]]  # hidden, as mounted
+        snapdir = await call(app, "stat", path=b"tools/.snapshots")
+        assert (snapdir["kind"], snapdir["mode"]) == ("dir", 0o555)
+        listing = await call(app, "list", path=b"tools/.snapshots")
+        assert [e["name"] for e in listing["entries"]] == [b"1", b"2"]
+        one, two = listing["entries"]
+        assert one["snapshot"] != two["snapshot"]
+        head = await call(app, "stat", path=b"tools/docs/n0.txt")
+        assert head["snapshot"] == two["snapshot"]
+        # Snapshot 1 is the first import, byte for byte; snapshot 2 the head.
+        for rel, digest in app.first.items():
+            data = await call_read_all(app, b"tools/.snapshots/1/" + rel.encode())
+            assert hashlib.sha256(data).hexdigest() == digest, rel
+        for rel, digest in app.tree.items():
+            data = await call_read_all(app, b"tools/.snapshots/2/" + rel.encode())
+            assert hashlib.sha256(data).hexdigest() == digest, rel
+        assert "docs/n2.txt" in app.first and "docs/n2.txt" not in app.tree
+        old = await call(app, "stat", path=b"tools/.snapshots/1/docs/n2.txt")
+        assert old["snapshot"] == one["snapshot"]
+        link = await call(app, "stat", path=b"tools/.snapshots/1/link")
+        assert link["target"] == b"docs/n1.txt"
+        with pytest.raises(LinkError) as e:
+            await call(app, "stat", path=b"tools/.snapshots/1/added.txt")
+        assert e.value.errno == errno.ENOENT
+        for missing in (b"tools/.snapshots/3", b"tools/.snapshots/0", b"tools/.snapshots/1x"):
+            with pytest.raises(LinkError) as e:
+                await call(app, "list", path=missing)
+            assert e.value.errno == errno.ENOENT, missing
+        assert (await call(app, "status"))["policy"]["snapshots"] is True
+
+
+@pytest.mark.unit
+async def test_snapshots_are_not_offered_when_the_policy_says_no(tmp_path: Path) -> None:
+    with running_appliance(tmp_path, snapshots=False, second=True) as app:
+        for op, path in (
+            ("stat", b"tools/.snapshots"),
+            ("list", b"tools/.snapshots"),
+            ("stat", b"tools/.snapshots/1"),
+            ("open", b"tools/.snapshots/1/big.img"),
+        ):
+            with pytest.raises(LinkError) as e:
+                await call(app, op, path=path)
+            assert e.value.errno == errno.ENOENT, (op, path)
+        assert (await call(app, "status"))["policy"]["snapshots"] is False
+        assert app.status()["desktop_link"]["desktop_snapshots"] is False
+        assert await call_read_all(app, b"tools/added.txt") == b"new in snapshot 2\n"
+
+
+@pytest.mark.mount
+def test_the_appliance_mount_hides_snapshots_when_the_policy_says_no(tmp_path: Path) -> None:
+    """The mount an appliance's SMB share exports follows the same policy as the link;
+    a node that serves no desktops keeps its .snapshots/ whatever the option says."""
+    home = tmp_path / "home"
+    make_tree(tmp_path / "src", big_mib=1)
+    run_cli(home, "init", check=True)
+    run_cli(home, "volume", "create", "tools", check=True)
+    run_cli(home, "import", str(tmp_path / "src"), "tools", check=True)
+    second_snapshot(home, tmp_path / "src")
+    write_config(home, "127.0.0.1:0", snapshots=False)
+    with mounted(home, tmp_path / "mnt", read_only=True) as mnt:
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "tools" / ".snapshots")
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "tools" / ".snapshots" / "1" / "docs" / "n2.txt")
+        assert (mnt / "tools" / "added.txt").read_bytes() == b"new in snapshot 2\n"
+    (home / "config.toml").write_text("[appliance]\ndesktop_snapshots = false\n")
+    with mounted(home, tmp_path / "mnt2", read_only=True) as mnt:
+        assert sorted(os.listdir(mnt / "tools" / ".snapshots")) == ["1", "2"]
+        assert (mnt / "tools" / ".snapshots" / "1" / "docs" / "n2.txt").is_file()
 
 
 @pytest.mark.unit

@@ -302,8 +302,9 @@ def test_appliance_vm_joins_serves_the_desktop_and_hides_the_admin_api(tmp_path:
             token = seeds / "desk.token"
 
             def appliance_status() -> dict[str, object]:
-                argv = [sys.executable, "-m", "p2pfs", "appliance", "status", "--token"]
-                proc = desk.run([*argv, str(token)], capture_output=True, text=True, timeout=60)
+                argv = [sys.executable, "-m", "p2pfs", "appliance", "status", "--json"]
+                argv += ["--token", str(token)]
+                proc = desk.run(argv, capture_output=True, text=True, timeout=60)
                 assert proc.returncode == 0, proc.stderr
                 st: dict[str, object] = json.loads(proc.stdout)
                 return st

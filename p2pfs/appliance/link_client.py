@@ -1,6 +1,12 @@
 """The desktop's end of the desktop link: one authenticated connection to its appliance,
 reconnected on demand, every call bounded by a deadline (``net/link.py`` describes the
 link; its transports and frames live there, the request/answer core in ``net/rpc.py``).
+
+The appliance may end a session itself, with a final ``{"t": "end", "error": ...}``
+frame: today when the desktop's token was removed or replaced. Then every waiting and
+later call fails (EIO) with "the appliance ended the session: ...", and the link does
+not reconnect: the token it holds is no longer valid, and a new token file means a new
+mount.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from p2pfs.trust.tlsstream import TLSStream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_END_REASON = 300  # characters of the appliance's reason kept
 
 
 class ApplianceUnavailable(P2pfsError):
@@ -64,6 +71,7 @@ class LinkClient:
         self.welcome = welcome
         self.closed = trio.Event()
         self.close_reason = ""
+        self.ended: str | None = None  # the appliance ended the session: why
         self._pending = Pending()
         self._send_lock = trio.Lock()
 
@@ -121,8 +129,14 @@ class LinkClient:
                 if frame is None:
                     self.close_reason = "the appliance closed the link"
                     return
-                if frame[0].get("t") == "ans":
+                kind = frame[0].get("t")
+                if kind == "ans":
                     self._pending.answered(frame[0].get("id"), frame)
+                elif kind == "end":
+                    why = str(frame[0].get("error") or "no reason given")[:MAX_END_REASON]
+                    self.ended = self.close_reason = f"the appliance ended the session: {why}"
+                    log.warning("%s", self.ended)
+                    return
         finally:
             self._close(self.close_reason or "closed")
             await _close(self.stream)
@@ -195,6 +209,7 @@ class ApplianceLink:
         self.client: LinkClient | None = None
         self._lock = trio.Lock()
         self.reconnects = 0
+        self.ended: str | None = None  # the appliance ended our session: no reconnecting
 
     async def connect(self) -> LinkClient:
         client = self.client
@@ -204,6 +219,12 @@ class ApplianceLink:
             client = self.client
             if client is not None and not client.closed.is_set():
                 return client
+            if client is not None and client.ended is not None:
+                self.ended = client.ended
+            if self.ended is not None:
+                # The appliance ended it because our token went: connecting again with
+                # that token would only be refused (and counted) at every call.
+                raise ApplianceUnavailable(f"{self.ended} (a new token file is needed)")
             client = await LinkClient.connect(self.address, self.token, within=self.deadline)
             if self.client is not None:
                 self.reconnects += 1

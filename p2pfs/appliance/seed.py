@@ -3,7 +3,8 @@
 A seed is a small FAT image labelled ``P2PFS-SEED`` (made without mounting anything:
 ``mkfs.vfat`` and ``mcopy``) holding::
 
-    config.toml          [seed] format, estate, node, volumes, cache, desktop_pin
+    config.toml          [seed] format, estate, node, volumes, cache, desktop_pin,
+                                desktop_snapshots
                          [host_only] address (CIDR), port   [lan] address, peers, discovery
                          [desktops.NAME] smb_password
     node.key             the appliance's node key (made on the admin machine: see below)
@@ -80,6 +81,7 @@ class Seed:
     peers: tuple[str, ...]
     discovery: bool
     desktops: dict[str, str]  # account -> SMB password
+    desktop_snapshots: bool = True  # .snapshots/ on the link and on the SMB share
 
     @property
     def listen(self) -> str:
@@ -127,6 +129,7 @@ def make_seed_tree(
     peers: list[str] | None = None,
     discovery: bool = True,
     desktop_pin: bool = False,
+    desktop_snapshots: bool = True,
     token_dir: Path,
 ) -> dict[str, Path]:
     """Write the seed's files into ``out_dir``; the desktops' token and SMB files into
@@ -169,6 +172,7 @@ def make_seed_tree(
             "node": staging.node_id().hex(),
             "volumes": volumes,
             "desktop_pin": desktop_pin,
+            "desktop_snapshots": desktop_snapshots,
         },
         "host_only": {"address": host_only, "port": port},
         "lan": {"address": lan, "peers": list(peers or []), "discovery": discovery},
@@ -249,6 +253,7 @@ class SeedTable(_Table):
     volumes: list[str] = []
     cache: str | None = None
     desktop_pin: bool = False
+    desktop_snapshots: bool = True  # absent in seeds made before it: the default
 
 
 class HostOnlyTable(_Table):
@@ -360,6 +365,7 @@ def _settings(doc: SeedFile) -> Seed:
         peers=tuple(lan.peers),
         discovery=lan.discovery,
         desktops=accounts,
+        desktop_snapshots=seed.desktop_snapshots,
     )
 
 
@@ -375,6 +381,7 @@ def node_config(seed: Seed) -> str:
         lines += ["[cache]", f"max_bytes = {_toml_value(seed.cache)}"]
     lines += ["[appliance]", f"user_listen = {_toml_value([seed.listen])}"]
     lines.append(f"desktop_pin = {_toml_value(seed.desktop_pin)}")
+    lines.append(f"desktop_snapshots = {_toml_value(seed.desktop_snapshots)}")
     lines.append(f"volumes = {_toml_value(list(seed.volumes))}")
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,13 @@ the path up again.
 
 When the appliance is gone, every request fails with EIO within the link's
 deadline (``--deadline``, 10 s by default) and the mount stays; when it returns,
-the next request reconnects.
+the next request reconnects. When the appliance ends the session because this
+desktop's token was removed or replaced, every request fails with EIO at once and
+the mount does not reconnect (the client's log says why): unmount it, and mount
+again with a new token file.
+
+``VOLUME/.snapshots/<seq>/`` is the appliance's to offer (``[appliance]
+desktop_snapshots``): this client asks for it by name like any other path.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 On the appliance (admin, with its node home): ``appliance token add|remove|list``.
 On a desktop (no home, only a token file): ``mount --appliance ADDR --token FILE``
 (hooked into ``cli/mounts.py``), ``umount`` of such a mount (hooked into
-``cli/mounts.py``), and ``appliance status|pin|unpin --token FILE``, which speak
-the user API over the desktop link. ``thin-mount`` is the foreground process
+``cli/mounts.py``), and ``appliance status|peers|pin|unpin --token FILE``, which speak
+the user API over the desktop link (``status`` and ``peers`` as lines, or ``--json``). ``thin-mount`` is the foreground process
 behind ``mount --appliance`` (for a systemd unit or a test).
 """
 
@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from p2pfs.appliance.thin_fs import DEFAULT_DEADLINE, ThinMount, read_state, sta
 from p2pfs.errors import NotFound, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.net.link import parse_address
+from p2pfs.sizes import format_size
 from p2pfs.trust.desktop import ApplianceKeys, load_token
 
 from . import image as image_cli
@@ -50,12 +52,13 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     tl.add_argument("--json", action="store_true")
     for name, helptext in (
         ("status", "(desktop) the appliance's status over the desktop link"),
+        ("peers", "(desktop) the appliance's peers (no addresses)"),
         ("pin", "(desktop) pin VOLUME:/path on the appliance, if its policy allows"),
         ("unpin", "(desktop) unpin VOLUME:/path on the appliance"),
     ):
         p = asub.add_parser(name, help=helptext)
         _desktop_args(p)
-        if name != "status":
+        if name not in ("status", "peers"):
             p.add_argument("target", metavar="VOLUME:/PATH")
         if name == "pin":
             p.add_argument("--follow", action="store_true")
@@ -133,7 +136,7 @@ def _cmd_desktop(args: argparse.Namespace) -> int:
     address, token = _address(args)
     op = args.appliance_command
     kw: dict[str, Any] = {}
-    if op != "status":
+    if op not in ("status", "peers"):
         volume, sep, path = args.target.partition(":")
         if not sep or not volume:
             raise UsageError(f"{args.target!r} is not VOLUME:/path")
@@ -150,8 +153,12 @@ def _cmd_desktop(args: argparse.Namespace) -> int:
         return result
 
     result = trio.run(with_link, address, token, args.deadline, call)
-    if args.json or op == "status":
+    if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
+    elif op == "status":
+        print("\n".join(status_lines(result)))
+    elif op == "peers":
+        print("\n".join(peer_lines(result)))
     elif op == "pin":
         print(f"pinned {result['name']}: {result['state']}")
     else:
@@ -159,6 +166,51 @@ def _cmd_desktop(args: argparse.Namespace) -> int:
     if op == "pin" and result["state"] != "complete":
         return 1
     return 0
+
+
+def status_lines(st: dict[str, Any]) -> list[str]:
+    """``appliance status`` for a person: the desktop's view (node/desktop_view.py)."""
+    lines = [f"appliance {st['appliance']}: {st['health']}"]
+    lines += [f"  problem: {p}" for p in st["problems"]]
+    lines.append(f"estate: {st['estate'] or 'none'}")
+    for v in st["volumes"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["snapshot_time"]))
+        lines.append(f"volume {v['name']}: snapshot {v['seq']} of {when}")
+    if not st["volumes"]:
+        lines.append("volumes: none yet")
+    pins = st["pins"]
+    ready = "ready" if st["offline_ready"] else "not ready"
+    lines.append(
+        f"offline: {ready} ({pins['complete']} of {pins['count']} pins complete, "
+        f"{format_size(pins['bytes'])})"
+    )
+    peers = st["peers"]
+    lines.append(f"peers: {peers['connected']} connected of {peers['known']} known")
+    cache = st["cache"]
+    quota = format_size(cache["quota"]) if cache["quota"] is not None else "no quota"
+    lines.append(f"cache: {format_size(cache['used'])} of {quota}")
+    b = st["bytes_from"]
+    lines.append(
+        f"read from: {format_size(b['local'])} local, {format_size(b['peers'])} peers, "
+        f"{format_size(b['origin'])} origin; {st['corrupt_chunks_rejected']} corrupt chunks "
+        "rejected"
+    )
+    if st["uptime_s"] is not None:
+        lines.append(f"up {st['uptime_s']:.0f} s")
+    policy = st["policy"]
+    lines.append(
+        f"policy: pin from desktops {'allowed' if policy['pin'] else 'refused'}, "
+        f".snapshots {'shown' if policy['snapshots'] else 'hidden'}"
+    )
+    return lines
+
+
+def peer_lines(result: dict[str, Any]) -> list[str]:
+    """``appliance peers`` for a person: one line per peer, no address."""
+    lines = [f"{result['connected']} connected of {result['known']} known"]
+    for p in result["peers"]:
+        lines.append(f"{p['peer']}  {p['state']:<12} {format_size(p['bytes_from'])} from it")
+    return lines
 
 
 # -- desktop: the thin mount --------------------------------------------------------

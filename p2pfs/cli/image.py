@@ -48,6 +48,11 @@ def add_actions(asub: Subparsers) -> None:
     s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT")
     s.add_argument("--no-discovery", action="store_true", help="no mDNS on the LAN")
     s.add_argument("--desktop-pin", action="store_true", help="desktops may pin and unpin")
+    s.add_argument(
+        "--no-desktop-snapshots",
+        action="store_true",
+        help="hide VOLUME/.snapshots/ from desktops (the link and the SMB share)",
+    )
     s.add_argument("--out", required=True, type=Path, metavar="FILE")
     s.add_argument("--format", choices=sorted(FORMATS), default="raw")
 
@@ -102,6 +107,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
             peers=args.peer,
             discovery=not args.no_discovery,
             desktop_pin=args.desktop_pin,
+            desktop_snapshots=not args.no_desktop_snapshots,
             token_dir=out.parent,
         )
         if args.format == "raw":

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pfs.errors import P2pfsError
 from p2pfs.ids import ID_SIZE
 from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
-from p2pfs.volume.history import history
+from p2pfs.volume.history import snapshot_dirs
 
 from .api import BLOCK_SIZE, Attr, FsError, Opened
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
@@ -118,9 +117,14 @@ class FileSystem:
         uid: int | None = None,
         gid: int | None = None,
         root_of: Callable[[Snapshot], bytes] | None = None,
+        snapshots: bool = True,
     ) -> None:
         self.content = content
         self.heads = heads
+        # Whether each volume's root has the hidden .snapshots/ (off: that name is looked
+        # up like any other). An appliance's policy ([appliance] desktop_snapshots) for the
+        # mount that SMB shares, the same as for its desktop link.
+        self.snapshots = snapshots
         # The root ref of an older snapshot (.snapshots/): a private one's root key
         # opens with its epoch's secret. P2pfsError if this node cannot.
         self.root_of: Callable[[Snapshot], bytes] = root_of or (lambda snap: snap.root)
@@ -269,25 +273,14 @@ class FileSystem:
         head = self.heads().get(snapdir.volume)
         if head is None:
             raise FsError(errno.ENOENT)
-        found = await history(self.content, head.snapshot_id, head.snapshot, MAX_HISTORY)
-        if found.broken is not None:
-            log.error("history of %s: %s", snapdir.volume, found.broken)
-        out: list[tuple[Entry, bytes]] = []
-        for v in found.versions:
-            if v.snapshot is None:
-                log.info("history of %s stops at %d: %s", snapdir.volume, v.seq + 1, v.error)
-                break
-            name = str(v.seq).encode()
-            try:
-                root = self.root_of(v.snapshot)
-            except P2pfsError as e:
-                log.info(
-                    "history of %s: snapshot %d is not readable here: %s", snapdir.volume, v.seq, e
-                )
-                continue
-            out.append((Entry(name, Kind.DIR, 0o555, v.snapshot.time_ns, 0, root, None), v.id))
-        out.sort(key=lambda pair: pair[0].name)
-        return out
+        return await snapshot_dirs(
+            self.content,
+            head.snapshot_id,
+            head.snapshot,
+            MAX_HISTORY,
+            volume=snapdir.volume,
+            root_of=self.root_of,
+        )
 
     # -- handlers -----------------------------------------------------------
 
@@ -298,7 +291,7 @@ class FileSystem:
             return await self._lookup_self(self._parent_of(parent))
         w = self._w(parent)
         if w is not None:
-            if parent == w.root_ino and name == SNAPSHOTS_DIR:
+            if parent == w.root_ino and name == SNAPSHOTS_DIR and self.snapshots:
                 return self._snapshots_dir(parent, w.name)
             return self._wattr(await w.lookup(parent, name))
         if parent == ROOT_INO:
@@ -316,7 +309,7 @@ class FileSystem:
         if pnode.entry.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
         assert pnode.entry.id is not None
-        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR:
+        if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR and self.snapshots:
             return self._snapshots_dir(parent, pnode.volume)
         if pnode.entry.id == SNAPSHOTS_ID:
             for entry, sid in await self._history(pnode):

@@ -132,7 +132,13 @@ class Daemon:
         self.content = Content(
             store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
         )
-        self.fs = FileSystem(self.content, lambda: self.heads, root_of=self.root_of)
+        # An appliance shows .snapshots/ on its mount (which SMB shares) only as its policy
+        # for desktops says; any other node always does.
+        appliance = bool(self.config.appliance_listen)
+        snapshots = self.config.desktop_snapshots or not appliance
+        self.fs = FileSystem(
+            self.content, lambda: self.heads, snapshots=snapshots, root_of=self.root_of
+        )
         store.set_protector(self.fs.open_chunk_ids)
         if self.mountpoint is not None and not self.read_only:
             self.live = LiveVolumes(
@@ -204,6 +210,8 @@ class Daemon:
             control,
             [parse_address(a) for a in self.config.appliance_listen],
             allow_pin=self.config.desktop_pin,
+            snapshots=self.config.desktop_snapshots,
+            root_of=self.root_of,
             frame_timeout=self.config.frame_timeout_s,
         )
         await self.desktop_link.listen()

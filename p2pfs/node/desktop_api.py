@@ -8,8 +8,10 @@ request is read (``trust/desktop.py``). Then it serves exactly:
 
 - files: ``stat``, ``list``, ``open`` and ``read`` of paths under the volumes
   (``VOLUME/dir/file``, never ``..``; no object or chunk is addressable by id),
-  and ``statfs``;
-- the daemon's user operations ``status``, ``peers``, ``pins`` and ``log``;
+  with each volume's hidden ``VOLUME/.snapshots/<seq>/`` as the mount shows it when
+  ``[appliance] desktop_snapshots`` is on (the default), and ``statfs``;
+- ``status`` and ``peers`` as a desktop user needs them (``desktop_view.py``: no
+  path, no address), the daemon's user operations ``pins`` and ``log``;
   ``pin``, ``pin-status``, ``pin-cancel`` and ``unpin`` only when
   ``[appliance] desktop_pin = true``.
 
@@ -17,10 +19,19 @@ Every admin operation (the control socket's admin face, and what the admin does
 with the command line: import, approve, revoke, token add, ...) is answered with
 "refused: admin operation over the desktop link"; anything else is unknown.
 
-``open`` answers the file's blob id and a *read handle*: a keyed BLAKE3 MAC of
-(desktop, blob id) under ``HOME/appliance/handles.key``. ``read`` takes both, so
-a desktop reads exactly the blobs it reached through a path, survives a restart
-of the appliance without state, and cannot read anything by guessing ids.
+``open`` answers the file's stored blob id and a *read handle*: the file's ref sealed
+(AES-GCM, ``seal.seal_small``) under ``HOME/appliance/handles.key`` and bound to
+(desktop, its token's digest). ``read`` takes both, so a desktop reads exactly the
+blobs it reached through a path, survives a restart of the appliance without state,
+and cannot read anything by guessing ids; another desktop, or the same desktop with a
+replaced token, cannot use the handle. Sealed, not only MACed: a private volume's
+ref carries its key, and keys never leave the appliance (attributes show stored ids).
+
+Every live session is tracked (desktop, token digest, cancel scope). A watcher rereads
+each connected desktop's token every TOKEN_CHECK_INTERVAL; a session whose token was
+removed or replaced gets a final ``{"t": "end", "error": ...}`` frame and is cancelled,
+so ``p2pfs appliance token remove`` ends a desktop's open mount within a second, not at
+its next connection.
 
 Frames are bounded (a desktop's requests carry no payload, headers at most 64
 KiB), a started frame must finish within ``frame_timeout_s``, the token must come
@@ -37,15 +48,14 @@ import logging
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from p2pfs.errors import P2pfsError
-from p2pfs.fs.vfs import Head
+from p2pfs.errors import IntegrityError, P2pfsError
+from p2pfs.fs.vfs import MAX_HISTORY, SNAPSHOTS_DIR, SNAPSHOTS_ID, Head
 from p2pfs.home import Home
-from p2pfs.ids import keyed
 from p2pfs.net import wire
 from p2pfs.net.link import (
     AUTH_TIMEOUT,
@@ -56,18 +66,24 @@ from p2pfs.net.link import (
     encode_result,
 )
 from p2pfs.net.rpc import FrameReader
-from p2pfs.objects.model import Entry, Kind
-from p2pfs.trust.desktop import ApplianceKeys, TokenRefused
+from p2pfs.objects.model import Entry, Kind, Snapshot
+from p2pfs.seal import open_small, seal_small, stored_id
+from p2pfs.trust.desktop import ApplianceKeys, TokenRefused, secret_digest
 from p2pfs.trust.tlsstream import TLSStream
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, read_ahead, read_span
+from p2pfs.volume.history import snapshot_dirs
 
 from .control import ControlServer
+from .desktop_view import desktop_peers, desktop_status
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 32
 MAX_PATH = 4096
 READAHEAD_CHUNKS = 16  # chunks read ahead of a desktop reading sequentially
+TOKEN_CHECK_INTERVAL = 0.25  # how often live sessions' tokens are reread
+END_SEND_TIMEOUT = 0.5  # the final "end" frame waits this long for a busy or slow link
+TOKEN_ENDED = "the desktop's token was removed or replaced"
 
 ADMIN_REFUSED = "refused: admin operation over the desktop link"
 # What the admin does on the appliance's management channel: the control socket's
@@ -100,10 +116,11 @@ ADMIN_OPERATIONS = frozenset(
     }
 )
 INFO_OPERATIONS = ("status", "peers", "pins", "log")
+VIEW_OPERATIONS = ("status", "peers")  # answered from desktop_view, not as the admin sees them
 PIN_OPERATIONS = ("pin", "pin-status", "pin-cancel", "unpin")
 FILE_OPERATIONS = ("stat", "list", "open", "read", "statfs")
 _KIND = {Kind.FILE: "file", Kind.DIR: "dir", Kind.SYMLINK: "symlink"}
-_HANDLE_DOMAIN = b"p2pfs-read-handle-v1\0"
+_HANDLE_DOMAIN = b"p2pfs-read-handle-v3\0"
 
 
 class Refused(P2pfsError):
@@ -126,6 +143,7 @@ class _LinkCounts:
     refused_admin: int = 0
     requests: int = 0
     bytes_read: int = 0
+    sessions_ended: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,18 +153,27 @@ class LinkStats:
     listening: tuple[str, ...]
     desktops: tuple[str, ...]
     desktop_pin: bool
+    desktop_snapshots: bool
     connections: int
     active: int
     refused_tokens: int
     refused_admin: int
     requests: int
     bytes_read: int
+    sessions_ended: int  # sessions ended because their token was removed or replaced
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: a member of DesktopServer._sessions
 class _Session:
     desktop: str
-    next_offset: dict[bytes, int]
+    digest: bytes  # of the token it authenticated with
+    stream: TLSStream
+    # Entered around the session's requests; cancelled to end the session.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # One frame at a time on the stream: answers, and the final "end".
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    next_offset: dict[bytes, int] = field(default_factory=dict)
+    ended: str | None = None  # why the appliance ended it
 
 
 def split_path(path: object) -> list[bytes]:
@@ -171,7 +198,8 @@ def attrs_of(entry: Entry, snapshot_id: bytes) -> dict[str, Any]:
         "mode": entry.mode,
         "size": entry.size,
         "mtime_ns": entry.mtime_ns,
-        "id": entry.id,
+        # The stored id only: a private volume's refs carry keys, which stay here.
+        "id": None if entry.id is None else stored_id(entry.id),
         "target": entry.target,
         "snapshot": snapshot_id,
     }
@@ -192,6 +220,8 @@ class DesktopServer:
         addresses: list[Address],
         *,
         allow_pin: bool = False,
+        snapshots: bool = True,
+        root_of: Callable[[Snapshot], bytes] | None = None,
         frame_timeout: float = 30.0,
     ) -> None:
         self.home = home
@@ -200,6 +230,8 @@ class DesktopServer:
         self.control = control
         self.addresses = addresses
         self.allow_pin = allow_pin
+        self.snapshots = snapshots
+        self.root_of = root_of  # an older snapshot's root ref (private ones open with keys)
         self.frame_timeout = frame_timeout
         self.keys = ApplianceKeys(home)
         self.stats = _LinkCounts()
@@ -207,6 +239,7 @@ class DesktopServer:
         self._handle_key = b""
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
+        self._sessions: set[_Session] = set()
 
     # -- serving ----------------------------------------------------------------
 
@@ -235,6 +268,7 @@ class DesktopServer:
         log.info("serving desktops on %s", ", ".join(self.listening))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watch_tokens)
             task_status.started()
             await trio.serve_listeners(self._serve, self._listeners, handler_nursery=nursery)
 
@@ -242,10 +276,13 @@ class DesktopServer:
         self.stats.connections += 1
         self.stats.active += 1
         stream = TLSStream(transport, self._context, server_side=True)
+        session = None
         try:
             session = await self._authenticate(stream)
             if session is not None:
-                await self._requests(stream, session)
+                self._sessions.add(session)
+                with session.scope:
+                    await self._requests(stream, session)
         except (trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError) as e:
             log.info("desktop link closed: %s", e)
         except Exception:
@@ -253,6 +290,8 @@ class DesktopServer:
             log.exception("desktop connection failed")
         finally:
             self.stats.active -= 1
+            if session is not None:
+                self._sessions.discard(session)
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(1),
@@ -287,13 +326,15 @@ class DesktopServer:
             }
             await stream.send_all(wire.encode(welcome))
             log.info("desktop %s connected", desktop)
-            return _Session(desktop, {})
+            # The digest of the secret presented (equal to the stored one, just checked):
+            # not reread, so a token replaced during this handshake still ends the session.
+            return _Session(desktop, secret_digest(header["secret"]), stream)
         log.info("desktop link: no token within %g s", AUTH_TIMEOUT)
         return None
 
     async def _requests(self, stream: TLSStream, session: _Session) -> None:
         reader = _reader(stream, self.frame_timeout)
-        send_lock = trio.Lock()
+        send_lock = session.send_lock
         slots = trio.Semaphore(MAX_INFLIGHT)
 
         async def answer(header: dict[str, Any]) -> None:
@@ -362,12 +403,65 @@ class DesktopServer:
                 f"refused: {op} is not allowed from desktops by this appliance's policy "
                 "([appliance] desktop_pin)"
             )
+        if op in VIEW_OPERATIONS:
+            full = await self._call_user_op("status", {})
+            if op == "peers":
+                return {"ok": True, "enc": "json"}, encode_result(desktop_peers(full), "json")
+            pins = (await self._call_user_op("pins", {}))["pins"]
+            view = desktop_status(
+                full, pins, self.heads(), allow_pin=self.allow_pin, snapshots=self.snapshots
+            )
+            return {"ok": True, "enc": "json"}, encode_result(view, "json")
+        args = {k: v for k, v in header.items() if k in ("volume", "path", "follow", "limit")}
+        result = await self._call_user_op(op, args)
+        return {"ok": True, "enc": "json"}, encode_result(result, "json")
+
+    async def _call_user_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         known = self.control.ops.get(op)
         if known is None or known.face != "user":
             raise Refused(f"operation {op!r} is not available on this appliance")
-        args = {k: v for k, v in header.items() if k in ("volume", "path", "follow", "limit")}
-        result = await known.handler({"op": op, **args})
-        return {"ok": True, "enc": "json"}, encode_result(result, "json")
+        result: dict[str, Any] = await known.handler({"op": op, **args})
+        return result
+
+    # -- ending sessions whose token went ------------------------------------------
+
+    async def _watch_tokens(self) -> None:
+        """End every live session whose desktop's token was removed or replaced since it
+        authenticated (the token files are reread, never cached)."""
+        while True:
+            await trio.sleep(TOKEN_CHECK_INTERVAL)
+            if not self._sessions:
+                continue
+            desktops = sorted({s.desktop for s in self._sessions})
+            current = await trio.to_thread.run_sync(self._digests, desktops)
+            for session in list(self._sessions):
+                if session.desktop not in current or session.ended is not None:
+                    continue  # connected since the reread: the next round sees it
+                digest = current[session.desktop]
+                if digest is None or not hmac.compare_digest(digest, session.digest):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._end, session, TOKEN_ENDED)
+
+    def _digests(self, desktops: list[str]) -> dict[str, bytes | None]:
+        return {d: self.keys.token_digest(d) for d in desktops}
+
+    async def _end(self, session: _Session, reason: str) -> None:
+        """Tell the desktop why, then cancel its session (which closes the connection)."""
+        if session.ended is not None:
+            return
+        session.ended = reason
+        self.stats.sessions_ended += 1
+        log.warning("desktop %s: %s: ending its session", session.desktop, reason)
+        with (
+            trio.move_on_after(END_SEND_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            # Under the send lock, between two answers; cancelled while still holding it,
+            # so no answer follows the end frame.
+            async with session.send_lock:
+                await session.stream.send_all(wire.encode({"t": "end", "error": reason}))
+                session.scope.cancel()
+        session.scope.cancel()  # also when the link was too busy or slow for the frame
 
     # -- files ------------------------------------------------------------------
 
@@ -395,25 +489,82 @@ class DesktopServer:
         if entry.kind is not Kind.FILE or entry.id is None:
             raise Refused("only regular files can be opened")
         layout = await self.content.layout(entry.id)
-        result = {"blob": entry.id, "size": layout.size, "handle": self._handle(session, entry.id)}
+        result = {
+            "blob": stored_id(entry.id),
+            "size": layout.size,
+            "handle": self._handle(session, entry.id),
+        }
         return {"ok": True, "enc": "msgpack"}, encode_result(result, "msgpack")
 
-    def _handle(self, session: _Session, blob: bytes) -> bytes:
-        data = session.desktop.encode() + b"\0" + blob
-        return keyed(self._handle_key, _HANDLE_DOMAIN + data)
+    def _handle_context(self, session: _Session) -> bytes:
+        # Bound to the token too: a replaced token's holder cannot use its handles.
+        return _HANDLE_DOMAIN + session.desktop.encode() + b"\0" + session.digest
+
+    def _handle(self, session: _Session, ref: bytes) -> bytes:
+        """The file's ref sealed for this desktop: stateless (it survives reconnects),
+        useless to any other desktop, and it never shows a private volume's key."""
+        return seal_small(self._handle_key, ref, self._handle_context(session))
+
+    def _open_handle(self, session: _Session, blob: bytes, handle: bytes) -> bytes:
+        try:
+            ref = open_small(self._handle_key, handle, self._handle_context(session))
+        except IntegrityError:
+            raise Refused("refused: that read handle was not issued to this desktop") from None
+        if stored_id(ref) != blob:
+            raise Refused("refused: that read handle is for another file")
+        return ref
 
     def _volume_entry(self, name: str, head: Head) -> Entry:
         snap = head.snapshot
-        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, snap.root, None)
+        return Entry(name.encode(), Kind.DIR, 0o755, snap.time_ns, 0, head.root, None)
+
+    def _head(self, parts: list[bytes]) -> Head:
+        head = self.heads().get(parts[0].decode(errors="surrogateescape"))
+        if head is None:
+            raise BadPath(f"no volume {parts[0][:255]!r}")
+        return head
+
+    def _is_snapshots(self, parts: list[bytes]) -> bool:
+        """``VOLUME/.snapshots/...``: the volume's history, when the policy offers it."""
+        return self.snapshots and len(parts) >= 2 and parts[1] == SNAPSHOTS_DIR
+
+    async def _snapshot_root(self, name: str, head: Head, seq: bytes) -> tuple[Entry, bytes]:
+        """``VOLUME/.snapshots/<seq>``: that snapshot's root and id, found as the mount
+        finds it (``snapshot_dirs``), walking back from the head no further than ``seq``."""
+        if not seq.isdigit() or len(seq) > 20 or (seq.startswith(b"0") and seq != b"0"):
+            raise BadPath(f"no snapshot {seq[:32]!r} of volume {name!r}")
+        back = head.snapshot.seq - int(seq)
+        if not 0 <= back < MAX_HISTORY:
+            raise BadPath(f"no snapshot {seq[:32]!r} of volume {name!r}")
+        dirs = await snapshot_dirs(
+            self.content,
+            head.snapshot_id,
+            head.snapshot,
+            back + 1,
+            volume=name,
+            root_of=self.root_of,
+        )
+        for entry, sid in dirs:
+            if entry.name == seq:
+                return entry, sid
+        raise BadPath(f"snapshot {seq.decode()} of volume {name!r} is not available here")
+
+    def _snapshots_entry(self, head: Head) -> Entry:
+        snap = head.snapshot
+        return Entry(SNAPSHOTS_DIR, Kind.DIR, 0o555, snap.time_ns, 0, SNAPSHOTS_ID, None)
 
     async def _resolve(self, parts: list[bytes]) -> tuple[Entry, bytes]:
         if not parts:
             return Entry(b"", Kind.DIR, 0o755, 0, 0, None, None), b""
-        head = self.heads().get(parts[0].decode(errors="surrogateescape"))
-        if head is None:
-            raise BadPath(f"no volume {parts[0][:255]!r}")
-        entry = self._volume_entry(parts[0].decode(), head)
-        for name in parts[1:]:
+        head = self._head(parts)
+        volume = parts[0].decode(errors="surrogateescape")
+        entry, sid, rest = self._volume_entry(volume, head), head.snapshot_id, parts[1:]
+        if self._is_snapshots(parts):
+            if len(parts) == 2:
+                return self._snapshots_entry(head), head.snapshot_id
+            entry, sid = await self._snapshot_root(volume, head, parts[2])
+            rest = parts[3:]
+        for name in rest:
             if entry.kind is not Kind.DIR or entry.id is None:
                 raise NotADirectory("not a directory")
             tree, names = await self.content.tree(entry.id)
@@ -421,7 +572,7 @@ class DesktopServer:
             if i >= len(names) or names[i] != name:
                 raise BadPath(f"no such file: {name[:255]!r}")
             entry = tree.entries[i]
-        return entry, head.snapshot_id
+        return entry, sid
 
     async def _list(self, parts: list[bytes]) -> list[dict[str, Any]]:
         if not parts:
@@ -429,6 +580,17 @@ class DesktopServer:
                 attrs_of(self._volume_entry(name, head), head.snapshot_id)
                 for name, head in sorted(self.heads().items())
             ]
+        if self._is_snapshots(parts) and len(parts) == 2:
+            head = self._head(parts)
+            dirs = await snapshot_dirs(
+                self.content,
+                head.snapshot_id,
+                head.snapshot,
+                MAX_HISTORY,
+                volume=parts[0].decode(errors="surrogateescape"),
+                root_of=self.root_of,
+            )
+            return [attrs_of(e, sid) for e, sid in dirs]
         entry, sid = await self._resolve(parts)
         if entry.kind is not Kind.DIR or entry.id is None:
             raise NotADirectory("not a directory")
@@ -440,15 +602,16 @@ class DesktopServer:
         offset, size = header.get("offset"), header.get("size")
         if not isinstance(blob, bytes) or not isinstance(handle, bytes):
             raise Refused("read takes the blob and handle that open answered")
-        if not hmac.compare_digest(self._handle(session, blob), handle):
-            raise Refused("refused: that read handle was not issued to this desktop")
+        if len(handle) > 256:
+            raise Refused("a read handle is at most 256 bytes")
+        ref = self._open_handle(session, blob, handle)
         if not isinstance(offset, int) or not isinstance(size, int):
             raise Refused("read takes an offset and a size")
         if offset < 0 or not 0 <= size <= MAX_READ:
             err = P2pfsError(f"read offset must be >= 0 and size 0..{MAX_READ}")
             err.errno = errno.EINVAL
             raise err
-        layout = await self.content.layout(blob)
+        layout = await self.content.layout(ref)
         end = min(offset + size, layout.size)
         if offset >= end:
             return b""
@@ -473,5 +636,6 @@ class DesktopServer:
             listening=tuple(self.listening),
             desktops=tuple(str(d["desktop"]) for d in self.keys.desktops()),
             desktop_pin=self.allow_pin,
+            desktop_snapshots=self.snapshots,
             **dataclasses.asdict(self.stats),
         )

@@ -22,7 +22,9 @@ Layout (``HOME/appliance/``, mode 0700)::
     tokens/NAME.token   one desktop: {"desktop", "digest", "created"} (0600)
 
 Removing a token file shuts the desktop out at its next connection attempt: it
-is read for every connection, never cached.
+is read for every connection, never cached; the desktop link also rereads it for
+every live session (``token_digest``), so removing or replacing a token ends that
+desktop's open sessions within a second.
 """
 
 from __future__ import annotations
@@ -227,6 +229,23 @@ class ApplianceKeys:
                 out.append({"desktop": path.stem, "created": None, "damaged": True})
         return out
 
+    def token_digest(self, desktop: str) -> bytes | None:
+        """The stored digest of ``desktop``'s current token; None if it has none (removed,
+        damaged, or not a desktop name). Read from disk on every call, never cached: the
+        desktop link compares it with what a session authenticated with, so a removed or
+        replaced token ends that session (node/desktop_api.py). Blocking."""
+        if name_problem(desktop) is not None:
+            return None
+        path = self.tokens_dir / f"{desktop}.token"
+        try:
+            doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
+            digest = bytes.fromhex(doc["digest"])
+        except (P2pfsError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if doc.get("desktop") != desktop or len(digest) != 32:
+            return None
+        return digest
+
     def check(self, desktop: object, secret: object) -> str:
         """The desktop's name if its secret matches the stored digest; TokenRefused otherwise.
 
@@ -235,17 +254,9 @@ class ApplianceKeys:
         """
         if not isinstance(desktop, str) or not isinstance(secret, bytes):
             raise TokenRefused("refused: the desktop link needs a desktop name and a token")
-        expected = bytes(32)
-        known = False
-        if name_problem(desktop) is None:
-            path = self.tokens_dir / f"{desktop}.token"
-            try:
-                doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
-                expected = bytes.fromhex(doc["digest"])
-                known = doc.get("desktop") == desktop and len(expected) == 32
-            except (P2pfsError, ValueError, KeyError, TypeError):
-                known = False
-        ok = hmac.compare_digest(secret_digest(secret), expected)
+        digest = self.token_digest(desktop)
+        known = digest is not None
+        ok = hmac.compare_digest(secret_digest(secret), digest or bytes(32))
         if not (ok and known):
             raise TokenRefused(f"refused: no valid token for desktop {desktop[:63]!r}")
         return desktop

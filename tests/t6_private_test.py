@@ -264,3 +264,18 @@ def _head(home: Path) -> bytes:
 def _shard(cid: bytes) -> tuple[str, str, str]:
     h = cid.hex()
     return h[:2], h[2:4], h
+
+
+@pytest.mark.unit
+def test_the_files_cache_of_a_private_volume_holds_no_names_and_still_skips_files(
+    admin: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    files = _tree(src)
+    for p in src.rglob("*"):
+        os.utime(p, (1_600_000_000, 1_600_000_000), follow_symlinks=False)
+    run_cli(admin, "volume", "create", "hr", "--private", check=True)
+    run_cli(admin, "import", str(src), "hr", check=True)
+    again = json.loads(run_cli(admin, "import", str(src), "hr", "--json", check=True).stdout)
+    assert again["reused_files"] == len(files) and again["new_chunks"] == 0
+    assert _grep(admin, b"name-that-is-secret") == [] and _grep(admin, MARKER) == []

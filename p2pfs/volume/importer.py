@@ -12,6 +12,7 @@ carries the sealed root key and the id list of everything it reaches.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from p2pfs.chunking.chunker import iter_chunks
 from p2pfs.chunking.params import ChunkParams
-from p2pfs.errors import NotFound, P2pfsError
+from p2pfs.errors import IntegrityError, NotFound, P2pfsError
+from p2pfs.ids import keyed
 from p2pfs.objects.model import (
     MAX_BLOB_REFS,
     MAX_ID_LIST,
@@ -37,7 +39,18 @@ from p2pfs.objects.model import (
     decode_blob,
     object_id,
 )
-from p2pfs.seal import TAG_SIZE, EpochSecret, is_sealed, seal, seal_root, stored_id, unseal
+from p2pfs.seal import (
+    TAG_SIZE,
+    EpochSecret,
+    epoch_key,
+    is_sealed,
+    open_small,
+    seal,
+    seal_root,
+    seal_small,
+    stored_id,
+    unseal,
+)
 from p2pfs.store.cas import Store
 from p2pfs.store.files_cache import CachedFile
 
@@ -303,6 +316,9 @@ class Importer:
         self.writer = ChunkWriter(store, self.report, sealing)
         # A private volume's files cache is per epoch: a new epoch seals every file anew.
         self.cache_key = volume if sealing is None else f"{volume}/epoch-{sealing.epoch}"
+        # ...and holds neither names nor keys in the clear: paths as keyed hashes, blob
+        # refs sealed (the index is a store file: a private volume leaves no plaintext).
+        self._cache_secret = None if sealing is None else epoch_key(sealing.secret, b"files")
         self.cache = store.files_cache
         self.new_cache: list[tuple[bytes, CachedFile]] = []
         self.started_ns = time.time_ns()
@@ -410,9 +426,27 @@ class Importer:
                 )
         return self.writer.put_object(Tree(tuple(entries)).encode())
 
+    def _cache_path(self, rel: bytes) -> bytes:
+        return rel if self._cache_secret is None else keyed(self._cache_secret, rel)
+
+    def _cache_ref(self, ref: bytes) -> bytes:
+        if self._cache_secret is None:
+            return ref
+        return seal_small(self._cache_secret, ref, b"p2pfs-files-cache-v1\0")
+
+    def _cached(self, rel: bytes) -> CachedFile | None:
+        cached = self.cache.lookup(self.cache_key, self._cache_path(rel))
+        if cached is None or self._cache_secret is None:
+            return cached
+        try:
+            ref = open_small(self._cache_secret, cached.blob_id, b"p2pfs-files-cache-v1\0")
+        except IntegrityError:
+            return None
+        return dataclasses.replace(cached, blob_id=ref)
+
     def _store_file(self, path: bytes, item: _Scanned) -> tuple[bytes, int] | None:
         st = item.st
-        cached = self.cache.lookup(self.cache_key, item.rel)
+        cached = self._cached(item.rel)
         if (
             cached is not None
             and cached.size == st.st_size
@@ -469,7 +503,12 @@ class Importer:
             self.progress(1, 0)
         if cacheable and st.st_mtime_ns < self.started_ns - CACHE_GRACE_NS:
             self.new_cache.append(
-                (item.rel, CachedFile(size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, blob_id))
+                (
+                    self._cache_path(item.rel),
+                    CachedFile(
+                        size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, self._cache_ref(blob_id)
+                    ),
+                )
             )
 
 

@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench_write",
     "bench_live",
     "bench_appliance",
+    "bench_private",
 ]
 
 

@@ -346,7 +346,7 @@ def test_a_home_stores_nothing_no_followed_snapshot_reaches(
     # offers them in its digest, and then asks b to be their home.
     junk = estate.workdir / "junk"
     junk.mkdir()
-    payload = random.Random(9).randbytes(200_000)
+    payload = random.Random(9).randbytes(4000)
     (junk / "stuff.bin").write_bytes(payload)
     c.cli("volume", "create", "junk")
     c.cli("import", str(junk), "junk")

@@ -151,7 +151,8 @@ class Daemon:
                 self._committed,
                 self._keep_published,
             )
-            self.live.open()
+            estate = self.estate
+            self.live.open(lambda vid: estate is not None and estate.access.is_private(vid))
         self.keeper = Keeper(
             self.content,
             store,
@@ -331,6 +332,11 @@ class Daemon:
                 root = self.root_of(snap)
             except P2pfsError as e:
                 problem = f"snapshot {snap.seq} is not readable here: {e}"
+                if access == "none":
+                    problem = (
+                        "this node is no longer granted this volume: it cannot read it "
+                        "and gets no newer snapshot"
+                    )
                 old_unread = self.unread.get(name)
                 unread[name] = (record.head, snap, access, problem)
                 if access == "cache-only" and (old_unread is None or old_unread[0] != record.head):

@@ -52,9 +52,18 @@ class LiveVolumes:
         self.volumes: dict[str, WritableVolume] = {}
         self.volume_ids: dict[str, bytes] = {}
 
-    def open(self) -> None:
-        """Open (or start) the work tree of every volume published here."""
-        names = [n for n in self.registry.names() if self.registry.is_publisher(n)]
+    def open(self, private: Callable[[bytes], bool] = lambda vid: False) -> None:
+        """Open (or start) the work tree of every volume published here, but private
+        ones: the work tree and its commits would store plaintext (publish those with
+        ``p2pfs import``; the mount shows them read-only)."""
+        names = []
+        for n in self.registry.names():
+            if not self.registry.is_publisher(n):
+                continue
+            if private(self.registry.get(n).id):
+                log.info("volume %s is private: read-only in the mount (publish with import)", n)
+                continue
+            names.append(n)
         for slot, name in enumerate(names, start=1):
             tree = WorkTree(self.work_dir / name, uid=self.fs.uid, gid=self.fs.gid)
             self._align(name, tree)

@@ -252,17 +252,17 @@ class Content:
             return await self.load_stored(ref)
         sid = stored_id(ref)
 
-        def read_open() -> bytes | None:
+        def read_open() -> tuple[bytes, int] | None:
             try:
                 data = self.store.get(sid)
             except (MissingChunk, CorruptChunk):
                 return None
-            self.bytes_from_local += len(data)
-            return unseal(ref, data)
+            return unseal(ref, data), len(data)
 
-        plain = await trio.to_thread.run_sync(read_open, limiter=self.limiter)
-        if plain is not None:
-            return plain
+        found = await trio.to_thread.run_sync(read_open, limiter=self.limiter)
+        if found is not None:
+            self.bytes_from_local += found[1]  # counters: on the event loop only
+            return found[0]
         if self.remote is None:
             raise MissingChunk(f"chunk {sid.hex()} is not here")
         data = await self.remote(sid)
@@ -271,18 +271,20 @@ class Content:
     async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
         """Several chunks with one worker-thread trip; missing ones fetched concurrently."""
 
-        def read_all() -> list[bytes | BaseException]:
+        def read_all() -> tuple[list[bytes | BaseException], int]:
             out: list[bytes | BaseException] = []
+            read = 0
             for cid in cids:
                 try:
                     data = self.store.get(stored_id(cid))
-                    self.bytes_from_local += len(data)
+                    read += len(data)
                     out.append(unseal(cid, data) if is_sealed(cid) else data)
                 except P2pfsError as e:
                     out.append(e)
-            return out
+            return out, read
 
-        results = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
+        results, read = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
+        self.bytes_from_local += read
         if self.remote is not None:
             remote = self.remote
 

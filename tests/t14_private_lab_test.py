@@ -29,7 +29,8 @@ NAMES = ["a", "b", "c", "d"]
 MARKER = b"P2PFS-PRIVATE-MARKER-7f3a"
 
 # Speaks the protocol as node HOME to TARGET: sends a hello naming nothing, then asks
-# what argv says and prints what came back (JSON on stdout).
+# what argv says and prints what came back (JSON on stdout). Asked for a chunk, it
+# serves what HOME's store holds, unchecked: the attacker that offers its own bytes.
 PROBE = textwrap.dedent(
     """
     import json, socket, ssl, sys
@@ -78,6 +79,14 @@ PROBE = textwrap.dedent(
                     }
                 elif h["t"] == "ping":
                     s.sendall(wire.encode(messages.answer(h["id"])))
+                elif h["t"] == "get":
+                    c = h["cid"].hex()
+                    f = Path(home) / "store" / "chunks" / c[:2] / c[2:4] / c
+                    if f.exists():
+                        out["served"] = out.get("served", 0) + 1
+                        s.sendall(wire.encode(messages.answer(h["id"]), f.read_bytes()))
+                    else:
+                        s.sendall(wire.encode(messages.answer(h["id"], error="missing")))
     except (OSError, ssl.SSLError, TimeoutError):
         pass
     print(json.dumps(out))
@@ -353,7 +362,11 @@ def test_a_home_stores_nothing_no_followed_snapshot_reaches(
     cid = blake3.blake3(payload).digest()  # one chunk: the file is below the chunk size
     assert chunk_path(c.home, cid).exists()
     vid = json.loads(a.cli("volume", "access", "hr", "--json").stdout)["id"]
-    seen = probe(c, b, vid, [], fetch_id=cid)
+    c.stop()  # the probe is c's only connection: b can fetch from c only through it
+    try:
+        seen = probe(c, b, vid, [], fetch_id=cid)
+    finally:
+        c.start()
     assert seen["answers"]["100"]["err"] == "missing"
     assert not chunk_path(b.home, cid).exists()
     assert not chunk_path(a.home, cid).exists()

@@ -70,7 +70,9 @@ def seal(
     """
     pid = content_id(plaintext) if plain_id is None else plain_id
     key = keyed(secret, pid)
-    stored = AESGCM(key).encrypt(_ZERO_NONCE, bytes(plaintext), _OBJECT_AAD)
+    # No bytes() copy of a memoryview: a second 1 MiB allocation per chunk made the
+    # allocator map and fault fresh pages each time and quartered the throughput.
+    stored = AESGCM(key).encrypt(_ZERO_NONCE, plaintext, _OBJECT_AAD)
     return stored, content_id(stored) + key
 
 
@@ -79,7 +81,7 @@ def unseal(ref: bytes, stored: bytes | memoryview) -> bytes:
     if len(ref) != REF_SIZE:
         raise IntegrityError(f"a sealed ref is {REF_SIZE} bytes, not {len(ref)}")
     try:
-        return AESGCM(ref[ID_SIZE:]).decrypt(_ZERO_NONCE, bytes(stored), _OBJECT_AAD)
+        return AESGCM(ref[ID_SIZE:]).decrypt(_ZERO_NONCE, stored, _OBJECT_AAD)
     except InvalidTag:
         raise IntegrityError(
             f"sealed object {ref[:ID_SIZE].hex()} does not open with its key"

@@ -140,13 +140,13 @@ class ChunkWriter:
 
     def add(self, cid: bytes, data: memoryview) -> bytes:
         """Store a chunk whose plaintext id is ``cid``; returns its ref."""
+        stored: bytes | memoryview
         if self.sealing is None:
             ref, stored = cid, data
         else:
             if cid in self._sealed:  # the same plaintext again: the same ciphertext
                 return self._sealed[cid]
-            stored_bytes, ref = seal(self.sealing.secret, data, cid)
-            stored = memoryview(stored_bytes)
+            stored, ref = seal(self.sealing.secret, data, cid)
             self._sealed[cid] = ref
             self.reached[stored_id(ref)] = len(stored)
         if ref not in self.seen:
@@ -154,7 +154,7 @@ class ChunkWriter:
             self.report.unique_bytes += len(data)
             sid = stored_id(ref)
             if not self.store.has(sid):
-                self.pending[sid] = bytes(stored)
+                self.pending[sid] = stored if isinstance(stored, bytes) else bytes(stored)
                 self.pending_bytes += len(stored)
                 if self.pending_bytes >= BATCH_BYTES or len(self.pending) >= BATCH_COUNT:
                     self.flush()

@@ -453,14 +453,27 @@ class Network:
         elif kind == "access" and messages.parse_access_notice(header) > self.estate.access.number:
             await self._pull_access(conn)
 
+    async def _pull_signed(
+        self,
+        conn: Connection,
+        request: str,
+        limit: int,
+        accept: Callable[[bytes], bool],
+        changed: Callable[[], None],
+    ) -> None:
+        """Ask for a CA-signed list the peer says is newer; apply it if it is."""
+        header, data = await conn.request({"t": request}, within=REQUEST_TIMEOUT)
+        if messages.answer_error(header) is None and len(data) <= limit and accept(data):
+            changed()
+
     async def _pull_access(self, conn: Connection) -> None:
-        header, data = await conn.request({"t": "access-list"}, within=REQUEST_TIMEOUT)
-        if (
-            messages.answer_error(header) is None
-            and len(data) <= MAX_ACCESS_LIST
-            and self.estate.accept_access_list(data)
-        ):
-            self.access_changed()
+        await self._pull_signed(
+            conn,
+            "access-list",
+            MAX_ACCESS_LIST,
+            self.estate.accept_access_list,
+            self.access_changed,
+        )
 
     def access_changed(self) -> None:
         """A newer access list is in force: pass it on, and tell every peer again what
@@ -481,13 +494,13 @@ class Network:
             await conn.send(self._hello(conn.peer_id).to_wire())
 
     async def _pull_revocations(self, conn: Connection) -> None:
-        header, data = await conn.request({"t": "revocations"}, within=REQUEST_TIMEOUT)
-        if (
-            messages.answer_error(header) is None
-            and len(data) <= MAX_REVOCATION_LIST
-            and self.estate.accept_revocation_list(data)
-        ):
-            self.revocations_changed()
+        await self._pull_signed(
+            conn,
+            "revocations",
+            MAX_REVOCATION_LIST,
+            self.estate.accept_revocation_list,
+            self.revocations_changed,
+        )
 
     def revocations_changed(self) -> None:
         """Drop revoked peers at once and pass the news on."""

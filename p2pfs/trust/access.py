@@ -21,14 +21,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from p2pfs.errors import DecodeError, IntegrityError, P2pfsError, SignatureError
-from p2pfs.keys import PUBLIC_KEY_SIZE, SigningKey, verify
+from p2pfs.errors import DecodeError, IntegrityError, P2pfsError
+from p2pfs.keys import PUBLIC_KEY_SIZE, SigningKey
 from p2pfs.names import name_problem
 from p2pfs.objects import codec
 from p2pfs.objects.model import Snapshot
 from p2pfs.seal import open_root
 
-from .revocation import MAX_NUMBER, NODE_ID_SIZE
+from .revocation import MAX_NUMBER, NODE_ID_SIZE, open_signed
 
 MAX_ACCESS_LIST = 8 * 1024 * 1024
 MAX_PRIVATE_VOLUMES = 4096
@@ -203,18 +203,7 @@ def _volume(row: object) -> VolumeAccess:
 
 def decode_access(data: bytes, ca_public: bytes, estate_id: bytes) -> AccessList:
     """Verify an access list; DecodeError if malformed, SignatureError if not this CA's."""
-    if not isinstance(data, bytes) or len(data) > MAX_ACCESS_LIST:
-        raise DecodeError(f"an access list must be at most {MAX_ACCESS_LIST} bytes")
-    outer = codec.unpack(data, max_size=MAX_ACCESS_LIST, canonical=True)
-    if not isinstance(outer, dict) or set(outer) != {"list", "sig"}:
-        raise DecodeError("an access list must be a map of 'list' and 'sig'")
-    body, sig = outer["list"], outer["sig"]
-    if not isinstance(body, bytes) or not isinstance(sig, bytes):
-        raise DecodeError("an access list's 'list' and 'sig' must be bytes")
-    try:
-        verify(ca_public, sig, _DOMAIN + body)
-    except SignatureError:
-        raise SignatureError("the access list is not signed by this estate's CA") from None
+    body = open_signed(data, MAX_ACCESS_LIST, _DOMAIN, ca_public, "access list")
     doc = codec.unpack(body, max_size=MAX_ACCESS_LIST, canonical=True, max_depth=8)
     if not isinstance(doc, dict) or set(doc) != {"v", "estate", "n", "issued", "vols"}:
         raise DecodeError("an access list must hold v, estate, n, issued and vols")

@@ -70,20 +70,27 @@ def sign_revocations(
     return codec.pack({"list": body, "sig": ca_key.sign(_REVOCATION_DOMAIN + body)})
 
 
-def decode_revocations(data: bytes, ca_public: bytes, estate_id: bytes) -> RevocationList:
-    """Verify a revocation list; DecodeError if malformed, SignatureError if not this CA's."""
-    if not isinstance(data, bytes):
-        raise DecodeError("a revocation list must be bytes")
-    outer = codec.unpack(data, max_size=MAX_REVOCATION_LIST, canonical=True)
+def open_signed(data: bytes, limit: int, domain: bytes, ca_public: bytes, what: str) -> bytes:
+    """The body of a CA-signed list ``{"list": body, "sig": signature}`` (what the
+    revocation and access lists share); DecodeError or SignatureError naming ``what``."""
+    if not isinstance(data, bytes) or len(data) > limit:
+        raise DecodeError(f"{what} must be bytes, at most {limit}")
+    outer = codec.unpack(data, max_size=limit, canonical=True)
     if not isinstance(outer, dict) or set(outer) != {"list", "sig"}:
-        raise DecodeError("a revocation list must be a map of 'list' and 'sig'")
+        raise DecodeError(f"{what} must be a map of 'list' and 'sig'")
     body, sig = outer["list"], outer["sig"]
     if not isinstance(body, bytes) or not isinstance(sig, bytes):
-        raise DecodeError("a revocation list's 'list' and 'sig' must be bytes")
+        raise DecodeError(f"{what}'s 'list' and 'sig' must be bytes")
     try:
-        verify(ca_public, sig, _REVOCATION_DOMAIN + body)
+        verify(ca_public, sig, domain + body)
     except SignatureError:
-        raise SignatureError("the revocation list is not signed by this estate's CA") from None
+        raise SignatureError(f"the {what} is not signed by this estate's CA") from None
+    return body
+
+
+def decode_revocations(data: bytes, ca_public: bytes, estate_id: bytes) -> RevocationList:
+    """Verify a revocation list; DecodeError if malformed, SignatureError if not this CA's."""
+    body = open_signed(data, MAX_REVOCATION_LIST, _REVOCATION_DOMAIN, ca_public, "revocation list")
     doc = codec.unpack(body, max_size=MAX_REVOCATION_LIST, canonical=True)
     if not isinstance(doc, dict) or set(doc) != {"v", "estate", "n", "issued", "revoked"}:
         raise DecodeError("a revocation list must hold v, estate, n, issued and revoked")

@@ -183,3 +183,63 @@ async def test_trickling_frame_is_cut_off() -> None:
             await b.closed.wait()
         assert "did not complete" in b.close_reason
         nursery.cancel_scope.cancel()
+
+
+# -- what a frame may carry, decided from its header -------------------------------
+
+
+def _frame_prefix(header: dict[str, Any], payload_size: int) -> bytes:
+    """A frame's length, header length and header, claiming ``payload_size`` bytes after."""
+    head = pack(header)
+    return struct.pack(">IH", 2 + len(head) + payload_size, len(head)) + head
+
+
+def test_a_request_that_claims_a_payload_is_refused_before_it_is_buffered() -> None:
+    d = wire.Decoder(payload_limit=lambda h: 0)
+    with pytest.raises(wire.ProtocolError, match="carries 50331648 payload bytes; it may carry 0"):
+        d.feed(_frame_prefix({"t": "get", "id": 1, "cid": b"x" * 32}, 48 * 1024 * 1024))
+    assert d.buffered < 1024
+
+
+def test_a_discarded_payload_is_skipped_unread_and_the_frame_still_comes_out() -> None:
+    d = wire.Decoder(payload_limit=lambda h: wire.DISCARD)
+    size = 8 * 1024 * 1024
+    frames = d.feed(_frame_prefix({"t": "r", "id": 7}, size) + b"a" * 1000)
+    assert frames == [] and d.buffered == size - 1000
+    pieces = (size - 1000) // 65536
+    for _ in range(pieces):
+        assert d.feed(b"b" * 65536) == []
+        assert len(d._buf) == 0  # nothing of it is held
+    rest = size - 1000 - pieces * 65536
+    frames = d.feed(b"c" * rest + wire.encode({"t": "ping", "id": 2}))
+    assert frames == [({"t": "r", "id": 7}, b""), ({"t": "ping", "id": 2}, b"")]
+    assert d.buffered == 0 and len(d._buf) == 0
+
+
+def test_the_buffer_is_given_back_after_a_large_frame() -> None:
+    import sys
+
+    d = wire.Decoder()
+    frame = wire.encode({"t": "r", "id": 1}, os.urandom(16 * 1024 * 1024))
+    for i in range(0, len(frame), 1 << 20):
+        d.feed(frame[i : i + (1 << 20)])
+    assert sys.getsizeof(d._buf) < 64 * 1024
+
+
+async def test_a_peer_cannot_park_payloads_behind_requests_or_unasked_answers() -> None:
+    _a, b, a_stream, _ = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.run)
+        # An answer nobody asked for: its payload is dropped as it comes.
+        await a_stream.send_all(_frame_prefix({"t": "r", "id": 99}, 4 * 1024 * 1024))
+        for _ in range(64):
+            await a_stream.send_all(b"\0" * 65536)
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.reader.bytes_in >= 4 * 1024 * 1024
+        assert not b.closed.is_set() and b.reader.decoder.buffered == 0
+        # A request with a payload breaks the protocol at its header.
+        await a_stream.send_all(_frame_prefix({"t": "get", "id": 1, "cid": b"x" * 32}, 1 << 20))
+        with trio.fail_after(5):
+            await b.closed.wait()
+        assert b.broke_protocol and "may carry 0" in b.close_reason
+        nursery.cancel_scope.cancel()

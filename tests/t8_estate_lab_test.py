@@ -274,9 +274,10 @@ def test_hostile_frames_close_only_their_connection(
 ) -> None:
     lab, digests = estate
     b, c = lab.node("b"), lab.node("c")
-    # A member's credentials (an enrolled host with no daemon) in a fresh namespace.
-    m = lab.add_node("m")
-    for mode in ("garbage", "oversized", "truncated", "trickle"):
+    # A member's credentials (an enrolled host with no daemon) in a fresh namespace; a
+    # fresh member for each mode, since a peer that broke the protocol is refused a while.
+    for i, mode in enumerate(("garbage", "oversized", "truncated", "trickle")):
+        m = lab.add_node(f"m{i}")
         proc = m.host.run(
             [sys.executable, "-c", FAKE_PEER, str(m.home), b.address, mode],
             capture_output=True,
@@ -300,6 +301,7 @@ def test_hostile_frames_close_only_their_connection(
         timeout=60,
     )
     assert "closed" in proc.stdout, proc.stderr
+    assert b.status()["protocol_errors"] >= 4  # each broken connection counted
     assert c.node_id() in connected_peers(b)
     read_all(b, digests, ["docs/note-3.txt"])
 
@@ -324,7 +326,7 @@ def test_forged_unendorsed_and_replayed_snapshots_are_refused(
         current = decode_snapshot(store.get_object(record.head or b""))
         assert current.parent is not None
         older = store.get_object(current.parent)
-    m = lab.node("m")
+    m = lab.add_node("f")  # a member that has broken no protocol (and is not refused)
     refused_before = b.status()["snapshots"]["refused"]
 
     def offer(name: str, vid: bytes, seq: int, payload: bytes, endorsement: bytes | None) -> None:

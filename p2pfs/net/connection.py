@@ -8,7 +8,13 @@ timed out: a frame that has started must finish within ``frame_timeout`` (a
 trickling sender is cut off), and a request without an answer within its
 timeout fails without harming the connection.
 
-Any protocol violation closes this connection only.
+Any protocol violation closes this connection only (and ``broke_protocol`` says
+so, for the node to back the peer off).
+
+What a frame may carry is decided from its header before its payload is read: a
+request or a notice carries none (a digest its Bloom filter), an answer a chunk only
+while its request still waits; the payload of a late answer is skipped unread. So a
+peer can make this connection buffer at most what we asked it for.
 """
 
 from __future__ import annotations
@@ -65,15 +71,28 @@ class Connection:
         self.on_request = on_request
         self.on_notice = on_notice
         self.frame_timeout = frame_timeout
-        self.reader = FrameReader(stream, frame_timeout, decoder=decoder)
+        self.reader = FrameReader(
+            stream,
+            frame_timeout,
+            decoder=decoder or wire.Decoder(payload_limit=self._payload_limit),
+        )
         self.closed = trio.Event()
         self.ready = trio.Event()  # set once the peer's hello was accepted
         self.close_reason = ""
+        self.broke_protocol = False
         self._send_lock = trio.Lock()
         self._pending = Pending()
         self._frames_out = self._bytes_out = 0
         self._slots = trio.Semaphore(max_inflight)
         self._nursery: trio.Nursery | None = None
+
+    def _payload_limit(self, header: dict[str, Any]) -> int:
+        kind = header["t"]
+        if kind == messages.ANSWER:
+            return wire.MAX_PAYLOAD if self._pending.waiting(header.get("id")) else wire.DISCARD
+        if kind == "digest":
+            return messages.MAX_DIGEST_BYTES
+        return 0
 
     @property
     def last_received(self) -> float:
@@ -140,6 +159,7 @@ class Connection:
                 return
             except wire.ProtocolError as e:
                 self.close_reason = str(e)
+                self.broke_protocol = True
                 log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
                 return
             if frame is None:
@@ -149,6 +169,7 @@ class Connection:
                 await self._dispatch(nursery, *frame)
             except wire.ProtocolError as e:
                 self.close_reason = str(e)
+                self.broke_protocol = True
                 log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
                 return
 
@@ -177,6 +198,7 @@ class Connection:
                 answer, body = await self.on_request(self, header, payload)
             except wire.ProtocolError as e:
                 self.close_reason = str(e)
+                self.broke_protocol = True
                 log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
                 await self.aclose()
                 return
@@ -193,6 +215,7 @@ class Connection:
             await self.on_notice(self, header, payload)
         except wire.ProtocolError as e:
             self.close_reason = str(e)
+            self.broke_protocol = True
             log.warning("peer %s: %s; closing", self.peer_id.hex(), e)
             await self.aclose()
         except P2pfsError as e:

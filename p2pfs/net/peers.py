@@ -38,6 +38,7 @@ class PeerStats:
     digest_ids: int | None
     last_error: str | None
     quarantine_reason: str | None
+    protocol_errors: int = 0
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Peer:
     latency_s: float = 0.05  # smoothed time to a chunk answer, for ranking
     next_attempt: float = 0.0
     since: float = field(default_factory=time.monotonic)
+    protocol_errors: int = 0  # connections it broke the protocol on
+    backoff_until: float = 0.0  # trio clock: refused (and not dialled) until then
 
     @property
     def conn(self) -> Connection | None:
@@ -93,6 +96,7 @@ class Peer:
             digest_ids=None if self.digest is None else self.digest_generation,
             last_error=self.last_error or None,
             quarantine_reason=self.quarantine_reason or None,
+            protocol_errors=self.protocol_errors,
         )
 
 

@@ -99,6 +99,10 @@ class Pending:
         finally:
             del self._waiters[rid]
 
+    def waiting(self, rid: object) -> bool:
+        """Whether a request with id ``rid`` still waits for its answer."""
+        return isinstance(rid, int) and rid in self._waiters
+
     def answered(self, rid: object, frame: Frame) -> bool:
         """Route an answer to its waiter; False if nobody waits for ``rid`` (dropped)."""
         waiter = self._waiters.get(rid) if isinstance(rid, int) else None

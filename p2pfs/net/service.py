@@ -47,7 +47,17 @@ from .peers import Peer, PeerStats, PeerTable
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # a peer we dialled
+# A connection someone opened to us must finish TLS this fast: until then it is a
+# stranger holding a socket (OpenSSH's LoginGraceTime, much shorter).
+PRE_AUTH_TIMEOUT = 5.0
+# OpenSSH's MaxStartups 10:30:100, for connections not yet authenticated: beyond
+# STARTUPS_BEGIN drop new ones with a chance rising from STARTUPS_RATE to 1 at
+# STARTUPS_FULL; and at most PER_SOURCE_STARTUPS at a time from one address.
+STARTUPS_BEGIN, STARTUPS_RATE, STARTUPS_FULL = 10, 0.3, 100
+PER_SOURCE_STARTUPS = 8
+# A peer that breaks the protocol is refused for 5, 10, 20 ... up to 300 s.
+BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 DIGEST_INTERVAL = 2.0  # at most one digest per this many seconds, and only when the store changed
@@ -77,6 +87,8 @@ class NetworkStats:
     bytes_served: int
     chunks_served: int
     connections_refused: int
+    connections_dropped: int  # not yet authenticated, dropped at the door (MaxStartups)
+    protocol_errors: int  # connections closed because the peer broke the protocol
     fetch: FetchStats
 
 
@@ -115,9 +127,14 @@ class Network:
         self.bytes_served = 0
         self.chunks_served = 0
         self.connections_refused = 0
+        self.connections_dropped = 0
         self.protocol_errors = 0
         self._nursery: trio.Nursery | None = None
-        self._conn_slots = trio.Semaphore(MAX_CONNECTIONS)
+        # Inbound and outbound sessions have their own slots: a flood of strangers
+        # must not stop us from redialling the peers we lost.
+        self._in_slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._out_slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._startups: dict[str | None, int] = {}  # address -> connections not yet authenticated
         self._dialing: set[bytes] = set()
         self._store_changed = trio.Event()
         self._digest_generation = 0
@@ -181,6 +198,9 @@ class Network:
         delay = RETRY_MIN
         try:
             while not peer.quarantined and peer.address is not None:
+                if peer.backoff_until > trio.current_time():
+                    await trio.sleep_until(peer.backoff_until)
+                    continue
                 if peer.conn is None:
                     assert peer.port is not None
                     try:
@@ -205,23 +225,56 @@ class Network:
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
         stream = TLSStream(tcp, self.estate.client_context(), server_side=False)
-        await self._session(stream, address=host, port=port, expect=expect)
+        async with self._out_slots:
+            await self._session(stream, address=host, port=port, expect=expect)
+
+    def _admit(self, addr: str | None) -> bool:
+        """Whether a stranger's new connection gets a TLS handshake (MaxStartups)."""
+        total = sum(self._startups.values())
+        if total >= STARTUPS_FULL or self._startups.get(addr, 0) >= PER_SOURCE_STARTUPS:
+            return False
+        if total >= STARTUPS_BEGIN:
+            span = (total - STARTUPS_BEGIN) / (STARTUPS_FULL - STARTUPS_BEGIN)
+            return random.random() >= STARTUPS_RATE + (1 - STARTUPS_RATE) * span
+        return True
 
     async def _accept(self, tcp: trio.SocketStream) -> None:
-        if self._conn_slots.value == 0:
-            await tcp.aclose()
-            return
-        stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
         try:
             addr = tcp.socket.getpeername()[0]
         except OSError:
             addr = None
+        if self._in_slots.value == 0 or not self._admit(addr):
+            self.connections_dropped += 1
+            await tcp.aclose()
+            return
+        self._startups[addr] = self._startups.get(addr, 0) + 1
+        counted = True
+
+        def authenticated() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._startups[addr] -= 1
+                if not self._startups[addr]:
+                    del self._startups[addr]
+
+        stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
         try:
-            await self._session(stream, address=addr, port=None, expect=None)
+            async with self._in_slots:
+                await self._session(
+                    stream,
+                    address=addr,
+                    port=None,
+                    expect=None,
+                    inbound=True,
+                    authenticated=authenticated,
+                )
         except (OSError, P2pfsError, trio.BrokenResourceError, trio.TooSlowError) as e:
             log.debug("incoming connection from %s: %s", addr, e)
         except Exception:  # a peer must never take the node down
             log.exception("incoming connection from %s failed", addr)
+        finally:
+            authenticated()
 
     async def _session(
         self,
@@ -230,46 +283,54 @@ class Network:
         address: str | None,
         port: int | None,
         expect: bytes | None,
+        inbound: bool = False,
+        authenticated: Callable[[], None] = lambda: None,
     ) -> None:
-        async with self._conn_slots:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await stream.do_handshake()
-                    der = stream.getpeercert(binary_form=True)
-                    if not der:
-                        raise P2pfsError("peer sent no certificate")
-                    peer_id = self.estate.peer_node_id(der)
-            except (trio.BrokenResourceError, trio.TooSlowError, P2pfsError) as e:
-                self.connections_refused += 1
-                if expect is not None:
-                    peer = self.table.get(expect)
-                    peer.state = "rejected"
-                    peer.last_error = f"TLS: {e}"
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await stream.aclose()
-                raise P2pfsError(f"TLS with {address} failed: {e}") from None
-            if peer_id == self.node_id:
+        # (The caller holds an inbound or an outbound slot.)
+        try:
+            with trio.fail_after(PRE_AUTH_TIMEOUT if inbound else HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+                der = stream.getpeercert(binary_form=True)
+                if not der:
+                    raise P2pfsError("peer sent no certificate")
+                peer_id = self.estate.peer_node_id(der)
+        except (trio.BrokenResourceError, trio.TooSlowError, P2pfsError) as e:
+            self.connections_refused += 1
+            if expect is not None:
+                peer = self.table.get(expect)
+                peer.state = "rejected"
+                peer.last_error = f"TLS: {e}"
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
-                return
-            if expect is not None and peer_id != expect:
-                log.warning("%s answered as %s, not %s", address, peer_id.hex(), expect.hex())
-            peer = self.table.get(peer_id)
-            if peer.quarantined:
-                await stream.aclose()
-                return
-            if port is not None:
-                peer.address, peer.port = address, port
-            elif peer.address is None:
-                peer.address = address
-            peer.state = "connecting"
-            conn = Connection(
-                stream,
-                peer_id,
-                on_request=self._on_request,
-                on_notice=self._on_notice,
-                frame_timeout=self.config.frame_timeout_s,
-            )
-            await self._run_conn(peer, conn)
+            raise P2pfsError(f"TLS with {address} failed: {e}") from None
+        finally:
+            authenticated()
+        if peer_id == self.node_id:
+            await stream.aclose()
+            return
+        if expect is not None and peer_id != expect:
+            log.warning("%s answered as %s, not %s", address, peer_id.hex(), expect.hex())
+        peer = self.table.get(peer_id)
+        if peer.quarantined:
+            await stream.aclose()
+            return
+        if peer.backoff_until > trio.current_time():
+            self.connections_refused += 1
+            await stream.aclose()
+            return
+        if port is not None:
+            peer.address, peer.port = address, port
+        elif peer.address is None:
+            peer.address = address
+        peer.state = "connecting"
+        conn = Connection(
+            stream,
+            peer_id,
+            on_request=self._on_request,
+            on_notice=self._on_notice,
+            frame_timeout=self.config.frame_timeout_s,
+        )
+        await self._run_conn(peer, conn)
 
     async def _run_conn(self, peer: Peer, conn: Connection) -> None:
         peer.conns.append(conn)
@@ -281,6 +342,8 @@ class Network:
                 nursery.cancel_scope.cancel()
         finally:
             peer.conns.remove(conn)
+            if conn.broke_protocol:
+                self._back_off(peer, conn.close_reason)
             if not peer.quarantined and peer.state != "rejected" and peer.conn is None:
                 peer.state = "unreachable" if peer.address else "candidate"
                 peer.last_error = conn.close_reason
@@ -514,6 +577,16 @@ class Network:
         self.local.on_revocations_changed()
         self.broadcast(messages.revoked_notice(self.estate.revocation_number))
 
+    def _back_off(self, peer: Peer, reason: str) -> None:
+        """A peer broke the protocol: refuse it, and do not dial it, for a while that
+        doubles with each time (a fault that reconnects at once cannot spin us)."""
+        peer.protocol_errors += 1
+        self.protocol_errors += 1
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (peer.protocol_errors - 1))
+        peer.backoff_until = trio.current_time() + delay
+        peer.last_error = f"broke the protocol ({reason}); refused for {delay:.0f} s"
+        log.warning("peer %s %s", peer.node_id.hex(), peer.last_error)
+
     # -- quarantine --------------------------------------------------------------
 
     def quarantine(self, peer: Peer, reason: str) -> None:
@@ -602,5 +675,7 @@ class Network:
             bytes_served=self.bytes_served,
             chunks_served=self.chunks_served,
             connections_refused=self.connections_refused,
+            connections_dropped=self.connections_dropped,
+            protocol_errors=self.protocol_errors,
             fetch=self.fetcher.statistics(),
         )

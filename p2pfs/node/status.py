@@ -139,6 +139,8 @@ class NodeStatus:
                     "failed": f.failed_fetches,
                 },
                 "connections_refused": n.connections_refused,
+                "connections_dropped": n.connections_dropped,
+                "protocol_errors": n.protocol_errors,
             }
             out["bytes_from"] |= {"peers": f.bytes_from_peers, "origin": f.bytes_from_origin}
         if self.sync is not None:

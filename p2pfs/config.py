@@ -224,6 +224,8 @@ def decode(data: bytes, where: str, record: type[T]) -> T:
         return msgspec.toml.decode(text, type=record)
     except msgspec.MsgspecError as e:
         raise UsageError(decode_error(where, e, record)) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UsageError(f"{where} is not valid TOML: nested too deeply") from None
 
 
 def load(path: Path) -> Config:

@@ -524,6 +524,11 @@ REGRESSIONS: list[tuple[str, bytes]] = [
     ("config", b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n"),
     ("config", b"a = " + b"{b=" * 3000 + b"}" * 3000 + b"\n"),
     ("seed", b"a = " + b"[" * 5000 + b"\n"),
+    # "²".isdigit() is true but int("²") raises ValueError (net/link.py parse_address,
+    # config.parse_peer for static_peers).
+    ("address", "h:²".encode()),
+    ("address", "vsock:3:²".encode()),
+    ("config", '[network]\nstatic_peers = ["h:²"]\n'.encode()),
     # json.loads of an answer raised RecursionError (appliance/link_client.decode_result).
     ("link-answer", b"[" * 5000),
 ]

@@ -11,7 +11,7 @@ Hypothesis shrinks the input.
 
 A short run (about 150 examples per target) is part of ``make test``.
 ``P2PFS_FUZZ_EXAMPLES=N`` multiplies every count by N for a long run; the executions
-per target are printed at the end of the module and asserted.
+per target are asserted, and printed at the end of the module (with ``-s``).
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ class Config:
 
 def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (ValueError).
+    if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
         raise UsageError(f"{where}: {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -224,6 +225,8 @@ def decode(data: bytes, where: str, record: type[T]) -> T:
         return msgspec.toml.decode(text, type=record)
     except msgspec.MsgspecError as e:
         raise UsageError(decode_error(where, e, record)) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UsageError(f"{where} is not valid TOML: nested too deeply") from None
 
 
 def load(path: Path) -> Config:

@@ -17,7 +17,9 @@ def parse_size(value: object, what: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and (m := _SIZE.fullmatch(value)):
-        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+        if n < 2**64:  # a string of 400 digits is inf as a float, which int() refuses
+            return int(n)
     raise UsageError(f"{what} must be a size like 20G or 512M, not {value!r}")
 
 

@@ -57,7 +57,7 @@ def decode_result(header: dict[str, Any], payload: bytes) -> Any:
             return json.loads(payload)
         if enc == "msgpack":
             return codec.unpack(payload, max_size=wire.MAX_PAYLOAD)
-    except (ValueError, P2pfsError) as e:
+    except (ValueError, P2pfsError, RecursionError) as e:  # Recursion: JSON nested too deeply
         raise wire.ProtocolError(f"malformed {enc} answer: {e}") from None
     raise wire.ProtocolError(f"unknown answer encoding {enc!r}")
 

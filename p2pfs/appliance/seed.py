@@ -95,7 +95,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``ADDR[/PREFIX][:PORT]`` -> (CIDR, port); defaults /24 and 7421."""
     addr, port = text, DEFAULT_PORT
     head, sep, tail = text.rpartition(":")
-    if sep and tail.isdigit() and "." in head:
+    if sep and tail.isdecimal() and "." in head:
         addr, port = head, int(tail)
     if "/" not in addr:
         addr = f"{addr}/{DEFAULT_PREFIX}"

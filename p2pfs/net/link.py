@@ -85,10 +85,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     t = text.strip()
     if t.startswith("vsock:"):
         parts = t.split(":")
-        if len(parts) != 3 or not parts[2].isdigit():
+        # isdecimal, not isdigit: "²" is a digit that int() refuses (ValueError).
+        if len(parts) != 3 or not parts[2].isdecimal():
             raise UsageError(f"{text!r} is not vsock:CID:PORT")
         cid = str(VMADDR_CID_ANY) if parts[1] == "any" else parts[1]
-        if not cid.isdigit():
+        if not (cid.isascii() and cid.isdecimal()):  # the CID goes to int() on connect
             raise UsageError(f"{text!r}: the vsock CID must be a number or 'any'")
         return Address("vsock", cid, _port(parts[2], text))
     t = t.removeprefix("tcp:")
@@ -102,7 +103,7 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) < 65536:
+    if not text.isdecimal() or not 0 <= int(text) < 65536:
         raise UsageError(f"{whole!r}: the port must be 0-65535")
     return int(text)
 

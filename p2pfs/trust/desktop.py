@@ -114,7 +114,8 @@ def load_token(path: Path) -> DesktopToken:
         if appliance is not None and not isinstance(appliance, str):
             raise ValueError("appliance must be an address")
         token = DesktopToken(check_desktop_name(doc["desktop"]), secret, fp, appliance)
-    except (ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
+    # RecursionError: json.loads of "[[[[..." deeper than the interpreter's stack.
+    except (ValueError, KeyError, TypeError, AttributeError, UsageError, RecursionError) as e:
         raise P2pfsError(f"token file {path} is damaged: {e}") from None
     if os.stat(path).st_mode & 0o077:
         log.warning("token file %s is readable by others; it should be mode 0600", path)
@@ -225,7 +226,8 @@ class ApplianceKeys:
             try:
                 doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
                 out.append({"desktop": doc["desktop"], "created": int(doc["created"])})
-            except (P2pfsError, ValueError, KeyError, TypeError):
+            # OverflowError: int() of an Infinity; RecursionError: JSON nested too deeply.
+            except (P2pfsError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
                 out.append({"desktop": path.stem, "created": None, "damaged": True})
         return out
 
@@ -240,7 +242,7 @@ class ApplianceKeys:
         try:
             doc = json.loads(read_bounded(path, MAX_TOKEN_FILE, "token record"))
             digest = bytes.fromhex(doc["digest"])
-        except (P2pfsError, ValueError, KeyError, TypeError, AttributeError):
+        except (P2pfsError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
         if doc.get("desktop") != desktop or len(digest) != 32:
             return None

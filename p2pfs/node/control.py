@@ -363,6 +363,10 @@ def call(
         except (BrokenPipeError, ConnectionResetError):
             raise _lost(socket_path, op) from None
     except TimeoutError:
+        if timeout is None:  # only the connect has a bound then: the daemon's loop is stuck
+            raise P2pfsError(
+                f"the daemon did not take the connection for {op!r} within {CONNECT_TIMEOUT:.0f} s"
+            ) from None
         raise P2pfsError(f"the daemon did not answer {op!r} within {timeout:.0f} s") from None
     finally:
         s.close()

@@ -18,7 +18,9 @@ EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_NOT_FOUND = 3  # a named volume, path, node home or object does not exist
 EXIT_CORRUPT = 4  # stored data failed verification
 EXIT_BUSY = 5  # a mountpoint or daemon is already in use
-EXIT_NOT_RUNNING = 6  # no daemon answers for this home
+EXIT_NOT_RUNNING = 6  # no daemon listens on this home's control socket
+EXIT_CONNECTION = 7  # the daemon took a request but its connection broke before the answer
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report)
 
 
 class P2pfsError(Exception):
@@ -46,6 +48,22 @@ class Busy(P2pfsError):
 class NotRunning(P2pfsError):
     exit_code = EXIT_NOT_RUNNING
     errno = errno.ENOTCONN
+
+
+class ConnectionLost(P2pfsError):
+    """The daemon accepted a request and its control connection broke before the answer
+    (it died, or dropped the connection): not the same as no daemon at all (NotRunning),
+    and the operation may or may not have happened."""
+
+    exit_code = EXIT_CONNECTION
+    errno = errno.ECONNRESET
+
+
+class Interrupted(P2pfsError):
+    """The user pressed Ctrl-C; the message says what became of the operation."""
+
+    exit_code = EXIT_INTERRUPTED
+    errno = errno.EINTR
 
 
 class IntegrityError(P2pfsError):

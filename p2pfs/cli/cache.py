@@ -14,7 +14,7 @@ from p2pfs.home import Home
 from p2pfs.node import control
 from p2pfs.sizes import format_size
 
-from .common import Handler, Subparsers, node_home, print_json
+from .common import Handler, Subparsers, call_long, node_home, print_json
 from .progress import transfer_bar
 
 
@@ -55,7 +55,13 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     home = node_home(args).require()
     try:
         # The daemon heals what it finds from peers or the origin.
-        r = control.call(home.control_socket, "scrub", timeout=24 * 3600)
+        r = call_long(
+            home,
+            "scrub",
+            label="scrub",
+            quiet=args.json,
+            on_interrupt="the daemon stopped the scrub; what it checked is counted in 'p2pfs status'",
+        )
     except NotRunning:
         store = Store(home.store_dir)
         try:
@@ -82,7 +88,14 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     home = node_home(args).require()
     try:
-        r = control.call(home.control_socket, "fsck", timeout=24 * 3600, repair=args.repair)
+        r = call_long(
+            home,
+            "fsck",
+            repair=args.repair,
+            label="fsck",
+            quiet=args.json,
+            on_interrupt="the daemon finishes the check it started (its report is in its log)",
+        )
     except NotRunning:
         store = Store(home.store_dir)
         try:
@@ -123,8 +136,16 @@ def cmd_pin(args: argparse.Namespace) -> int:
     targets = [_pin_target(home, t) for t in args.paths]
     results = []
     for volume, path in targets:
-        req = {"volume": volume, "path": path}
-        job = control.call(home.control_socket, "pin", timeout=600, follow=args.follow, **req)
+        req: dict[str, Any] = {"volume": volume, "path": path}
+        job = call_long(
+            home,
+            "pin",
+            follow=args.follow,
+            **req,
+            label=f"pin {volume}:{path}",
+            quiet=args.json,
+            on_interrupt=f"the daemon stopped resolving {volume}:{path}; run it again to resume",
+        )
         show = sys.stderr.isatty() and not args.json
         try:
             job = _watch_pin(home, req, job, show)
@@ -143,7 +164,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0 if all(j["state"] == "complete" for j in results) else EXIT_ERROR
 
 
-def _watch_pin(home: Home, req: dict[str, str], job: dict[str, Any], show: bool) -> dict[str, Any]:
+def _watch_pin(home: Home, req: dict[str, Any], job: dict[str, Any], show: bool) -> dict[str, Any]:
     with transfer_bar(show, f"pin {job['name']}") as update:
         while job["state"] in ("resolving", "fetching"):
             time.sleep(0.2)

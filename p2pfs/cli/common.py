@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import select
@@ -14,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from p2pfs.errors import NotFound, NotRunning, P2pfsError
+from p2pfs.errors import ConnectionLost, Interrupted, NotFound, NotRunning, P2pfsError
 from p2pfs.fsutil import pid_alive, read_bounded, write_atomic
 from p2pfs.home import Home, default_home
 from p2pfs.node import control
+
+from .progress import op_status
 
 # A command's handler: parsed arguments in, exit code out (user errors raised as P2pfsError).
 Handler = Callable[[argparse.Namespace], int]
@@ -39,8 +40,28 @@ def print_json(obj: Any) -> None:
 
 def tell_daemon(home: Home) -> None:
     """Ask a running daemon to pick up what a command changed on disk."""
-    with contextlib.suppress(NotRunning):
+    try:
         control.call(home.control_socket, "reload", timeout=30)
+    except NotRunning:
+        pass
+    except ConnectionLost as e:
+        # The command's own work is done and on disk; the daemon's trouble is its own.
+        print(f"p2pfs: warning: {e}", file=sys.stderr)
+
+
+def call_long(
+    home: Home, op: str, *, label: str, quiet: bool, on_interrupt: str, **args: Any
+) -> Any:
+    """Run a long operation of the daemon (commit, scrub, fsck, pin, log) to its end: no
+    deadline, its progress on a terminal's stderr (not with ``quiet``, e.g. ``--json``).
+    Ctrl-C closes the connection (the daemon cancels the operation, or lets one that
+    must not be cut finish) and raises Interrupted with ``on_interrupt``, which says
+    which of the two happened."""
+    with op_status(sys.stderr.isatty() and not quiet, label) as update:
+        try:
+            return control.call(home.control_socket, op, timeout=None, on_progress=update, **args)
+        except KeyboardInterrupt:
+            raise Interrupted(on_interrupt) from None
 
 
 def read_input(name: str, limit: int, what: str) -> bytes:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from p2pfs import __version__
-from p2pfs.errors import P2pfsError
+from p2pfs.errors import EXIT_INTERRUPTED, Interrupted, P2pfsError
 
 from . import access, appliance, cache, estate, mounts, status, volumes
 from .common import Handler
@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     try:
         return handlers[args.command](args)
+    except Interrupted as e:
+        print(f"p2pfs: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except P2pfsError as e:
         print(f"p2pfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("p2pfs: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from pathlib import Path
 
 from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import EXIT_ERROR, NotFound, UsageError
-from p2pfs.node import control
 from p2pfs.sizes import parse_size
 from p2pfs.trust.estate import Estate
 
 from . import access
-from .common import Handler, Subparsers, node_home, print_json, tell_daemon
+from .common import Handler, Subparsers, call_long, node_home, print_json, tell_daemon
 from .progress import import_bar
 
 
@@ -169,7 +168,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     home = node_home(args).require()
-    r = control.call(home.control_socket, "commit", timeout=3600, volume=args.volume)
+    r = call_long(
+        home,
+        "commit",
+        volume=args.volume,
+        label=f"commit {args.volume}",
+        quiet=args.json,
+        on_interrupt=(
+            "the daemon finishes the commit it started (a commit is not cut off); "
+            f"see 'p2pfs log {args.volume}' or 'p2pfs status'"
+        ),
+    )
     if args.json:
         print_json(r)
     elif r["changed"]:
@@ -184,7 +193,15 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 def cmd_log(args: argparse.Namespace) -> int:
     home = node_home(args).require()
-    r = control.call(home.control_socket, "log", timeout=120, volume=args.volume, limit=args.limit)
+    r = call_long(
+        home,
+        "log",
+        volume=args.volume,
+        limit=args.limit,
+        label=f"log {args.volume}",
+        quiet=args.json,
+        on_interrupt="stopped reading the volume's snapshots",
+    )
     if args.json:
         print_json(r["snapshots"])
         return 0

@@ -84,6 +84,8 @@ class Keeper:
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self._scrub_lock = trio.Lock()
+        # What a running scrub is doing, for `p2pfs scrub`'s progress lines; None when idle.
+        self.scrub_progress: dict[str, Any] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -268,11 +270,13 @@ class Keeper:
             checked = corrupt = healed = unhealed = 0
             bad: list[bytes] = []
             try:
+                self.scrub_progress = {"stage": "listing chunks"}
                 ids = await trio.to_thread.run_sync(self.store.chunk_ids)
                 started = time.monotonic()
                 done_bytes = 0
                 for i in range(0, len(ids), SCRUB_BATCH):
                     batch = ids[i : i + SCRUB_BATCH]
+                    self.scrub_progress = _counted("verifying", checked, len(ids), "chunks")
                     found, nbytes = await trio.to_thread.run_sync(self._verify, batch)
                     checked += len(batch)
                     bad += found
@@ -286,12 +290,14 @@ class Keeper:
                 pinned = await trio.to_thread.run_sync(
                     lambda: {cid for cid in bad if self.store.is_pinned(cid)}
                 )
-                for cid in sorted(bad, key=lambda c: c not in pinned):
+                for n, cid in enumerate(sorted(bad, key=lambda c: c not in pinned)):
+                    self.scrub_progress = _counted("healing", n, len(bad), "chunks")
                     if await self._heal(cid):
                         healed += 1
                     else:
                         unhealed += 1
             finally:
+                self.scrub_progress = None
                 s = self.scrub
                 self.scrub = ScrubStats(
                     last_run=time.time(),
@@ -348,3 +354,7 @@ class Keeper:
 
     def statistics(self) -> ScrubStats:
         return self.scrub
+
+
+def _counted(stage: str, done: int, total: int, unit: str) -> dict[str, Any]:
+    return {"stage": stage, "done": done, "total": total, "unit": unit}

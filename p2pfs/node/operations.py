@@ -21,7 +21,7 @@ from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate
 from p2pfs.volume.pins import normalize_path
 
-from .control import AFTER_REPLY, ControlServer
+from .control import AFTER_REPLY, ControlServer, Handler, report_progress
 from .keeper import Keeper
 from .live import LiveVolumes
 from .status import NodeStatus, peer_json
@@ -49,23 +49,53 @@ class Operations:
 
     def __init__(self, node: Node) -> None:
         self.d = node
+        self.stalls: dict[str, float] = {}  # operation -> seconds (debug faults only)
 
     def register(self, control: ControlServer, *, debug_faults: bool) -> None:
-        control.register("status", "user", self._op_status)
-        control.register("peers", "user", self._op_peers)
-        control.register("pin", "user", self._op_pin)
-        control.register("pin-status", "user", self._op_pin_status)
-        control.register("pin-cancel", "user", self._op_pin_cancel)
-        control.register("unpin", "user", self._op_unpin)
-        control.register("pins", "user", self._op_pins)
-        control.register("log", "user", self._op_log)
-        control.register("scrub", "user", self._op_scrub)
-        control.register("fsck", "admin", self._op_fsck)
-        control.register("reload", "admin", self._op_reload)
-        control.register("commit", "admin", self._op_commit)
-        control.register("stop", "admin", self._op_stop)
+        def add(name: str, face: str, handler: Handler, **kind: bool) -> None:
+            control.register(
+                name, face, self._stallable(name, handler) if debug_faults else handler, **kind
+            )
+
+        add("status", "user", self._op_status)
+        add("peers", "user", self._op_peers)
+        # Long operations have no deadline (control.py): they take as long as the data.
+        # Pin and log may fetch trees from peers; scrub reads the whole store. A client
+        # that goes away cancels them: each stops cleanly at a checkpoint (a pin's job
+        # fails and is resumable, a scrub saves what it counted).
+        add("pin", "user", self._op_pin, long=True)
+        add("pin-status", "user", self._op_pin_status)
+        add("pin-cancel", "user", self._op_pin_cancel)
+        add("unpin", "user", self._op_unpin)
+        add("pins", "user", self._op_pins)
+        add("log", "user", self._op_log, long=True)
+        add("scrub", "user", self._op_scrub, long=True)
+        # fsck runs in a worker thread, which cannot be stopped: cancelling it would only
+        # throw its report away, so it runs to its end and its outcome is logged.
+        add("fsck", "admin", self._op_fsck, long=True, runs_to_end=True)
+        add("reload", "admin", self._op_reload)
+        # A commit that has started runs to its end even when its client goes away:
+        # cancelled at a checkpoint after its capture, it would leave the changes out of
+        # the automatic commit's schedule until the next write, and cancelled after the
+        # head moved it would skip announcing the snapshot. It is bounded by its data,
+        # the user asked for it, and the automatic commit would do the same work anyway.
+        add("commit", "admin", self._op_commit, long=True, runs_to_end=True)
+        add("stop", "admin", self._op_stop)
         if debug_faults:
             control.register("inject-fault", "admin", self._op_fault)
+
+    def _stallable(self, name: str, handler: Handler) -> Handler:
+        """Test hook (daemon --debug-faults): ``inject-fault control:stall:OP seconds=N``
+        makes operation OP take N seconds longer, to test deadlines and progress."""
+
+        async def run(request: dict[str, Any]) -> Any:
+            seconds = self.stalls.get(name)
+            if seconds:
+                report_progress(request, lambda: {"stage": "stalled by a debug fault"})
+                await trio.sleep(seconds)
+            return await handler(request)
+
+        return run
 
     async def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return (await self.d.status()).to_json()
@@ -88,6 +118,7 @@ class Operations:
 
     async def _op_pin(self, request: dict[str, Any]) -> dict[str, Any]:
         volume, path = self._target(request)
+        report_progress(request, lambda: {"stage": "resolving the paths"})
         job = await self.d.keeper.pin(volume, path, follow=bool(request.get("follow")))
         return job.describe()
 
@@ -114,12 +145,18 @@ class Operations:
         limit = request.get("limit", 100)
         if not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise UsageError("limit must be 1..100000")
+        report_progress(request, lambda: {"stage": "reading snapshots"})
         return {"volume": volume, "snapshots": await self.d.keeper.history(volume, limit)}
 
     async def _op_scrub(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.d.keeper.run_scrub()
+        keeper = self.d.keeper
+        # A scrub already running (the periodic one) holds the lock: this one waits.
+        report_progress(request, lambda: keeper.scrub_progress or {"stage": "waiting"})
+        return await keeper.run_scrub()
 
     async def _op_fsck(self, request: dict[str, Any]) -> dict[str, Any]:
+        stage = "repairing the index" if request.get("repair") else "checking index and files"
+        report_progress(request, lambda: {"stage": stage})
         report = await trio.to_thread.run_sync(
             functools.partial(self.d.store.fsck, repair=bool(request.get("repair")))
         )
@@ -151,7 +188,21 @@ class Operations:
         if self.d.live is None:
             reason = "--read-only" if self.d.read_only else "no mount"
             raise P2pfsError(f"this daemon has no writable volumes ({reason})")
-        return (await self.d.live.commit(volume)).as_dict()
+        live = self.d.live
+
+        def progress() -> dict[str, Any]:
+            st = live.statistics(volume)
+            if st is None:
+                return {}
+            return {
+                # No stage: between two commits, or this one about to take the lock.
+                "stage": st.committing or "starting",
+                "staged_files": st.staged_files,
+                "staged_bytes": st.staged_bytes,
+            }
+
+        report_progress(request, progress)
+        return (await live.commit(volume)).as_dict()
 
     async def _op_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         request[AFTER_REPLY] = self.d.stop
@@ -159,8 +210,19 @@ class Operations:
 
     async def _op_fault(self, request: dict[str, Any]) -> dict[str, Any]:
         handler = str(request.get("handler", ""))
-        # "net:NAME" arms a fault in the network layer, "publish:NAME" in every writable
-        # volume's commits, anything else in a FUSE handler.
+        if handler.startswith("control:stall:"):
+            op = handler.removeprefix("control:stall:")
+            if request.get("clear"):
+                self.stalls.pop(op, None)
+                return {"disarmed": handler}
+            seconds = request.get("seconds")
+            if not isinstance(seconds, int | float) or not 0 < seconds <= 3600:
+                raise UsageError("control:stall:OP takes seconds (0 < seconds <= 3600)")
+            self.stalls[op] = float(seconds)
+            return {"armed": handler, "seconds": seconds}
+        # "control:stall:OP" (above) slows an operation of this socket, "net:NAME" arms a
+        # fault in the network layer, "publish:NAME" in every writable volume's commits,
+        # anything else in a FUSE handler.
         faults, key = self.d.fs.faults, handler
         if handler.startswith("net:") and self.d.network is not None:
             faults, key = self.d.network.faults, handler.removeprefix("net:")

@@ -390,7 +390,7 @@ TARGETS: dict[str, Target] = {
 def _atheris_main(argv: list[str]) -> None:
     """``python tests/fuzz_targets.py TARGET [libFuzzer flags]``: coverage-guided, seeded
     with the target's valid encodings (written to a corpus directory)."""
-    import atheris  # optional: in the test extras on Linux x86-64 only
+    import atheris  # optional: `pip install atheris` (not needed by make test)
 
     if len(argv) < 2 or argv[1] not in TARGETS:
         sys.exit(f"usage: {argv[0]} TARGET [libFuzzer flags]; targets: {', '.join(TARGETS)}")

@@ -342,11 +342,11 @@ class Network:
                 nursery.cancel_scope.cancel()
         finally:
             peer.conns.remove(conn)
-            if conn.broke_protocol:
-                self._back_off(peer, conn.close_reason)
             if not peer.quarantined and peer.state != "rejected" and peer.conn is None:
                 peer.state = "unreachable" if peer.address else "candidate"
                 peer.last_error = conn.close_reason
+            if conn.broke_protocol:
+                self._back_off(peer, conn.close_reason)
             self.on_peer_change()
 
     async def _greet(self, conn: Connection) -> None:

@@ -301,7 +301,9 @@ def test_hostile_frames_close_only_their_connection(
         timeout=60,
     )
     assert "closed" in proc.stdout, proc.stderr
-    assert b.status()["protocol_errors"] >= 4  # each broken connection counted
+    # Garbage and an oversized length break the framing: counted. (A truncated or
+    # trickled frame is cut off first by the missing hello or a TLS-level end.)
+    assert b.status()["protocol_errors"] >= 2
     assert c.node_id() in connected_peers(b)
     read_all(b, digests, ["docs/note-3.txt"])
 

@@ -244,7 +244,9 @@ class FileSystem:
             self.uid,
             self.gid,
             timeout,
-            _attr_timeout(mode, nlink, timeout),
+            # .snapshots/'s count changes with every commit: the kernel must not keep it
+            # (a count too low would hide the newest snapshot from find(1)).
+            0.0 if e.id == SNAPSHOTS_ID else _attr_timeout(mode, nlink, timeout),
         )
 
     async def _count(self, node: Node) -> None:
@@ -253,10 +255,13 @@ class FileSystem:
         lookup or stat of a directory is followed by its readdir in practice, which needs
         the same tree, so the load is paid once; the count then stays on the node."""
         e = node.entry
-        if e.kind is not Kind.DIR or node.subdirs is not None or e.id is None:
+        # .snapshots/ gains a directory with every commit (a writable volume's, under one
+        # inode): counted again at every stat, like its listing at every opendir.
+        again = e.id == SNAPSHOTS_ID
+        if e.kind is not Kind.DIR or (node.subdirs is not None and not again) or e.id is None:
             return
         try:
-            if e.id == SNAPSHOTS_ID:
+            if again:
                 count = len(await self._history(node))  # every .snapshots/<seq> is a dir
             else:
                 tree, _names = await self.content.tree(e.id)

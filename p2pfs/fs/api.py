@@ -25,6 +25,17 @@ class FsError(ErrnoError):
     """An errno for the caller; the adapter turns it into FUSEError."""
 
 
+# The longest name a directory entry may have (NAME_MAX, statfs's f_namemax).
+NAME_MAX = 255
+
+
+def check_name_length(name: bytes) -> None:
+    """ENAMETOOLONG for a name longer than NAME_MAX, as Linux filesystems answer in lookup
+    (so before EEXIST, ENOENT or EROFS: every operation taking a name looks it up first)."""
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+
+
 @dataclass(frozen=True)
 class Attr:
     ino: int
@@ -39,10 +50,13 @@ class Attr:
     ctime_ns: int | None = None  # None: the mtime (snapshots keep no ctime)
     atime_ns: int | None = None  # None: the mtime (snapshots keep no atime)
     blksize: int = BLOCK_SIZE
+    # 512-byte blocks allocated, when the filesystem knows them (a sparse staging file's);
+    # None: the apparent size rounded up (content in the store, where a hole is not known).
+    allocated: int | None = None
 
     @property
     def blocks(self) -> int:
-        return (self.size + 511) // 512
+        return (self.size + 511) // 512 if self.allocated is None else self.allocated
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import trio
 
+from p2pfs.errors import P2pfsError
 from p2pfs.ids import ID_SIZE
 from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
 from p2pfs.volume.history import snapshot_dirs
 
-from .api import BLOCK_SIZE, Attr, FsError, Opened
+from .api import BLOCK_SIZE, Attr, FsError, Opened, check_name_length
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,17 @@ class Head:
 
 
 class Node:
-    __slots__ = ("entry", "ino", "key", "lookups", "opens", "parent", "snapshot_id", "volume")
+    __slots__ = (
+        "entry",
+        "ino",
+        "key",
+        "lookups",
+        "opens",
+        "parent",
+        "snapshot_id",
+        "subdirs",
+        "volume",
+    )
 
     def __init__(
         self,
@@ -91,6 +102,9 @@ class Node:
         self.key = key
         self.lookups = 0
         self.opens = 0
+        # A directory's subdirectories (st_nlink 2 + this), counted once from its tree:
+        # content under a snapshot never changes. None: not counted yet.
+        self.subdirs: int | None = None
 
 
 @dataclass
@@ -171,25 +185,52 @@ class FileSystem:
             raise FsError(errno.EROFS)
         return w
 
-    @staticmethod
-    def _wattr(a: WAttr) -> Attr:
+    def _wattr(self, w: WritableVolume, a: WAttr) -> Attr:
         t = WRITABLE_TIMEOUT
+        nlink = a.nlink
+        if a.ino == w.root_ino and nlink >= 2 and self.snapshots and w.name in self.heads():
+            nlink += 1  # the hidden .snapshots/ is a subdirectory too (its ".." is the root)
         return Attr(
-            a.ino, a.mode, a.size, a.mtime_ns, a.nlink, a.uid, a.gid, t, t, a.ctime_ns, a.atime_ns
+            a.ino,
+            a.mode,
+            a.size,
+            a.mtime_ns,
+            nlink,
+            a.uid,
+            a.gid,
+            t,
+            _attr_timeout(a.mode, nlink, t),
+            a.ctime_ns,
+            a.atime_ns,
+            allocated=a.blocks,
         )
 
     # -- nodes --------------------------------------------------------------
 
     def _root_attr(self) -> Attr:
+        # Every volume is a directory here: a set union of two small maps.
+        nlink = 2 + len({*self.heads(), *self.writable})
         return Attr(
-            ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, self.uid, self.gid, ROOT_TIMEOUT, ROOT_TIMEOUT
+            ROOT_INO,
+            stat.S_IFDIR | 0o755,
+            0,
+            0,
+            nlink,
+            self.uid,
+            self.gid,
+            ROOT_TIMEOUT,
+            ROOT_TIMEOUT,
         )
 
     def _attr(self, node: Node) -> Attr:
         e = node.entry
         timeout = ROOT_TIMEOUT if node.parent == ROOT_INO else IMMUTABLE_TIMEOUT
         if e.kind is Kind.DIR:
-            mode, nlink = stat.S_IFDIR, 1  # 1: "unknown", so find(1) does not guess leaves
+            # 2 + subdirectories, as ext4 and tmpfs count: find(1) stops stat-ing entries
+            # once it has seen that many directories, so the count is exact or 1 ("unknown",
+            # before _count ran: then the kernel must not keep it, see _attr_timeout).
+            mode = stat.S_IFDIR
+            nlink = 1 if node.subdirs is None else 2 + node.subdirs
         elif e.kind is Kind.SYMLINK:
             mode, nlink = stat.S_IFLNK, 1
         else:
@@ -203,8 +244,36 @@ class FileSystem:
             self.uid,
             self.gid,
             timeout,
-            IMMUTABLE_TIMEOUT if node.parent != ROOT_INO else ROOT_TIMEOUT,
+            # .snapshots/'s count changes with every commit: the kernel must not keep it
+            # (a count too low would hide the newest snapshot from find(1)).
+            0.0 if e.id == SNAPSHOTS_ID else _attr_timeout(mode, nlink, timeout),
         )
+
+    async def _count(self, node: Node) -> None:
+        """Count a directory's subdirectories for its st_nlink. That needs its tree object
+        loaded (from the store, or fetched from a peer) when it is not in the cache yet: a
+        lookup or stat of a directory is followed by its readdir in practice, which needs
+        the same tree, so the load is paid once; the count then stays on the node."""
+        e = node.entry
+        # .snapshots/ gains a directory with every commit (a writable volume's, under one
+        # inode): counted again at every stat, like its listing at every opendir.
+        again = e.id == SNAPSHOTS_ID
+        if e.kind is not Kind.DIR or (node.subdirs is not None and not again) or e.id is None:
+            return
+        try:
+            if again:
+                count = len(await self._history(node))  # every .snapshots/<seq> is a dir
+            else:
+                tree, _names = await self.content.tree(e.id)
+                count = sum(1 for x in tree.entries if x.kind is Kind.DIR)
+                if node.parent == ROOT_INO and self.snapshots:
+                    count += 1  # a volume's hidden .snapshots/ (a count too high is safe)
+        except P2pfsError as err:
+            # The tree is unreachable now: a stat needs no listing, so answer "unknown"
+            # (its readdir will report the error).
+            log.debug("nlink of %s: %s", e.name, err)
+            return
+        node.subdirs = count
 
     def _node(self, ino: int) -> Node:
         node = self._nodes.get(ino)
@@ -289,38 +358,49 @@ class FileSystem:
             return await self._lookup_self(parent)
         if name == b"..":
             return await self._lookup_self(self._parent_of(parent))
+        # Before any other answer: Linux filesystems say so in their lookup, so every
+        # operation that names an entry (stat, open, mkdir, rename...) says it too.
+        check_name_length(name)
         w = self._w(parent)
         if w is not None:
             if parent == w.root_ino and name == SNAPSHOTS_DIR and self.snapshots:
-                return self._snapshots_dir(parent, w.name)
-            return self._wattr(await w.lookup(parent, name))
+                return await self._snapshots_dir(parent, w.name)
+            return self._wattr(w, await w.lookup(parent, name))
         if parent == ROOT_INO:
             w = self.writable.get(name.decode(errors="surrogateescape"))
             if w is not None:
-                return self._wattr(w.lookup_self(w.root_ino))
+                await w.count_subdirs(w.root_ino)
+                return self._wattr(w, w.lookup_self(w.root_ino))
             heads = self.heads()
             head = heads.get(name.decode(errors="surrogateescape"))
             if head is None:
                 raise FsError(errno.ENOENT)
             vol = name.decode()
             node = self._remember(ROOT_INO, self._volume_entry(vol, head), vol, head.snapshot_id)
+            await self._count(node)
             return self._attr(node)
         pnode = self._node(parent)
         if pnode.entry.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
         assert pnode.entry.id is not None
         if pnode.parent == ROOT_INO and name == SNAPSHOTS_DIR and self.snapshots:
-            return self._snapshots_dir(parent, pnode.volume)
+            return await self._snapshots_dir(parent, pnode.volume)
         if pnode.entry.id == SNAPSHOTS_ID:
             for entry, sid in await self._history(pnode):
                 if entry.name == name:
-                    return self._attr(self._remember(parent, entry, pnode.volume, sid))
+                    return await self._counted(self._remember(parent, entry, pnode.volume, sid))
             raise FsError(errno.ENOENT)
         tree, names = await self.content.tree(pnode.entry.id)
         i = _find(names, name)
         if i < 0:
             raise FsError(errno.ENOENT)
         node = self._remember(parent, tree.entries[i], pnode.volume, pnode.snapshot_id)
+        return await self._counted(node)
+
+    async def _counted(self, node: Node) -> Attr:
+        """``node``'s attributes with its subdirectories counted (the lookup counted
+        already: a forget meanwhile leaves the node in the table)."""
+        await self._count(node)
         return self._attr(node)
 
     def _parent_of(self, ino: int) -> int:
@@ -331,22 +411,23 @@ class FileSystem:
             return w.parent_ino(ino) or ROOT_INO
         return self._node(ino).parent
 
-    def _snapshots_dir(self, parent: int, volume: str) -> Attr:
+    async def _snapshots_dir(self, parent: int, volume: str) -> Attr:
         head = self.heads().get(volume)
         if head is None:  # nothing committed yet
             raise FsError(errno.ENOENT)
         entry = Entry(SNAPSHOTS_DIR, Kind.DIR, 0o555, head.snapshot.time_ns, 0, SNAPSHOTS_ID, None)
-        return self._attr(self._remember(parent, entry, volume, head.snapshot_id))
+        return await self._counted(self._remember(parent, entry, volume, head.snapshot_id))
 
     async def _lookup_self(self, ino: int) -> Attr:
         if ino == ROOT_INO:
             return self._root_attr()
         w = self._w(ino)
         if w is not None:
-            return self._wattr(w.lookup_self(ino))
+            await w.count_subdirs(ino)
+            return self._wattr(w, w.lookup_self(ino))
         node = self._node(ino)
         node.lookups += 1
-        return self._attr(node)
+        return await self._counted(node)
 
     def _fault(self, handler: str) -> None:
         if handler in self.faults:
@@ -358,8 +439,8 @@ class FileSystem:
             return self._root_attr()
         w = self._w(ino)
         if w is not None:
-            return self._wattr(w.getattr(ino))
-        return self._attr(self._node(ino))
+            return self._wattr(w, await w.getattr(ino))
+        return await self._counted(self._node(ino))
 
     async def readlink(self, ino: int) -> bytes:
         w = self._w(ino)
@@ -395,7 +476,7 @@ class FileSystem:
         w = self._w(fh)
         if w is not None:
             for name, wattr, nxt in w.readdir(fh, start):
-                yield name, self._wattr(wattr), nxt
+                yield name, self._wattr(w, wattr), nxt
             return
         d = self._dirs.get(fh)
         if d is None:
@@ -406,7 +487,7 @@ class FileSystem:
                 vol = d.names[i].decode()
                 wv = self.writable.get(vol)
                 if wv is not None:
-                    yield d.names[i], self._wattr(wv.lookup_self(wv.root_ino)), i + 1
+                    yield d.names[i], self._wattr(wv, wv.lookup_self(wv.root_ino)), i + 1
                     continue
                 head = heads.get(vol)
                 if head is None:  # removed since opendir
@@ -506,29 +587,37 @@ class FileSystem:
         gid: int,
         target: bytes | None = None,
     ) -> Attr:
+        check_name_length(name)  # first, as in a lookup: on a read-only view too
         w = self._rw(parent)
-        return self._wattr(await w.make(parent, name, kind, mode, uid, gid, target))
+        return self._wattr(w, await w.make(parent, name, kind, mode, uid, gid, target))
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[Opened, Attr]:
-        fh, attr = await self._rw(parent).create(parent, name, mode, flags, uid, gid)
+        check_name_length(name)
+        w = self._rw(parent)
+        fh, attr = await w.create(parent, name, mode, flags, uid, gid)
         # A new file's cached pages are all this kernel's own writes: they may stay.
-        return Opened(fh, keep_cache=True), self._wattr(attr)
+        return Opened(fh, keep_cache=True), self._wattr(w, attr)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        check_name_length(name)
         w = self._rw(parent)
         if self._w(ino) is not w:
             raise FsError(errno.EXDEV)
-        return self._wattr(await w.link(ino, parent, name))
+        return self._wattr(w, await w.link(ino, parent, name))
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        check_name_length(name)
         await self._rw(parent).unlink(parent, name)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        check_name_length(name)
         await self._rw(parent).rmdir(parent, name)
 
     async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        check_name_length(n1)
+        check_name_length(n2)
         w = self._rw(p1)
         if self._w(p2) is not w:
             raise FsError(errno.EROFS if self._w(p2) is None else errno.EXDEV)
@@ -547,9 +636,10 @@ class FileSystem:
     ) -> Attr:
         w = self._rw(ino)
         return self._wattr(
+            w,
             await w.setattr(
                 ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns
-            )
+            ),
         )
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -568,6 +658,7 @@ class FileSystem:
     async def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
     ) -> Attr:
+        check_name_length(name)
         self._rw(parent)
         if not stat.S_ISREG(mode):
             # A snapshot holds files, directories and symlinks only.
@@ -646,6 +737,12 @@ class FileSystem:
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+
+def _attr_timeout(mode: int, nlink: int, timeout: float) -> float:
+    """A directory whose nlink is not counted yet (1) is not kept by the kernel (readdir
+    hands out such attributes): the next stat comes back here and gets the count."""
+    return 0.0 if stat.S_ISDIR(mode) and nlink < 2 else timeout
 
 
 def _find(names: list[bytes], name: bytes) -> int:

@@ -27,6 +27,8 @@ from p2pfs.volume.content import Content, read_span
 from p2pfs.volume.wnodes import ROOT, TreeError, WNode
 from p2pfs.volume.worktree import WorkTree
 
+from .api import check_name_length
+
 log = logging.getLogger(__name__)
 
 SLOT_SHIFT = 40
@@ -57,9 +59,10 @@ class WAttr:
     mtime_ns: int
     ctime_ns: int
     atime_ns: int
-    nlink: int
+    nlink: int  # a directory's: 1 while its subdirectories are not counted ("unknown")
     uid: int
     gid: int
+    blocks: int | None = None  # 512-byte blocks allocated (None: the apparent size's)
 
 
 class WritableVolume:
@@ -121,12 +124,19 @@ class WritableVolume:
         return fh
 
     def attr(self, n: WNode) -> WAttr:
+        blocks = None
         if n.kind is Kind.DIR:
-            mode, nlink = stat.S_IFDIR, 1  # 1: "unknown", as for read-only volumes
+            # "." and the name above, and each subdirectory's "..", as ext4 and tmpfs count:
+            # find(1) skips the stat of the rest once it has seen that many directories, so
+            # a count must never be too low; 1 ("unknown") until counted (count_subdirs).
+            mode = stat.S_IFDIR
+            nlink = 1 if n.subdirs is None else 2 + n.subdirs
         elif n.kind is Kind.SYMLINK:
             mode, nlink = stat.S_IFLNK, n.nlink
         else:
             mode, nlink = stat.S_IFREG, n.nlink
+            if n.staged:
+                blocks = self._staged_blocks(n)
         return WAttr(
             self.fuse_ino(n),
             mode | n.mode,
@@ -137,7 +147,32 @@ class WritableVolume:
             nlink,
             n.uid,
             n.gid,
+            blocks,
         )
+
+    def _staged_blocks(self, n: WNode) -> int | None:
+        """What the staging file holds on disk: a sparse file's holes take no blocks (du
+        must not count them). One fstat (or stat) of page-cache metadata, inline."""
+        fd = self._fds.get(n.ino)
+        try:
+            st = os.fstat(fd) if fd is not None else os.stat(self.tree.staging_path(n.ino))
+        except OSError:  # absorbed and deleted meanwhile: the apparent size will do
+            return None
+        return st.st_blocks
+
+    async def count_subdirs(self, fuse_ino: int) -> None:
+        """Count an unloaded directory's subdirectories from its tree object, so its
+        st_nlink is exact. That loads the tree (from the store, or a peer's) but not its
+        rows: a lookup or stat of a directory is followed by its readdir in practice, which
+        needs the same tree, so the load is paid once. A loaded directory keeps its count
+        up to date itself (worktree.py); an unloaded one cannot change until loaded."""
+        n = self.node(fuse_ino)
+        if n.kind is not Kind.DIR or n.subdirs is not None or n.tree is None:
+            return
+        with self._faults():
+            tree, _names = await self.content.tree(n.tree)
+        if n.subdirs is None and not n.loaded:  # a concurrent load_dir counted it already
+            n.subdirs = sum(1 for e in tree.entries if e.kind is Kind.DIR)
 
     # -- failsafe --------------------------------------------------------------------
 
@@ -169,8 +204,12 @@ class WritableVolume:
         return d
 
     async def lookup(self, parent: int, name: bytes) -> WAttr:
+        check_name_length(name)
         d = await self._loaded(self.node(parent))
         n = self.tree.child(d, name)
+        if n is not None and n.kind is Kind.DIR and n.subdirs is None:
+            await self.count_subdirs(self.fuse_ino(n))
+            n = self.tree.child(d, name)  # again: the name may have changed meanwhile
         if n is None:
             raise TreeError(errno.ENOENT)
         n.lookups += 1
@@ -192,7 +231,8 @@ class WritableVolume:
             self._close_fd(n)
             self.tree.drop(n)
 
-    def getattr(self, fuse_ino: int) -> WAttr:
+    async def getattr(self, fuse_ino: int) -> WAttr:
+        await self.count_subdirs(fuse_ino)
         return self.attr(self.node(fuse_ino))
 
     def readlink(self, fuse_ino: int) -> bytes:
@@ -202,8 +242,7 @@ class WritableVolume:
         return n.target
 
     def _check_name(self, d: WNode, name: bytes) -> None:
-        if len(name) > 255:
-            raise TreeError(errno.ENAMETOOLONG)
+        check_name_length(name)
         if b"/" in name or name in (b"", b".", b".."):
             raise TreeError(errno.EINVAL)
         if d.ino == ROOT and name == b".snapshots":
@@ -260,6 +299,7 @@ class WritableVolume:
         return self.attr(n)
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        check_name_length(name)
         self._writes()
         d = await self._loaded(self.node(parent))
         n = self.tree.unlink(d, name)
@@ -267,6 +307,7 @@ class WritableVolume:
         self.on_change()
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        check_name_length(name)
         self._writes()
         d = await self._loaded(self.node(parent))
         n = self.tree.child(d, name)
@@ -277,6 +318,8 @@ class WritableVolume:
         self.on_change()
 
     async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        check_name_length(n1)
+        check_name_length(n2)
         self._writes()
         d1 = await self._loaded(self.node(p1))
         d2 = await self._loaded(self.node(p2))

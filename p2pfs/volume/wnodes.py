@@ -49,6 +49,7 @@ class WNode:
         "opens",
         "size",
         "staged",
+        "subdirs",
         "target",
         "tree",
         "tree_clock",
@@ -70,6 +71,10 @@ class WNode:
         self.tree: bytes | None = None  # dirs: tree id, valid while tree_clock >= changed
         self.tree_clock = -1
         self.children: dict[bytes, int] | None = None  # dirs, once loaded
+        # Dirs: how many children are directories (st_nlink is 2 + this). Kept exact by
+        # every name added or removed once loaded; None: not counted yet (an unloaded
+        # directory, counted from its tree object by whoever needs it).
+        self.subdirs: int | None = None
         self.links: set[tuple[int, bytes]] = set()  # (parent, name) of every name
         self.staged = False
         self.chunked: Chunked | None = None

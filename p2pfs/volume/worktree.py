@@ -100,7 +100,7 @@ class WorkTree:
             n.nlink = nlink
             n.blob, n.target, n.tree, n.staged = blob, target, tree, bool(staged)
             if loaded:
-                n.children = {}
+                n.children, n.subdirs = {}, 0  # counted from the names below
             self.nodes[ino] = n
         for parent, name, ino in self.db.dentries():
             p, child = self.nodes.get(parent), self.nodes.get(ino)
@@ -109,6 +109,8 @@ class WorkTree:
                 continue
             p.children[name] = ino
             child.links.add((parent, name))
+            if child.kind is Kind.DIR and p.subdirs is not None:
+                p.subdirs += 1
         # Never reuse a number: the kernel may still hold one from before a reset.
         saved = self.db.meta("next_ino")
         self.next_ino = max(
@@ -176,7 +178,7 @@ class WorkTree:
             root = WNode(ROOT, Kind.DIR, 0o755, *self._default_owner)
             root.mtime_ns = root.ctime_ns = root.atime_ns = time_ns
             if root_tree is None:
-                root.children = {}
+                root.children, root.subdirs = {}, 0
             else:
                 root.tree, root.tree_clock = root_tree, self.clock
             self.nodes[ROOT] = root
@@ -228,6 +230,7 @@ class WorkTree:
                 self._save(n)
             self.db.add_names((d.ino, k, v) for k, v in children.items())
             d.children = children
+            d.subdirs = sum(1 for e in entries if e.kind is Kind.DIR)
             self._save(d)  # loaded: its tree id now lives in its children
         for n in new:
             self.nodes[n.ino] = n
@@ -285,7 +288,7 @@ class WorkTree:
         self.next_ino += 1
         n.mtime_ns = n.ctime_ns = n.atime_ns = now
         if kind is Kind.DIR:
-            n.children = {}
+            n.children, n.subdirs = {}, 0
         elif kind is Kind.SYMLINK:
             n.target, n.size = target, len(target or b"")
         else:
@@ -306,6 +309,8 @@ class WorkTree:
         self.db.add_names([(parent.ino, name, n.ino)])
         parent.children[name] = n.ino
         n.links.add((parent.ino, name))
+        if n.kind is Kind.DIR and parent.subdirs is not None:
+            parent.subdirs += 1  # its ".." is one more link to the parent
         parent.mtime_ns = parent.ctime_ns = now
         self._save(parent)
         self.touch(n)
@@ -314,6 +319,8 @@ class WorkTree:
         assert parent.children is not None
         self.db.remove_name(parent.ino, name)
         del parent.children[name]
+        if n.kind is Kind.DIR and parent.subdirs is not None:
+            parent.subdirs -= 1
         self.touch(n)  # before the link goes: the old parents' trees change
         n.links.discard((parent.ino, name))
         parent.mtime_ns = parent.ctime_ns = now

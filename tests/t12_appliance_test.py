@@ -514,7 +514,14 @@ async def test_status_and_peers_over_the_link_name_no_path_and_no_address(
     assert status["pins"] == {"count": 0, "complete": 0, "bytes": 0}
     assert status["offline_ready"] is True
     assert status["peers"] == {"connected": 0, "known": 0}
-    assert status["cache"] == {"used": full["cache"]["bytes"], "quota": full["cache"]["quota"]}
+    assert status["cache"]["used"] == full["cache"]["bytes"]
+    # The effective quota follows the disk's free space, which other writers move
+    # between the two answers: the same figure, not the same byte.
+    quota, full_quota = status["cache"]["quota"], full["cache"]["quota"]
+    assert set(status["cache"]) == {"used", "quota"}
+    assert (quota is None) == (full_quota is None)
+    if quota is not None:
+        assert abs(quota - full_quota) <= full_quota // 100
     assert set(status["bytes_from"]) == {"local", "peers", "origin"}
     assert status["corrupt_chunks_rejected"] == 0
     assert status["uptime_s"] >= 0

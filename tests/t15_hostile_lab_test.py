@@ -27,7 +27,7 @@ import pytest
 from harness import require_lab
 
 from p2pfs.lab.estate import EstateLab, Node, estate_lab, wait_for, wait_until_meshed
-from p2pfs.net.service import PER_SOURCE_STARTUPS
+from p2pfs.net.admission import PER_SOURCE_STARTUPS
 
 pytestmark = [pytest.mark.lab, pytest.mark.fuse]
 MIB = 1024 * 1024

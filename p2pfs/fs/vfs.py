@@ -33,6 +33,7 @@ from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahe
 from p2pfs.volume.history import snapshot_dirs
 
 from .api import BLOCK_SIZE, Attr, FsError, Opened, check_name_length
+from .changes import WritableRouting
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class OpenDir:
     snapshot_ids: list[bytes] | None = None  # per entry, in .snapshots/
 
 
-class FileSystem:
+class FileSystem(WritableRouting):
     def __init__(
         self,
         content: Content,
@@ -150,10 +151,7 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
-        # The publisher's writable volumes, by name and by slot (the high bits of
-        # their inode numbers and file handles).
-        self.writable: dict[str, WritableVolume] = {}
-        self._slots: dict[int, WritableVolume] = {}
+        WritableRouting.__init__(self)
         self._nursery: trio.Nursery | None = None
         self.errors = 0  # unexpected failures turned into EIO (reported by the adapter)
         # Handlers armed to fail with an unexpected exception until disarmed (the kernel
@@ -164,26 +162,6 @@ class FileSystem:
     def attach(self, nursery: trio.Nursery) -> None:
         """Give the filesystem a nursery for background read-ahead."""
         self._nursery = nursery
-
-    def add_writable(self, volume: WritableVolume) -> None:
-        self.writable[volume.name] = volume
-        self._slots[volume.slot] = volume
-
-    def _w(self, ino_or_fh: int) -> WritableVolume | None:
-        """The writable volume an inode number or file handle belongs to."""
-        if ino_or_fh >> SLOT_SHIFT == 0:
-            return None
-        w = self._slots.get(ino_or_fh >> SLOT_SHIFT)
-        if w is None:
-            raise FsError(errno.ENOENT)
-        return w
-
-    def _rw(self, ino: int) -> WritableVolume:
-        """The writable volume of ``ino``, or EROFS: everything else is a snapshot."""
-        w = self._w(ino)
-        if w is None:
-            raise FsError(errno.EROFS)
-        return w
 
     def _wattr(self, w: WritableVolume, a: WAttr) -> Attr:
         t = WRITABLE_TIMEOUT
@@ -574,116 +552,6 @@ class FileSystem:
         if sequential and self._nursery is not None:
             read_ahead(chunks, layout, end, self._nursery)
         return data
-
-    # -- changes (writable volumes only) --------------------------------------------
-
-    async def make(
-        self,
-        parent: int,
-        name: bytes,
-        kind: Kind,
-        mode: int,
-        uid: int,
-        gid: int,
-        target: bytes | None = None,
-    ) -> Attr:
-        check_name_length(name)  # first, as in a lookup: on a read-only view too
-        w = self._rw(parent)
-        return self._wattr(w, await w.make(parent, name, kind, mode, uid, gid, target))
-
-    async def create(
-        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
-    ) -> tuple[Opened, Attr]:
-        check_name_length(name)
-        w = self._rw(parent)
-        fh, attr = await w.create(parent, name, mode, flags, uid, gid)
-        # A new file's cached pages are all this kernel's own writes: they may stay.
-        return Opened(fh, keep_cache=True), self._wattr(w, attr)
-
-    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        check_name_length(name)
-        w = self._rw(parent)
-        if self._w(ino) is not w:
-            raise FsError(errno.EXDEV)
-        return self._wattr(w, await w.link(ino, parent, name))
-
-    async def unlink(self, parent: int, name: bytes) -> None:
-        check_name_length(name)
-        await self._rw(parent).unlink(parent, name)
-
-    async def rmdir(self, parent: int, name: bytes) -> None:
-        check_name_length(name)
-        await self._rw(parent).rmdir(parent, name)
-
-    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
-        check_name_length(n1)
-        check_name_length(n2)
-        w = self._rw(p1)
-        if self._w(p2) is not w:
-            raise FsError(errno.EROFS if self._w(p2) is None else errno.EXDEV)
-        await w.rename(p1, n1, p2, n2, flags)
-
-    async def setattr(
-        self,
-        ino: int,
-        *,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        size: int | None = None,
-        mtime_ns: int | None = None,
-        atime_ns: int | None = None,
-    ) -> Attr:
-        w = self._rw(ino)
-        return self._wattr(
-            w,
-            await w.setattr(
-                ino, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns, atime_ns=atime_ns
-            ),
-        )
-
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        return self._rw(fh).write(fh, offset, data)
-
-    async def fsync(self, fh: int) -> None:
-        w = self._w(fh)
-        if w is not None:
-            await w.fsync(fh)
-
-    async def fsyncdir(self, fh: int) -> None:
-        w = self._w(fh)
-        if w is not None:
-            await w.fsyncdir()
-
-    async def mknod(
-        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
-    ) -> Attr:
-        check_name_length(name)
-        self._rw(parent)
-        if not stat.S_ISREG(mode):
-            # A snapshot holds files, directories and symlinks only.
-            raise FsError(errno.EPERM)
-        return await self.make(parent, name, Kind.FILE, mode, uid, gid)
-
-    def access(self, ino: int, mode: int) -> None:
-        # default_permissions makes the kernel check modes; only writes to snapshots
-        # are refused here.
-        if mode & os.W_OK and not self.writable_ino(ino):
-            raise FsError(errno.EROFS)
-
-    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        # Snapshots carry no extended attributes.
-        raise FsError(errno.ENOTSUP if self.writable_ino(ino) else errno.EROFS)
-
-    async def removexattr(self, ino: int, name: bytes) -> None:
-        raise FsError(errno.ENODATA if self.writable_ino(ino) else errno.EROFS)
-
-    def writable_ino(self, ino: int) -> bool:
-        return self._w(ino) is not None
-
-    @property
-    def read_only(self) -> bool:
-        return not self.writable
 
     def unexpected(self, handler: str) -> None:
         self.errors += 1

@@ -38,6 +38,7 @@ from p2pfs.trust.revocation import MAX_REVOCATION_LIST
 from p2pfs.trust.tlsstream import TLSStream
 
 from . import messages, wire
+from .admission import PRE_AUTH_TIMEOUT, Door, back_off
 from .connection import Connection, PeerUnavailable
 from .digest import Bloom
 from .discovery import Candidate, Discovery
@@ -48,16 +49,6 @@ from .peers import Peer, PeerStats, PeerTable
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # a peer we dialled
-# A connection someone opened to us must finish TLS this fast: until then it is a
-# stranger holding a socket (OpenSSH's LoginGraceTime, much shorter).
-PRE_AUTH_TIMEOUT = 5.0
-# OpenSSH's MaxStartups 10:30:100, for connections not yet authenticated: beyond
-# STARTUPS_BEGIN drop new ones with a chance rising from STARTUPS_RATE to 1 at
-# STARTUPS_FULL; and at most PER_SOURCE_STARTUPS at a time from one address.
-STARTUPS_BEGIN, STARTUPS_RATE, STARTUPS_FULL = 10, 0.3, 100
-PER_SOURCE_STARTUPS = 8
-# A peer that breaks the protocol is refused for 5, 10, 20 ... up to 300 s.
-BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 DIGEST_INTERVAL = 2.0  # at most one digest per this many seconds, and only when the store changed
@@ -127,14 +118,13 @@ class Network:
         self.bytes_served = 0
         self.chunks_served = 0
         self.connections_refused = 0
-        self.connections_dropped = 0
         self.protocol_errors = 0
         self._nursery: trio.Nursery | None = None
         # Inbound and outbound sessions have their own slots: a flood of strangers
         # must not stop us from redialling the peers we lost.
         self._in_slots = trio.Semaphore(MAX_CONNECTIONS)
         self._out_slots = trio.Semaphore(MAX_CONNECTIONS)
-        self._startups: dict[str | None, int] = {}  # address -> connections not yet authenticated
+        self.door = Door()
         self._dialing: set[bytes] = set()
         self._store_changed = trio.Event()
         self._digest_generation = 0
@@ -228,35 +218,15 @@ class Network:
         async with self._out_slots:
             await self._session(stream, address=host, port=port, expect=expect)
 
-    def _admit(self, addr: str | None) -> bool:
-        """Whether a stranger's new connection gets a TLS handshake (MaxStartups)."""
-        total = sum(self._startups.values())
-        if total >= STARTUPS_FULL or self._startups.get(addr, 0) >= PER_SOURCE_STARTUPS:
-            return False
-        if total >= STARTUPS_BEGIN:
-            span = (total - STARTUPS_BEGIN) / (STARTUPS_FULL - STARTUPS_BEGIN)
-            return random.random() >= STARTUPS_RATE + (1 - STARTUPS_RATE) * span
-        return True
-
     async def _accept(self, tcp: trio.SocketStream) -> None:
         try:
             addr = tcp.socket.getpeername()[0]
         except OSError:
             addr = None
-        if self._in_slots.value == 0 or not self._admit(addr):
-            self.connections_dropped += 1
+        authenticated = self.door.enter(addr) if self._in_slots.value else None
+        if authenticated is None:
             await tcp.aclose()
             return
-        self._startups[addr] = self._startups.get(addr, 0) + 1
-        counted = True
-
-        def authenticated() -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self._startups[addr] -= 1
-                if not self._startups[addr]:
-                    del self._startups[addr]
 
         stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
         try:
@@ -346,7 +316,8 @@ class Network:
                 peer.state = "unreachable" if peer.address else "candidate"
                 peer.last_error = conn.close_reason
             if conn.broke_protocol:
-                self._back_off(peer, conn.close_reason)
+                self.protocol_errors += 1
+                back_off(peer, conn.close_reason)
             self.on_peer_change()
 
     async def _greet(self, conn: Connection) -> None:
@@ -577,16 +548,6 @@ class Network:
         self.local.on_revocations_changed()
         self.broadcast(messages.revoked_notice(self.estate.revocation_number))
 
-    def _back_off(self, peer: Peer, reason: str) -> None:
-        """A peer broke the protocol: refuse it, and do not dial it, for a while that
-        doubles with each time (a fault that reconnects at once cannot spin us)."""
-        peer.protocol_errors += 1
-        self.protocol_errors += 1
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (peer.protocol_errors - 1))
-        peer.backoff_until = trio.current_time() + delay
-        peer.last_error = f"broke the protocol ({reason}); refused for {delay:.0f} s"
-        log.warning("peer %s %s", peer.node_id.hex(), peer.last_error)
-
     # -- quarantine --------------------------------------------------------------
 
     def quarantine(self, peer: Peer, reason: str) -> None:
@@ -675,7 +636,7 @@ class Network:
             bytes_served=self.bytes_served,
             chunks_served=self.chunks_served,
             connections_refused=self.connections_refused,
-            connections_dropped=self.connections_dropped,
+            connections_dropped=self.door.dropped,
             protocol_errors=self.protocol_errors,
             fetch=self.fetcher.statistics(),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -204,3 +205,9 @@ class ReadOnlyChanges:
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         raise FsError(errno.EROFS)
+
+
+def attr_timeout(mode: int, nlink: int, timeout: float) -> float:
+    """A directory whose nlink is not counted yet (1) is not kept by the kernel (readdir
+    hands out such attributes): the next stat comes back and gets the count."""
+    return 0.0 if stat.S_ISDIR(mode) and nlink < 2 else timeout

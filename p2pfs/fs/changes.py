@@ -9,14 +9,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from p2pfs.objects.model import Kind
 
-from .api import Attr, FsError, Opened, check_name_length
-from .writable import SLOT_SHIFT, WAttr, WritableVolume
+from .api import Attr, FsError, Opened, attr_timeout, check_name_length
+from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
 
 
 class WritableRouting:
+    if TYPE_CHECKING:  # the filesystem's (vfs.FileSystem), as store/fsck.py's mixin does
+
+        def _shows_snapshots(self, volume: str) -> bool: ...
+
     def __init__(self) -> None:
         # The publisher's writable volumes, by name and by slot (the high bits of
         # their inode numbers and file handles).
@@ -24,7 +29,24 @@ class WritableRouting:
         self._slots: dict[int, WritableVolume] = {}
 
     def _wattr(self, w: WritableVolume, a: WAttr) -> Attr:
-        raise NotImplementedError  # the filesystem's: it knows the roots' .snapshots/
+        t = WRITABLE_TIMEOUT
+        nlink = a.nlink
+        if a.ino == w.root_ino and nlink >= 2 and self._shows_snapshots(w.name):
+            nlink += 1  # the hidden .snapshots/ is a subdirectory too (its ".." is the root)
+        return Attr(
+            a.ino,
+            a.mode,
+            a.size,
+            a.mtime_ns,
+            nlink,
+            a.uid,
+            a.gid,
+            t,
+            attr_timeout(a.mode, nlink, t),
+            a.ctime_ns,
+            a.atime_ns,
+            allocated=a.blocks,
+        )
 
     def add_writable(self, volume: WritableVolume) -> None:
         self.writable[volume.name] = volume

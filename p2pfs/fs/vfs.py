@@ -32,9 +32,9 @@ from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
 from p2pfs.volume.history import snapshot_dirs
 
-from .api import BLOCK_SIZE, Attr, FsError, Opened, check_name_length
+from .api import BLOCK_SIZE, Attr, FsError, Opened, attr_timeout, check_name_length
 from .changes import WritableRouting
-from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
+from .writable import SLOT_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -163,25 +163,9 @@ class FileSystem(WritableRouting):
         """Give the filesystem a nursery for background read-ahead."""
         self._nursery = nursery
 
-    def _wattr(self, w: WritableVolume, a: WAttr) -> Attr:
-        t = WRITABLE_TIMEOUT
-        nlink = a.nlink
-        if a.ino == w.root_ino and nlink >= 2 and self.snapshots and w.name in self.heads():
-            nlink += 1  # the hidden .snapshots/ is a subdirectory too (its ".." is the root)
-        return Attr(
-            a.ino,
-            a.mode,
-            a.size,
-            a.mtime_ns,
-            nlink,
-            a.uid,
-            a.gid,
-            t,
-            _attr_timeout(a.mode, nlink, t),
-            a.ctime_ns,
-            a.atime_ns,
-            allocated=a.blocks,
-        )
+    def _shows_snapshots(self, volume: str) -> bool:
+        """Whether ``volume``'s root has the hidden .snapshots/ (it has a head)."""
+        return self.snapshots and volume in self.heads()
 
     # -- nodes --------------------------------------------------------------
 
@@ -224,7 +208,7 @@ class FileSystem(WritableRouting):
             timeout,
             # .snapshots/'s count changes with every commit: the kernel must not keep it
             # (a count too low would hide the newest snapshot from find(1)).
-            0.0 if e.id == SNAPSHOTS_ID else _attr_timeout(mode, nlink, timeout),
+            0.0 if e.id == SNAPSHOTS_ID else attr_timeout(mode, nlink, timeout),
         )
 
     async def _count(self, node: Node) -> None:
@@ -605,12 +589,6 @@ class FileSystem(WritableRouting):
         fh = self._next_fh
         self._next_fh += 1
         return fh
-
-
-def _attr_timeout(mode: int, nlink: int, timeout: float) -> float:
-    """A directory whose nlink is not counted yet (1) is not kept by the kernel (readdir
-    hands out such attributes): the next stat comes back here and gets the count."""
-    return 0.0 if stat.S_ISDIR(mode) and nlink < 2 else timeout
 
 
 def _find(names: list[bytes], name: bytes) -> int:

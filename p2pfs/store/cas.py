@@ -619,26 +619,6 @@ class Store(FsckMixin):
         if cid is not None:
             log.warning("chunk %s failed verification; moved to %s", cid.hex(), dest)
 
-    def scrub(self) -> tuple[int, list[ChunkId]]:
-        """Verify every stored file; quarantine the bad ones. Returns (good, bad ids).
-
-        Does not count as use: the LRU order is left alone."""
-        good = 0
-        bad: list[ChunkId] = []
-        for path in list(self._chunk_files()):
-            cid = self._id_of(path)
-            if cid is None:
-                continue
-            try:
-                self._read(cid)
-            except CorruptChunk:
-                bad.append(ChunkId(cid))
-            except MissingChunk:
-                continue
-            else:
-                good += 1
-        return good, bad
-
     # -- counters --------------------------------------------------------------------
 
     def _quarantine_count(self) -> int:

@@ -11,13 +11,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pfs.errors import CorruptChunk, MissingChunk
 from p2pfs.fsutil import token_alive
-from p2pfs.ids import matches
+from p2pfs.ids import ChunkId, matches
 
 from .index import Index, Intent
 
@@ -93,7 +94,7 @@ class FsckReport:
 
 
 class FsckMixin:
-    """Store.fsck and its walk; everything else it uses is the store's."""
+    """Store.fsck and its walk, and Store.scrub; everything else they use is the store's."""
 
     if TYPE_CHECKING:
         root: Path
@@ -109,6 +110,28 @@ class FsckMixin:
         def _quarantine(self, path: Path, cid: bytes | None) -> None: ...
         def _now(self) -> int: ...
         def path_of(self, cid: bytes) -> Path: ...
+        def _chunk_files(self) -> Iterable[Path]: ...
+        def _read(self, cid: bytes) -> bytes: ...
+
+    def scrub(self) -> tuple[int, list[ChunkId]]:
+        """Verify every stored file; quarantine the bad ones. Returns (good, bad ids).
+
+        Does not count as use: the LRU order is left alone."""
+        good = 0
+        bad: list[ChunkId] = []
+        for path in list(self._chunk_files()):
+            cid = self._id_of(path)
+            if cid is None:
+                continue
+            try:
+                self._read(cid)
+            except CorruptChunk:
+                bad.append(ChunkId(cid))
+            except MissingChunk:
+                continue
+            else:
+                good += 1
+        return good, bad
 
     def fsck(self, *, repair: bool, verify: bool = True) -> FsckReport:
         """Compare the index with the files; with ``repair``, make the index follow them.

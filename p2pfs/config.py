@@ -8,7 +8,7 @@ static_peers = ["10.0.0.5:7420"]   # peers mDNS does not reach
 discovery = true            # mDNS on the local segment
 peer_fetch = true           # false: fetch only from the origin (a baseline for benchmarks)
 frame_timeout_s = 30.0      # a frame that has begun must arrive within this
-keepalive_s = 15.0          # a silent connection is pinged after this; no answer in as long: closed
+keepalive_s = 2.0           # a silent connection is pinged after this; silent 3 times as long: closed
 
 [fetch]
 deadline_s = 5.0            # a read that cannot get its chunk by then fails with EIO
@@ -77,7 +77,7 @@ class NetworkSection(_Section):
     discovery: bool = True
     peer_fetch: bool = True
     frame_timeout_s: Annotated[Seconds, _range(0.1, 3600)] = 30.0
-    keepalive_s: Annotated[Seconds, _range(0.1, 3600)] = 15.0
+    keepalive_s: Annotated[Seconds, _range(0.1, 3600)] = 2.0
 
 
 class FetchSection(_Section):
@@ -136,7 +136,7 @@ class Config:
     discovery: bool = True
     peer_fetch: bool = True
     frame_timeout_s: float = 30.0
-    keepalive_s: float = 15.0
+    keepalive_s: float = 2.0
     fetch_deadline_s: float = 5.0
     hedge_after_s: float = 0.5
     peers_without_digest: int = 3

@@ -534,7 +534,7 @@ class FileSystem(WritableRouting):
         f.next_offset = max(end, f.next_offset) if sequential else end
         data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
-            read_ahead(chunks, layout, end, self._nursery)
+            read_ahead(chunks, layout, end, self._nursery, self.content.readahead_window())
         return data
 
     def unexpected(self, handler: str) -> None:

@@ -8,6 +8,16 @@ timed out: a frame that has started must finish within ``frame_timeout`` (a
 trickling sender is cut off), and a request without an answer within its
 timeout fails without harming the connection.
 
+A request's deadline counts silence, not time: it fails once no byte of any answer
+this side waits for has arrived on the connection for ``within`` seconds. A slow or
+congested link that keeps moving bytes delivers them however long they take; a
+silent one fails as fast as before.
+
+Frames go out one at a time, urgent ones first: requests, notices and the answers
+to requests marked urgent (the chunk an application is blocked on) pass answers
+queued for readahead, so a reader waiting on one chunk does not wait behind a
+window of chunks it asked for ahead.
+
 Any protocol violation closes this connection only (and ``broke_protocol`` says
 so, for the node to back the peer off).
 
@@ -21,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +65,43 @@ class ConnectionStats:
     bytes_out: int
 
 
+class SendQueue:
+    """A lock handed over in priority order: urgent holders first, then FIFO."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: tuple[deque[trio.Event], deque[trio.Event]] = (deque(), deque())
+
+    @contextlib.asynccontextmanager
+    async def hold(self, urgent: bool) -> AsyncIterator[None]:
+        if self._busy or self._waiting[0] or self._waiting[1]:
+            turn = trio.Event()
+            queue = self._waiting[0 if urgent else 1]
+            queue.append(turn)
+            try:
+                await turn.wait()
+            except BaseException:
+                if turn.is_set():
+                    self._release()  # handed over as we were cancelled: pass it on
+                else:
+                    queue.remove(turn)
+                raise
+        else:
+            self._busy = True
+            await trio.lowlevel.checkpoint()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in self._waiting:
+            if queue:
+                queue.popleft().set()  # ownership passes straight on: _busy stays
+                return
+        self._busy = False
+
+
 class Connection:
     def __init__(
         self,
@@ -75,12 +123,14 @@ class Connection:
             stream,
             frame_timeout,
             decoder=decoder or wire.Decoder(payload_limit=self._payload_limit),
+            counts=self._counts,
         )
         self.closed = trio.Event()
         self.ready = trio.Event()  # set once the peer's hello was accepted
         self.close_reason = ""
         self.broke_protocol = False
-        self._send_lock = trio.Lock()
+        self._send_queue = SendQueue()
+        self.sending = 0  # sends under way (blocked on a full socket buffer, perhaps)
         self._pending = Pending()
         self._frames_out = self._bytes_out = 0
         self._slots = trio.Semaphore(max_inflight)
@@ -94,9 +144,23 @@ class Connection:
             return messages.MAX_DIGEST_BYTES
         return 0
 
+    def _counts(self, header: dict[str, Any], has_payload: bool) -> bool:
+        # Progress is data we wait for (or a home's word that it is coming): not a
+        # refusal, not a pong, which a peer stuck on our request could send forever.
+        return (
+            header["t"] == messages.ANSWER
+            and (has_payload or messages.is_progress(header))
+            and self._pending.waiting(header.get("id"))
+        )
+
     @property
     def last_received(self) -> float:
         return self.reader.last_received
+
+    @property
+    def progress_at(self) -> float:
+        """When bytes of an answer we wait for last arrived (see ``request``)."""
+        return self.reader.progress_at
 
     def statistics(self) -> ConnectionStats:
         r = self.reader
@@ -104,13 +168,30 @@ class Connection:
 
     # -- sending --------------------------------------------------------------
 
-    async def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+    async def send(
+        self, header: dict[str, Any], payload: bytes | memoryview = b"", *, urgent: bool = True
+    ) -> None:
+        """One frame; ``urgent=False`` (bulk answers) lets urgent frames go first."""
         frame = wire.encode(header, payload)
         if self.closed.is_set():
             raise PeerUnavailable(f"connection to {self.peer_id.hex()} is closed")
         try:
-            async with self._send_lock:
-                await self.stream.send_all(frame)
+            async with self._send_queue.hold(urgent):
+                self.sending += 1
+                # A frame once begun is finished even if its sender is cancelled (a
+                # hedged request that lost its race): half a frame would break the
+                # stream for everyone. A frame that cannot leave in time closes it.
+                try:
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(self.frame_timeout) as sent,
+                    ):
+                        await self.stream.send_all(frame)
+                finally:
+                    self.sending -= 1
+                if sent.cancelled_caught:
+                    self._abort(f"a frame could not be sent within {self.frame_timeout:g} s")
+                    raise PeerUnavailable(f"connection to {self.peer_id.hex()} is stuck")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._close(f"send failed: {e}")
             raise PeerUnavailable(f"connection to {self.peer_id.hex()} broke") from None
@@ -120,17 +201,28 @@ class Connection:
     async def request(
         self, header: dict[str, Any], *, within: float, payload: bytes = b""
     ) -> Answer:
-        """Send a request and wait for its answer; PeerUnavailable past ``within`` seconds."""
-        with self._pending.request() as (rid, waiter), trio.move_on_after(within):
-            await self.send({**header, "id": rid}, payload)
-            await waiter.done.wait()  # set by the answer, or by the connection closing
+        """Send a request and wait for its answer.
+
+        PeerUnavailable once no byte of any answer we wait for on this connection has
+        arrived for ``within`` seconds (counted from the request at the earliest).
+        """
+        with self._pending.request() as (rid, waiter):
+            start = trio.current_time()
+            with trio.move_on_after(within):
+                await self.send({**header, "id": rid}, payload)
+            while not waiter.done.is_set():
+                quiet_until = max(start, self.progress_at) + within
+                if trio.current_time() >= quiet_until:
+                    break
+                with trio.move_on_at(quiet_until):
+                    await waiter.done.wait()  # set by the answer, or by the connection closing
         if waiter.answer is None:
             if self.closed.is_set():
                 raise PeerUnavailable(
                     f"connection to {self.peer_id.hex()} closed: {self.close_reason}"
                 )
             raise PeerUnavailable(
-                f"{header['t']} to {self.peer_id.hex()} got no answer within {within:.1f} s"
+                f"{header['t']} to {self.peer_id.hex()} got no answer: nothing came for {within:.1f} s"
             )
         return waiter.answer
 
@@ -178,6 +270,10 @@ class Connection:
     ) -> None:
         kind = header["t"]
         if kind == messages.ANSWER:
+            if messages.is_progress(header):
+                if payload:
+                    raise wire.ProtocolError("an interim answer carries a payload")
+                return  # it counted as progress (FrameReader); the answer is still to come
             # (An answer to a request we gave up on is dropped.)
             self._pending.answered(messages.request_id(header), (header, payload))
             return
@@ -205,8 +301,10 @@ class Connection:
             except P2pfsError as e:
                 answer, body = messages.answer(rid, error=str(e)), b""
             answer = {**answer, "t": messages.ANSWER, "id": rid}
+            # Bulk waits behind urgent frames, unless its asker is blocked on it.
+            urgent = not body or header.get("u") is True
             with contextlib.suppress(PeerUnavailable):
-                await self.send(answer, body)
+                await self.send(answer, body, urgent=urgent)
         finally:
             self._slots.release()
 
@@ -230,6 +328,11 @@ class Connection:
             self.close_reason = self.close_reason or reason
             self.closed.set()
             self._pending.close()
+
+    def _abort(self, reason: str) -> None:
+        self._close(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         self._close("closed by us")

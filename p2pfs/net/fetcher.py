@@ -5,8 +5,13 @@ other peers, then the origin. One peer is asked at a time; if it has not
 answered after ``hedge_after_s`` a second is asked too, and the first verified
 answer wins (the Tail at Scale's hedged requests). A "missing" answer moves on
 at once. Bytes that do not hash to the id quarantine the peer that sent them and
-are never stored or returned. The whole fetch has a deadline: past it the read
-fails (EIO), it never hangs.
+are never stored or returned. A fetch fails (EIO) once no byte of an answer has
+arrived from any peer it asked for ``deadline_s`` (nobody to ask counts as silence):
+a slow link that moves bytes delivers them, however long they take, while an
+offline node fails within the deadline as ever; it never hangs.
+
+Urgent fetches (the chunk an application is blocked on) mark their requests
+urgent, so the peer sends that answer ahead of readahead queued before it.
 
 ``fetch_into_store`` is what the node uses: fetch, then cache the verified bytes in
 the local store. Our own reads and peers that made us a chunk's home share one
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,10 +37,12 @@ from p2pfs.store.cas import Store
 from p2pfs.store.quota import QuotaExceeded
 
 from . import messages
-from .connection import PeerUnavailable
+from .connection import Connection, PeerUnavailable
 from .peers import Peer, PeerTable
 
 log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 3.0
 
 
 class Quarantine(Protocol):
@@ -82,6 +90,7 @@ class Fetcher:
         self.disk = disk or trio.CapacityLimiter(4)
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
         self._inflight: dict[bytes, trio.Event] = {}
+        self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
         self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
         self._corrupt_rejected = self._hedged = self._failed = 0
 
@@ -95,8 +104,21 @@ class Fetcher:
             self._failed,
         )
 
+    def rate(self) -> float | None:
+        """Bytes per second received in answers over the last RATE_WINDOW_S (None: none).
+
+        What readahead sizes its window by (``volume/content.py``).
+        """
+        now = trio.current_time()
+        recent = self._recent
+        while recent and recent[0][0] < now - RATE_WINDOW_S:
+            recent.popleft()
+        if not recent:
+            return None
+        return sum(n for _, n in recent) / RATE_WINDOW_S
+
     async def fetch_into_store(
-        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
+        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False, urgent: bool = False
     ) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
 
@@ -115,7 +137,9 @@ class Fetcher:
                 continue  # it failed, or could not be cached: fetch it ourselves
         event = self._inflight[cid] = trio.Event()
         try:
-            data, _peer = await self.fetch(cid, proxy=proxy, origins_only=origins_only)
+            data, _peer = await self.fetch(
+                cid, proxy=proxy, origins_only=origins_only, urgent=urgent
+            )
             try:
                 await trio.to_thread.run_sync(
                     functools.partial(
@@ -143,16 +167,31 @@ class Fetcher:
         return self.table.ranked_for(cid, others=self.others, origins=self.origins, home=home)
 
     async def fetch(
-        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
+        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False, urgent: bool = False
     ) -> tuple[bytes, Peer]:
-        """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) past the deadline.
+        """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) once
+        ``deadline_s`` pass without a byte from anyone asked.
 
         ``proxy=False`` when fetching on behalf of a peer that made us the chunk's
         home: then we do not hand it on to another home (no loops).
         """
         tried: set[bytes] = set()
         errors: list[str] = []
-        with trio.move_on_after(self.deadline_s):
+        asked: dict[int, Connection] = {}  # the connections asked, for their progress
+        start = trio.current_time()
+        got: tuple[bytes, Peer] | None = None
+
+        async def watchdog(scope: trio.CancelScope) -> None:
+            while True:
+                quiet_until = max([start, *(c.progress_at for c in asked.values())])
+                quiet_until += self.deadline_s
+                if trio.current_time() >= quiet_until:
+                    scope.cancel()
+                    return
+                await trio.sleep_until(quiet_until)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog, nursery.cancel_scope)
             while True:
                 order = [
                     c
@@ -160,29 +199,38 @@ class Fetcher:
                     if c[0].node_id not in tried
                 ]
                 if order:
-                    got = await self._race(cid, order, tried, errors)
+                    got = await self._race(cid, order, tried, errors, asked, urgent)
                     if got is not None:
-                        data, peer = got
-                        self._chunks_fetched += 1
-                        if peer.node_id in self.origins:
-                            self._bytes_from_origin += len(data)
-                        else:
-                            self._bytes_from_peers += len(data)
-                        return data, peer
+                        nursery.cancel_scope.cancel()
+                        break
                 # Nobody had it (or nobody is connected yet): wait a moment for peers to
                 # appear or reconnect, then ask again the ones not asked yet or all anew.
                 await trio.sleep(0.2)
                 again = self.candidates(cid, proxy=proxy, origins_only=origins_only)
                 if not [c for c in again if c[0].node_id not in tried]:
                     tried.clear()
+        if got is not None:
+            data, peer = got
+            self._chunks_fetched += 1
+            if peer.node_id in self.origins:
+                self._bytes_from_origin += len(data)
+            else:
+                self._bytes_from_peers += len(data)
+            return data, peer
         self._failed += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"
         raise MissingChunk(
-            f"chunk {cid.hex()} is not available within {self.deadline_s:g} s ({detail})"
+            f"chunk {cid.hex()}: nothing arrived for {self.deadline_s:g} s ({detail})"
         )
 
     async def _race(
-        self, cid: bytes, order: list[tuple[Peer, bool]], tried: set[bytes], errors: list[str]
+        self,
+        cid: bytes,
+        order: list[tuple[Peer, bool]],
+        tried: set[bytes],
+        errors: list[str],
+        asked: dict[int, Connection],
+        urgent: bool,
     ) -> tuple[bytes, Peer] | None:
         result: tuple[bytes, Peer] | None = None
         async with trio.open_nursery() as nursery:
@@ -190,7 +238,7 @@ class Fetcher:
             async def attempt(peer: Peer, fetch: bool, ended: trio.Event) -> None:
                 nonlocal result
                 try:
-                    data = await self._ask(peer, cid, fetch)
+                    data = await self._ask(peer, cid, fetch, asked, urgent)
                 except PeerUnavailable as e:
                     errors.append(f"{peer.node_id.hex()[:8]}: {e}")
                 except _BadChunk:
@@ -219,15 +267,23 @@ class Fetcher:
                     await ended.wait()
         return result
 
-    async def _ask(self, peer: Peer, cid: bytes, fetch: bool = False) -> bytes:
+    async def _ask(
+        self,
+        peer: Peer,
+        cid: bytes,
+        fetch: bool,
+        asked: dict[int, Connection],
+        urgent: bool,
+    ) -> bytes:
         conn = peer.conn
         if conn is None:
             raise PeerUnavailable("not connected")
+        asked[id(conn)] = conn
         peer.inflight += 1
         start = trio.current_time()
         try:
             header, payload = await conn.request(
-                messages.get(cid, fetch=fetch), within=self.deadline_s
+                messages.get(cid, fetch=fetch, urgent=urgent), within=self.deadline_s
             )
         finally:
             peer.inflight -= 1
@@ -240,7 +296,11 @@ class Fetcher:
             self._corrupt_rejected += 1
             self.quarantine.quarantine(peer, f"served a corrupt copy of chunk {cid.hex()}")
             raise _BadChunk
-        peer.observe_latency(trio.current_time() - start)
+        now = trio.current_time()
+        peer.observe_latency(now - start)
+        self._recent.append((now, len(payload)))
+        if len(self._recent) > 4096:
+            self._recent.popleft()
         peer.bytes_from += len(payload)
         peer.chunks_from += 1
         return payload

@@ -142,9 +142,34 @@ def parse_announce(h: dict[str, Any]) -> VolumeHead:
     return VolumeHead.from_wire(h.get("vol"), "announce")
 
 
-def get(cid: bytes, *, fetch: bool = False) -> dict[str, Any]:
-    """Ask for a chunk; with ``fetch``, the peer is its home and fetches it if it lacks it."""
-    return {"t": "get", "cid": cid, "fetch": True} if fetch else {"t": "get", "cid": cid}
+def get(cid: bytes, *, fetch: bool = False, urgent: bool = False) -> dict[str, Any]:
+    """Ask for a chunk; with ``fetch``, the peer is its home and fetches it if it lacks it;
+    ``urgent``: an application waits for it (its answer goes before readahead's)."""
+    h: dict[str, Any] = {"t": "get", "cid": cid}
+    if fetch:
+        # The asker takes "still fetching" interim answers (``progress``): a home
+        # that fetches from a slow source shows it is getting somewhere.
+        h["fetch"] = h["p"] = True
+    if urgent:
+        h["u"] = True
+    return h
+
+
+def progress(rid: int) -> dict[str, Any]:
+    """An interim answer: "no answer yet, but bytes are coming my way for you"."""
+    return {"t": ANSWER, "id": rid, "p": True}
+
+
+def is_progress(h: dict[str, Any]) -> bool:
+    return h.get("p") is True
+
+
+def get_takes_progress(h: dict[str, Any]) -> bool:
+    return h.get("p") is True
+
+
+def get_is_urgent(h: dict[str, Any]) -> bool:
+    return h.get("u") is True
 
 
 def parse_get(h: dict[str, Any]) -> bytes:

@@ -3,7 +3,10 @@ desktop link.
 
 - ``FrameReader``: whole frames (``wire.py``) from a stream. A frame that has begun
   must finish within its timeout (a trickling sender is cut off); between frames the
-  reader waits freely.
+  reader waits freely. It also keeps ``progress_at``: when bytes of a frame that
+  counts (``counts(header, has_payload)``: data somebody waits for) last arrived, so a request's deadline can be
+  "no progress for so long" rather than "so long in all" (a slow link that moves
+  bytes is not a dead one).
 - ``Pending``: the requests of one connection waiting for their answers: an id for
   each, the answer routed to its waiter, every waiter woken when the connection
   ends, and an answer nobody waits for any more dropped.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +42,16 @@ class FrameReader:
         *,
         decoder: wire.Decoder | None = None,
         receive_size: int = RECEIVE_SIZE,
+        counts: Callable[[dict[str, Any], bool], bool] | None = None,
     ) -> None:
         self.stream = stream
+        self.counts = counts
         self.decoder = decoder or wire.Decoder()
         self.timeout = timeout
         self.receive_size = receive_size
         self.bytes_in = 0
         self.frames_in = 0
-        self.last_received = trio.current_time()
+        self.last_received = self.progress_at = trio.current_time()
         self._ready: list[Frame] = []
 
     async def next(self) -> Frame | None:
@@ -66,8 +71,16 @@ class FrameReader:
                     raise wire.ProtocolError("the stream ended inside a frame")
                 return None
             self.bytes_in += len(data)
-            self.last_received = trio.current_time()
-            self._ready.extend(self.decoder.feed(data))
+            self.last_received = now = trio.current_time()
+            frames = self.decoder.feed(data)
+            if self.counts is not None:
+                # (Judged before the frames are routed: their requests still wait.)
+                current = self.decoder.current_header  # (unfinished: payload to come)
+                if any(self.counts(h, bool(p)) for h, p in frames) or (
+                    current is not None and self.counts(current, True)
+                ):
+                    self.progress_at = now
+            self._ready.extend(frames)
         self.frames_in += 1
         return self._ready.pop(0)
 

@@ -64,6 +64,11 @@ class Decoder:
         self._skip = 0  # payload bytes still to drop unread (DISCARD)
 
     @property
+    def current_header(self) -> dict[str, Any] | None:
+        """The header of the frame being received, once decoded (None between frames)."""
+        return self._header
+
+    @property
     def buffered(self) -> int:
         """Bytes of a frame begun but not finished (dropped ones included)."""
         return len(self._buf) + self._skip

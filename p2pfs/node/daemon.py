@@ -128,9 +128,13 @@ class Daemon:
             )
             self.network = Network(self.estate, store, self.sync, self.config, disk=disk)
             self.sync.access_changed = self._access_changed
-        fetch = self.network.fetcher.fetch_into_store if self.network else None
+        fetcher = self.network.fetcher if self.network else None
         self.content = Content(
-            store, remote=fetch, chunk_cache_bytes=self.config.memory_cache_bytes, limiter=disk
+            store,
+            remote=fetcher.fetch_into_store if fetcher else None,
+            chunk_cache_bytes=self.config.memory_cache_bytes,
+            limiter=disk,
+            rate=fetcher.rate if fetcher else None,
         )
         # An appliance shows .snapshots/ on its mount (which SMB shares) only as its policy
         # for desktops says; any other node always does.
@@ -158,7 +162,7 @@ class Daemon:
             store,
             PinRegistry(self.home),
             lambda: {n: (h.snapshot_id, h.snapshot, h.root) for n, h in self.heads.items()},
-            fetch,
+            fetcher.fetch_into_store if fetcher else None,
             self.home.root / "scrub.json",
             scrub_interval_s=self.config.scrub_interval_s,
             scrub_rate_bytes_s=self.config.scrub_rate_bytes_s,

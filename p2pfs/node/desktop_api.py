@@ -623,7 +623,9 @@ class DesktopServer:
         session.next_offset[blob] = max(end, last_end) if sequential else end
         data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
-            read_ahead(chunks, layout, end, self._nursery, READAHEAD_CHUNKS)
+            read_ahead(
+                chunks, layout, end, self._nursery, self.content.readahead_window(READAHEAD_CHUNKS)
+            )
         return data
 
     def _statfs(self) -> dict[str, int]:

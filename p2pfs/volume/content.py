@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Protocol
 
 import trio
 
@@ -37,8 +38,12 @@ log = logging.getLogger(__name__)
 ChunkLoader = Callable[[bytes], Awaitable[bytes]]
 # Loads several chunks in one go: a result per id, bytes or the error it raised.
 BatchLoader = Callable[[list[bytes]], Awaitable[list[bytes | BaseException]]]
-# Fetches verified bytes the local store lacks (from peers or the origin).
-RemoteLoader = Callable[[bytes], Awaitable[bytes]]
+
+
+# Fetches verified bytes the local store lacks (from peers or the origin); ``urgent``
+# when a reader is blocked on them (readahead and pins are not).
+class RemoteLoader(Protocol):
+    def __call__(self, cid: bytes, *, urgent: bool = ...) -> Awaitable[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,19 @@ class CacheStats:
 class ContentStats:
     bytes_from_local: int  # chunk bytes read from the local store
     chunks: CacheStats
+
+
+# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
+# worker-thread trip (or concurrently from peers).
+READAHEAD_CHUNKS = 32
+PREFETCH_BATCH = 4
+# From the network: the chunks the measured rate moves in READAHEAD_SECONDS (at least
+# READAHEAD_MIN, so a fast link measured through a small window can show its speed;
+# READAHEAD_UNMEASURED before anything was measured), counted in average chunks.
+READAHEAD_SECONDS = 2.0
+READAHEAD_MIN = 4
+READAHEAD_UNMEASURED = 8
+AVERAGE_CHUNK = 256 * 1024
 
 
 class _Abandoned(Exception):
@@ -215,9 +233,13 @@ class Content:
         max_layouts: int = 1024,
         remote: RemoteLoader | None = None,
         limiter: trio.CapacityLimiter | None = None,
+        rate: Callable[[], float | None] | None = None,
     ) -> None:
         self.store = store
         self.remote = remote
+        # The network's recent receive rate in bytes/s (None: nothing measured yet).
+        self.rate = rate or (lambda: None)
+        self._ahead_local = True  # the last readahead batch was all in the local store
         # Bounds the worker threads reading the store (shared with the network's writes).
         self.limiter = limiter or trio.CapacityLimiter(4)
         self.chunks = ChunkCache(
@@ -233,7 +255,7 @@ class Content:
     def statistics(self) -> ContentStats:
         return ContentStats(self.bytes_from_local, self.chunks.statistics())
 
-    async def load_stored(self, cid: bytes) -> bytes:
+    async def load_stored(self, cid: bytes, *, urgent: bool = False) -> bytes:
         """Verified stored bytes of ``cid`` (a plain id): from the local store, else
         (missing or corrupt here) from the network. Never opened: what pins fetch."""
         try:
@@ -242,14 +264,14 @@ class Content:
         except (MissingChunk, CorruptChunk):
             if self.remote is None:
                 raise
-            return await self.remote(cid)
+            return await self.remote(cid, urgent=urgent)
         self.bytes_from_local += len(data)
         return data
 
     async def load_chunk(self, ref: bytes) -> bytes:
         """The verified plaintext of a chunk or object by its ref."""
         if not is_sealed(ref):
-            return await self.load_stored(ref)
+            return await self.load_stored(ref, urgent=True)
         sid = stored_id(ref)
 
         def read_open() -> tuple[bytes, int] | None:
@@ -265,7 +287,7 @@ class Content:
             return found[0]
         if self.remote is None:
             raise MissingChunk(f"chunk {sid.hex()} is not here")
-        data = await self.remote(sid)
+        data = await self.remote(sid, urgent=True)
         return await trio.to_thread.run_sync(unseal, ref, data, limiter=self.limiter)
 
     async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
@@ -285,6 +307,7 @@ class Content:
 
         results, read = await trio.to_thread.run_sync(read_all, limiter=self.limiter)
         self.bytes_from_local += read
+        self._ahead_local = not any(isinstance(r, MissingChunk | CorruptChunk) for r in results)
         if self.remote is not None:
             remote = self.remote
 
@@ -304,6 +327,23 @@ class Content:
                     if isinstance(r, MissingChunk | CorruptChunk):
                         nursery.start_soon(fetch, i)
         return results
+
+    def readahead_window(self, most: int = READAHEAD_CHUNKS) -> int:
+        """How many chunks to keep loading ahead of a sequential reader.
+
+        From the local store, ``most``: the disk keeps up. From the network, what it
+        delivers in READAHEAD_SECONDS at the rate measured: a window fixed in chunks
+        queues, on a slow link, more than the link moves before the reader needs
+        it, and every request for a chunk read out of order (or a peer's) waits
+        behind that queue at the sender.
+        """
+        if self.remote is None or self._ahead_local:
+            return most
+        rate = self.rate()
+        if rate is None:
+            return min(most, READAHEAD_UNMEASURED)
+        window = int(rate * READAHEAD_SECONDS) // AVERAGE_CHUNK
+        return max(READAHEAD_MIN, min(most, window))
 
     async def object_bytes(self, oid: bytes) -> bytes:
         # Through a small cache of its own, so concurrent lookups of one missing
@@ -380,10 +420,6 @@ async def read_span(
 # The kernel keeps several readahead requests in flight, so they may arrive slightly out
 # of order: a read that starts this near where the last one ended is still sequential.
 SEQUENTIAL_SLACK = 4 * 1024 * 1024
-# Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
-# worker-thread trip (or concurrently from peers).
-READAHEAD_CHUNKS = 32
-PREFETCH_BATCH = 4
 
 
 def read_ahead(

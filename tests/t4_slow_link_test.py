@@ -1,0 +1,191 @@
+"""Slow links, in virtual time: deadlines count silence, urgent answers go first.
+
+Over trio's in-memory streams with a sender that trickles (``Trickle``) and trio's
+MockClock, so "30 s of a slow link" takes milliseconds and nothing depends on how
+fast this machine is. The same behaviour over real shaped links is in
+``t16_slow_links_lab_test.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from p2pfs.errors import MissingChunk
+from p2pfs.ids import content_id
+from p2pfs.net import messages
+from p2pfs.net.connection import Connection, PeerUnavailable, SendQueue
+from p2pfs.net.fetcher import Fetcher
+from p2pfs.net.peers import Peer, PeerTable
+
+pytestmark = pytest.mark.unit
+
+
+class Trickle(trio.abc.Stream):
+    """A stream whose sending side moves ``rate`` bytes per second, in small pieces."""
+
+    def __init__(self, inner: trio.abc.Stream, rate: float, piece: int = 4096) -> None:
+        self.inner = inner
+        self.rate = rate
+        self.piece = piece
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), self.piece):
+            part = view[i : i + self.piece]
+            await self.inner.send_all(part)
+            await trio.sleep(len(part) / self.rate)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+CHUNKS = {content_id(bytes([i]) * 256 * 1024): bytes([i]) * 256 * 1024 for i in range(8)}
+
+
+async def _serve(conn: Connection, header: dict[str, Any], payload: bytes) -> Any:
+    if header["t"] == "get":
+        data = CHUNKS.get(messages.parse_get(header))
+        if data is None:
+            return messages.answer(header["id"], error="missing"), b""
+        return messages.answer(header["id"]), data
+    if header["t"] == "have":  # never answered: a silent peer
+        await trio.sleep_forever()
+    return messages.answer(header["id"]), b""
+
+
+async def _quiet(conn: Connection, header: dict[str, Any], payload: bytes) -> None:
+    return None
+
+
+def _slow_pair(rate: float) -> tuple[Connection, Connection]:
+    """(client, server): the server's answers cross a link of ``rate`` bytes/s."""
+    a, b = trio.testing.memory_stream_pair()
+    client = Connection(a, b"S" * 16, on_request=_serve, on_notice=_quiet, frame_timeout=600)
+    server = Connection(
+        Trickle(b, rate), b"C" * 16, on_request=_serve, on_notice=_quiet, frame_timeout=600
+    )
+    return client, server
+
+
+async def test_a_slow_answer_arrives_though_it_takes_far_longer_than_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = _slow_pair(rate=16 * 1024)  # 256 KiB in 16 s
+    cid = next(iter(CHUNKS))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        nursery.start_soon(server.run)
+        start = trio.current_time()
+        header, payload = await client.request(messages.get(cid), within=1.0)
+        assert messages.answer_error(header) is None
+        assert payload == CHUNKS[cid]
+        assert trio.current_time() - start > 10  # it took the link's time, not the deadline's
+        # A silent request still fails after its deadline of silence.
+        start = trio.current_time()
+        with pytest.raises(PeerUnavailable, match="no answer"):
+            await client.request(messages.have([cid]), within=1.0)
+        assert trio.current_time() - start < 1.5
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_urgent_answer_passes_answers_queued_for_readahead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = _slow_pair(rate=256 * 1024)  # one chunk a second
+    ids = list(CHUNKS)
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        nursery.start_soon(server.run)
+
+        async def ask(cid: bytes, name: str, urgent: bool) -> None:
+            await client.request(messages.get(cid, urgent=urgent), within=5)
+            done.append(name)
+
+        async with trio.open_nursery() as asks:
+            for i in range(6):
+                asks.start_soon(ask, ids[i], f"ahead{i}", False)
+                await trio.sleep(0.01)
+            asks.start_soon(ask, ids[7], "blocked", True)
+        nursery.cancel_scope.cancel()
+    # The first readahead answer was on the wire already; the blocked reader's comes next.
+    assert done.index("blocked") <= 2, done
+
+
+async def test_send_queue_hands_over_urgent_first_and_survives_cancellation() -> None:
+    queue = SendQueue()
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def hold(name: str, urgent: bool) -> None:
+            async with queue.hold(urgent):
+                order.append(name)
+                await trio.sleep(0.01)
+
+        async with queue.hold(False):
+            for name in ("bulk1", "bulk2"):  # (one at a time: trio starts tasks in any order)
+                nursery.start_soon(hold, name, False)
+                await trio.testing.wait_all_tasks_blocked()
+            cancelled = trio.CancelScope()
+
+            async def gives_up() -> None:
+                with cancelled:
+                    await hold("never", True)
+
+            nursery.start_soon(gives_up)
+            nursery.start_soon(hold, "urgent", True)
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == ["urgent", "bulk1", "bulk2"]
+    async with queue.hold(False):  # free again
+        pass
+
+
+def _fetcher(table: PeerTable, deadline_s: float) -> Fetcher:
+    class NoQuarantine:
+        def quarantine(self, peer: Peer, reason: str) -> None:
+            raise AssertionError(reason)
+
+    return Fetcher(b"M" * 16, table, NoQuarantine(), deadline_s=deadline_s)
+
+
+async def test_a_fetch_over_a_slow_peer_finishes_and_one_with_nobody_fails_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = _slow_pair(rate=8 * 1024)  # 32 s a chunk
+    table = PeerTable()
+    peer = table.get(b"S" * 16)
+    peer.conns.append(client)
+    fetcher = _fetcher(table, deadline_s=2.0)
+    cid = next(iter(CHUNKS))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        nursery.start_soon(server.run)
+        start = trio.current_time()
+        data, who = await fetcher.fetch(cid, urgent=True)
+        assert data == CHUNKS[cid] and who is peer
+        assert trio.current_time() - start > 20
+        rate = fetcher.rate()
+        assert rate is not None and rate > 0
+        # A chunk nobody holds: "missing" from the one peer, again and again, then EIO.
+        start = trio.current_time()
+        with pytest.raises(MissingChunk, match="nothing arrived for 2 s"):
+            await fetcher.fetch(content_id(b"nobody has this"))
+        assert trio.current_time() - start < 2.5
+        nursery.cancel_scope.cancel()
+    # With no peer at all, the same.
+    start = trio.current_time()
+    with pytest.raises(MissingChunk):
+        await _fetcher(PeerTable(), deadline_s=2.0).fetch(cid)
+    assert 2.0 <= trio.current_time() - start < 2.5

@@ -11,7 +11,7 @@ frame_timeout_s = 30.0      # a frame that has begun must arrive within this
 keepalive_s = 2.0           # a silent connection is pinged after this; silent 3 times as long: closed
 
 [fetch]
-deadline_s = 5.0            # a read that cannot get its chunk by then fails with EIO
+deadline_s = 5.0            # a read fails with EIO once nothing arrived from anyone for this long
 hedge_after_s = 0.5         # ask a second peer when the first is this slow
 peers_without_digest = 3    # k: peers asked even though their digest says no
 

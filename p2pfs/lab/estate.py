@@ -79,6 +79,11 @@ class Node:
 
     def start(self, *extra: str) -> None:
         """Run the daemon in this host's namespace, mounted; return once the mount is up."""
+        self.launch(*extra)
+        self.wait_mounted()
+
+    def launch(self, *extra: str) -> None:
+        """Start the daemon in this host's namespace; ``wait_mounted`` waits for its mount."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115
         argv = [sys.executable, "-m", "p2pfs", "--home", str(self.home), "daemon"]
@@ -86,6 +91,9 @@ class Node:
         self.proc = self.host.popen(argv, stdout=log, stderr=log)
         log.close()
         self.host.track_mount(self.mountpoint)
+
+    def wait_mounted(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None:
@@ -147,7 +155,18 @@ class EstateLab:
             p2pfs(self.admin.home, "volume", "create", volume)
         p2pfs(self.admin.home, "import", str(source), volume)
 
+    def start_all(self, nodes: list[Node] | None = None) -> None:
+        """Start every daemon at once (as a power cut's end would), then wait for the mounts."""
+        nodes = self.nodes if nodes is None else nodes
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_mounted()
+
     def stop_all(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)  # all at once, then each waited for
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop()

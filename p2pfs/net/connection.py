@@ -145,12 +145,15 @@ class Connection:
         return 0
 
     def _counts(self, header: dict[str, Any], has_payload: bool) -> bool:
-        # Progress is data we wait for (or a home's word that it is coming): not a
-        # refusal, not a pong, which a peer stuck on our request could send forever.
+        # Progress is data answering us while a request waits (or a home's word that
+        # it is coming): not a refusal, not a pong, which a peer stuck on our request
+        # could send forever. The answer to a request given up on counts too: our
+        # next answer is queued behind it on the same link.
         return (
             header["t"] == messages.ANSWER
             and (has_payload or messages.is_progress(header))
-            and self._pending.waiting(header.get("id"))
+            and self._pending.issued(header.get("id"))
+            and self._pending.any_waiting()
         )
 
     @property

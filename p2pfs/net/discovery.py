@@ -17,7 +17,9 @@ copies (dicts, tuples), so worker threads share no mutable state with trio.
 What arrives from the network is hostile: TXT values are bounded and validated,
 names and events are bounded in number, and anything malformed is ignored with a
 debug log. Idle chatter is zeroconf's own (RFC 6762 backoff, refresh at 75 % of a
-TTL); this module adds no queries of its own.
+TTL); this module adds only the queries of a resolution that failed and is tried
+again (backing off, at most RESOLVE_ATTEMPTS times). And mDNS is not the only way
+in: every hello names the peers its sender is connected to (``service.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ MAX_PEERS = 1024  # candidates in the view
 MAX_NAMES = 2048  # service names being tracked (resolving or resolved)
 EVENT_BUFFER = 512  # browser events waiting for the trio side; beyond, they are dropped
 RESOLVE_TIMEOUT_MS = 3000
+RESOLVE_ATTEMPTS = 8  # then the name is dropped until zeroconf reports it again
+RESOLVE_BACKOFF_MAX_S = 30.0
 RESOLVE_THREADS = 4
 CLOSE_TIMEOUT_S = 10.0
 
@@ -397,6 +401,7 @@ class Discovery:
     async def _resolve(
         self, zc: zeroconf.Zeroconf, name: str, on_candidate: Callable[[Candidate], None]
     ) -> None:
+        attempt = 0
         try:
             while (ticket := self._tickets.get(name)) is not None:
                 found = await trio.to_thread.run_sync(
@@ -405,10 +410,18 @@ class Discovery:
                 if self._tickets.get(name) != ticket:
                     continue  # removed or changed again meanwhile: look again (or stop)
                 if found is None:
+                    # A lost answer (a busy link, every node starting at once) must not
+                    # hide a peer for good: zeroconf sends no new event for a name it
+                    # already has, so we ask again, backing off, while it is live.
                     self._stats["unresolved"] += 1
-                    log.debug("mDNS: %r did not resolve", name)
-                    del self._tickets[name]
-                    return
+                    attempt += 1
+                    if attempt >= RESOLVE_ATTEMPTS:
+                        log.debug("mDNS: %r did not resolve; giving up", name)
+                        del self._tickets[name]
+                        return
+                    log.debug("mDNS: %r did not resolve; asking again", name)
+                    await trio.sleep(min(RESOLVE_BACKOFF_MAX_S, 2.0**attempt))
+                    continue
                 self._accept(name, *found, on_candidate)
                 return
         finally:

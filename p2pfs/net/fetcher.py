@@ -219,6 +219,7 @@ class Fetcher:
             return data, peer
         self._failed += 1
         detail = "; ".join(errors[-3:]) or "no peer or origin reachable"
+        log.info("chunk %s: nothing arrived for %g s (%s)", cid.hex(), self.deadline_s, detail)
         raise MissingChunk(
             f"chunk {cid.hex()}: nothing arrived for {self.deadline_s:g} s ({detail})"
         )
@@ -261,10 +262,23 @@ class Fetcher:
                 # it may be fetching the chunk for everyone, and asking the origin
                 # behind its back costs the origin a copy.
                 patience = max(self.hedge_after_s, 4 * peer.latency_s)
-                if fetch:
-                    patience = max(patience, self.deadline_s / 2)
-                with trio.move_on_after(patience):
-                    await ended.wait()
+                if not fetch:
+                    with trio.move_on_after(patience):
+                        await ended.wait()
+                    continue
+                # A home is waited for as long as it says it is getting the chunk
+                # (interim answers), and half a deadline of its silence: asking the
+                # origin behind its back costs the origin a copy, and a slow origin
+                # that every desktop asks at once gets slower for all of them.
+                patience = max(patience, self.deadline_s / 2)
+                began = trio.current_time()
+                while not ended.is_set():
+                    conn = peer.conn
+                    heard = max(began, conn.progress_at if conn is not None else began)
+                    if trio.current_time() >= heard + patience:
+                        break
+                    with trio.move_on_at(heard + patience):
+                        await ended.wait()
         return result
 
     async def _ask(

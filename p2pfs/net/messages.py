@@ -7,6 +7,7 @@ describes each message.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ MAX_REQUEST_ID = 2**53
 MAX_ERROR_TEXT = 512
 MAX_SEQ = 2**63 - 1
 MAX_DIGEST_BYTES = 16 * 1024 * 1024
+MAX_PEER_HINTS = 64
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # Requests (carry an "id" the answer repeats) and one-way notices.
 REQUESTS = {"get", "have", "snapshot", "revocations", "access-list", "ping"}
@@ -98,6 +101,29 @@ class VolumeHead:
         return cls(name, bytes(vid), seq, bytes(head), endorsement, origin)
 
 
+# A peer as another names it in its hello: node id, IPv4 address, listening port.
+PeerHint = tuple[bytes, str, int]
+
+
+def _peer_hint(item: object) -> PeerHint:
+    if not isinstance(item, list) or len(item) != 3:
+        raise ProtocolError("hello: a peer must be [node, address, port]")
+    node, address, port = item
+    if not isinstance(node, bytes) or len(node) != NODE_ID_SIZE:
+        raise ProtocolError("hello: a peer's node id must be 16 bytes")
+    if not isinstance(address, str) or len(address) > 15:
+        raise ProtocolError("hello: a peer's address must be IPv4 text")
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ProtocolError("hello: a peer's address must be IPv4 text") from None
+    if ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip == _BROADCAST:
+        raise ProtocolError("hello: a peer's address is not one to dial")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ProtocolError("hello: a peer's port is out of range")
+    return bytes(node), str(ip), port
+
+
 @dataclass(frozen=True)
 class Hello:
     node_id: bytes
@@ -106,9 +132,14 @@ class Hello:
     volumes: tuple[VolumeHead, ...]
     revocation_number: int
     access_number: int = 0  # the newest access list the node holds (0: none)
+    # Where the sender listens, and the peers it is connected to (absent from the
+    # first releases' hello): whoever reaches one member learns of the others, however
+    # the first mDNS packets fell.
+    port: int | None = None
+    peers: tuple[PeerHint, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "t": "hello",
             "node": self.node_id,
             "estate": self.estate_id,
@@ -117,6 +148,11 @@ class Hello:
             "crl": self.revocation_number,
             "acl": self.access_number,
         }
+        if self.port is not None:
+            out["port"] = self.port
+        if self.peers:
+            out["peers"] = [list(p) for p in self.peers]
+        return out
 
     @classmethod
     def from_wire(cls, h: dict[str, Any]) -> Hello:
@@ -131,7 +167,18 @@ class Hello:
             revocation_number=_int(h, "crl", 0, MAX_SEQ, "hello"),
             # Absent from the first release's hello: it held no access list.
             access_number=_int(h, "acl", 0, MAX_SEQ, "hello") if "acl" in h else 0,
+            port=_int(h, "port", 1, 65535, "hello") if "port" in h else None,
+            peers=_peer_hints(h),
         )
+
+
+def _peer_hints(h: dict[str, Any]) -> tuple[PeerHint, ...]:
+    if "peers" not in h:
+        return ()
+    items = _get(h, "peers", list, "hello")
+    if len(items) > MAX_PEER_HINTS:
+        raise ProtocolError("hello: too many peers")
+    return tuple(_peer_hint(i) for i in items)
 
 
 def announce(vol: VolumeHead) -> dict[str, Any]:

@@ -116,6 +116,13 @@ class Pending:
         """Whether a request with id ``rid`` still waits for its answer."""
         return isinstance(rid, int) and rid in self._waiters
 
+    def issued(self, rid: object) -> bool:
+        """Whether ``rid`` is an id this side gave a request (waiting or not)."""
+        return isinstance(rid, int) and 0 < rid < self._next_id
+
+    def any_waiting(self) -> bool:
+        return bool(self._waiters)
+
     def answered(self, rid: object, frame: Frame) -> bool:
         """Route an answer to its waiter; False if nobody waits for ``rid`` (dropped)."""
         waiter = self._waiters.get(rid) if isinstance(rid, int) else None

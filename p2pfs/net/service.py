@@ -20,6 +20,7 @@ publishers (no cache stuffing).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
@@ -42,7 +43,7 @@ from . import messages, wire
 from .admission import PRE_AUTH_TIMEOUT, Door, back_off
 from .connection import Connection, PeerUnavailable
 from .digest import Bloom
-from .discovery import Candidate, Discovery
+from .discovery import Candidate, Discovery, local_ipv4_networks
 from .fetcher import Fetcher, FetchStats
 from .messages import Hello, VolumeHead
 from .peers import Peer, PeerStats, PeerTable
@@ -83,6 +84,7 @@ class NetworkStats:
     connections_dropped: int  # not yet authenticated, dropped at the door (MaxStartups)
     protocol_errors: int  # connections closed because the peer broke the protocol
     fetch: FetchStats
+    peers_from_hints: int = 0  # peers first heard of in another peer's hello
 
 
 class _NotForThisPeer(Exception):
@@ -121,6 +123,8 @@ class Network:
         self.chunks_served = 0
         self.connections_refused = 0
         self.protocol_errors = 0
+        self.hints_taken = 0  # peers first heard of from another's hello
+        self._networks: list[ipaddress.IPv4Network] = []  # ours: where hints may point
         self._nursery: trio.Nursery | None = None
         # Inbound and outbound sessions have their own slots: a flood of strangers
         # must not stop us from redialling the peers we lost.
@@ -148,6 +152,7 @@ class Network:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
         self.port = listeners[0].socket.getsockname()[1]
+        self._networks = await trio.to_thread.run_sync(local_ipv4_networks)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(trio.serve_listeners, self._accept, listeners)
@@ -390,7 +395,31 @@ class Network:
             ),
             revocation_number=self.estate.revocation_number,
             access_number=self.estate.access.number,
+            port=self.port or None,
+            peers=tuple(
+                (p.node_id, p.address, p.port)
+                for p in self.table.connected()[: messages.MAX_PEER_HINTS]
+                if p.node_id != peer_id and p.address is not None and p.port is not None
+            ),
         )
+
+    def _on_hints(self, hello: Hello) -> None:
+        """Dial the peers a member names that we have not found ourselves.
+
+        Only addresses on our own networks: a hostile member must not make us dial
+        hosts elsewhere (TLS would refuse them, but the dial itself is the harm).
+        """
+        networks = self._networks
+        for node_id, host, port in hello.peers:
+            if node_id == self.node_id or not any(
+                ipaddress.IPv4Address(host) in net for net in networks
+            ):
+                continue
+            peer = self.table.peers.get(node_id)
+            if peer is not None and (peer.address is not None or peer.quarantined):
+                continue
+            self.hints_taken += 1
+            self._on_candidate(Candidate(node_id, self.estate.estate_id, 1, host, port))
 
     def _read_for(self, peer_id: bytes, cid: bytes) -> tuple[bytes | None, list[bytes]]:
         """(bytes or None if absent, the private volumes the id belongs to); blocking.
@@ -508,6 +537,9 @@ class Network:
             if hello.estate_id != self.estate.estate_id:
                 raise wire.ProtocolError("hello names another estate")
             peer.hello = hello
+            if peer.port is None and hello.port is not None and peer.address is not None:
+                peer.port = hello.port  # (an inbound peer: now we can redial it)
+            self._on_hints(hello)
             peer.state = "connected"
             conn.ready.set()
             peer.last_error = ""
@@ -687,4 +719,5 @@ class Network:
             connections_dropped=self.door.dropped,
             protocol_errors=self.protocol_errors,
             fetch=self.fetcher.statistics(),
+            peers_from_hints=self.hints_taken,
         )

@@ -141,6 +141,7 @@ class NodeStatus:
                 "connections_refused": n.connections_refused,
                 "connections_dropped": n.connections_dropped,
                 "protocol_errors": n.protocol_errors,
+                "peers_from_hints": n.peers_from_hints,
             }
             out["bytes_from"] |= {"peers": f.bytes_from_peers, "origin": f.bytes_from_origin}
         if self.sync is not None:

@@ -53,6 +53,9 @@ class SyncStats:
     recent_refusals: tuple[str, ...]
 
 
+MAX_OFFERS = 64  # heads remembered per volume while it is busy
+
+
 class VolumeSync:
     def __init__(
         self,
@@ -74,6 +77,10 @@ class VolumeSync:
         self.refused = 0
         self.refusals: deque[str] = deque(maxlen=20)
         self._busy: set[bytes] = set()
+        # Heads offered while that volume was busy, by volume then by peer: tried in
+        # turn if the one being accepted fails. Dropping them lost a volume at start-up
+        # for good (every peer offers its head once, in its hello, and one offer failed).
+        self._offers: dict[bytes, dict[bytes, tuple[Peer, messages.VolumeHead]]] = {}
         # Set by the daemon: a newer access list may open (or close) private volumes.
         self.access_changed: Callable[[], None] = lambda: None
 
@@ -134,15 +141,31 @@ class VolumeSync:
             if current.id != head.volume_id:
                 self._refuse(peer, head, "another key than the volume known under this name")
             return
-        if head.volume_id in self._busy:
-            return
-        self._busy.add(head.volume_id)
+        vid = head.volume_id
+        offers = self._offers.setdefault(vid, {})
+        if len(offers) < MAX_OFFERS or peer.node_id in offers:
+            offers[peer.node_id] = (peer, head)
+        if vid in self._busy:
+            return  # the task accepting this volume tries the offer next if it must
+        self._busy.add(vid)
         try:
-            await self._accept(peer, head)
-        except (P2pfsError, PeerUnavailable) as e:
-            self._refuse(peer, head, str(e))
+            while offers:
+                # The newest offered first; of equals, any (each is verified alike).
+                node_id = max(offers, key=lambda n: offers[n][1].seq)
+                peer, head = offers.pop(node_id)
+                try:
+                    if head.seq <= self.registry.get(head.name).seq:
+                        continue  # accepted meanwhile, from another offer
+                except P2pfsError:
+                    pass  # not known yet
+                try:
+                    await self._accept(peer, head)
+                except (P2pfsError, PeerUnavailable) as e:
+                    self._refuse(peer, head, str(e))
         finally:
-            self._busy.discard(head.volume_id)
+            self._busy.discard(vid)
+            if not offers:
+                self._offers.pop(vid, None)
 
     def _refuse(self, peer: Peer, head: messages.VolumeHead, why: str) -> None:
         self.refused += 1

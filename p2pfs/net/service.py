@@ -511,20 +511,29 @@ class Network:
         lasts it is making progress: the asker hears so every third of the deadline
         and keeps waiting, however slow the source behind us is.
         """
-        stored = b""
+        stored: bytes | None = None
+        failed: P2pfsError | None = None
         async with trio.open_nursery() as nursery:
 
             async def tell() -> None:
-                while True:
-                    await trio.sleep(self.config.fetch_deadline_s / 3)
-                    await conn.send(messages.progress(rid))
+                with contextlib.suppress(PeerUnavailable):  # (then our answer fails too)
+                    while True:
+                        await trio.sleep(self.config.fetch_deadline_s / 3)
+                        await conn.send(messages.progress(rid))
 
             if messages.get_takes_progress(header):
                 nursery.start_soon(tell)
-            stored = await self.fetcher.fetch_into_store(
-                cid, proxy=False, origins_only=not vols, urgent=messages.get_is_urgent(header)
-            )
+            # Caught here, not around the nursery, which would wrap it in a group.
+            try:
+                stored = await self.fetcher.fetch_into_store(
+                    cid, proxy=False, origins_only=not vols, urgent=messages.get_is_urgent(header)
+                )
+            except P2pfsError as e:
+                failed = e
             nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        assert stored is not None
         return stored
 
     async def _on_notice(self, conn: Connection, header: dict[str, Any], payload: bytes) -> None:

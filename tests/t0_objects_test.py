@@ -263,6 +263,7 @@ def _row(name: bytes = b"a", **kw: object) -> list[object]:
         ([[*_row(), {"x": {}}]], "non-empty map"),
         ([[*_row(), {"x": {b"trusted.a": b""}}]], "user"),
         ([[*_row(), {"x": {b"user.": b""}}]], "user"),
+        ([[*_row(), {"x": {b"user.p2pfs.id": b""}}]], "own"),
         ([[*_row(), {"x": {"user.a": b""}}]], "bytes"),
         ([[*_row(), {"x": {b"user.a": 1}}]], "bytes"),
         ([[*_row(), {"x": {b"user." + b"a" * 251: b""}}]], "255"),

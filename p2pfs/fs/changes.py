@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from p2pfs.objects.model import (
     MAX_XATTR_VALUE,
     MAX_XATTRS_BYTES,
+    RESERVED_XATTR_PREFIX,
     XATTR_PREFIX,
     Kind,
 )
@@ -210,9 +211,6 @@ _MKNOD_KINDS = {
     stat.S_IFBLK: Kind.BLK,
 }
 
-# The synthetic attributes of vfs.py (user.p2pfs.id, .snapshot): not the user's to set.
-RESERVED_XATTRS = b"user.p2pfs."
-
 
 def _check_xattr_name(name: bytes) -> None:
     """Only user.* attributes are stored (and carried in snapshots): any other namespace
@@ -221,5 +219,5 @@ def _check_xattr_name(name: bytes) -> None:
         raise FsError(errno.EOPNOTSUPP)
     if name == XATTR_PREFIX:
         raise FsError(errno.EINVAL)  # the kernel's answer for a bare prefix
-    if name.startswith(RESERVED_XATTRS):
-        raise FsError(errno.EPERM)
+    if name.startswith(RESERVED_XATTR_PREFIX):
+        raise FsError(errno.EPERM)  # vfs.py's synthetic attributes are not the user's

@@ -73,6 +73,8 @@ DEVICE_KINDS = frozenset({Kind.CHR, Kind.BLK})
 # Extended attributes an entry may carry: the user.* namespace only, within Linux's own
 # limits for one attribute (XATTR_NAME_MAX, XATTR_SIZE_MAX) and a bound on all of them.
 XATTR_PREFIX = b"user."
+# The filesystem's own synthetic attributes (fs/vfs.py: an entry's id, its snapshot).
+RESERVED_XATTR_PREFIX = b"user.p2pfs."
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTRS_BYTES = 128 * 1024  # names and values of one entry together
@@ -283,6 +285,8 @@ def xattr_name_problem(name: bytes) -> str | None:
     """What is wrong with an extended attribute's name for an entry (None: nothing)."""
     if not name.startswith(XATTR_PREFIX) or len(name) == len(XATTR_PREFIX):
         return "only user.* names are kept"
+    if name.startswith(RESERVED_XATTR_PREFIX):
+        return "user.p2pfs.* names are the filesystem's own"
     if len(name) > MAX_XATTR_NAME:
         return f"name is more than {MAX_XATTR_NAME} bytes"
     if b"\0" in name:

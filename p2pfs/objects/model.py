@@ -359,21 +359,14 @@ class Entry:
     def row(self) -> list[object]:
         """The entry as a tree holds it: the 7 fields, and a map of the optional ones only
         when one is set (so entries without them encode as before: same bytes, same ids)."""
-        row: list[object] = [
-            self.name,
-            int(self.kind),
-            self.mode,
-            self.mtime_ns,
-            self.size,
-            self.id,
-            self.target,
-        ]
+        row: list[object] = [self.name, int(self.kind), self.mode, self.mtime_ns, self.size]
+        row += [self.id, self.target]
         if self.rdev or self.xattrs or self.owner is not None:
             extra: dict[str, object] = {}
             if self.owner is not None:
                 extra["o"] = list(self.owner)
             if self.rdev:
-                extra["r"] = [_dev_major(self.rdev), _dev_minor(self.rdev)]
+                extra["r"] = _dev_parts(self.rdev)
             if self.xattrs:
                 extra["x"] = dict(self.xattrs)
             row.append(extra)
@@ -382,12 +375,11 @@ class Entry:
 
 # glibc's dev_t layout (sys/sysmacros.h): 32-bit major and minor numbers in 64 bits. Kept
 # here (not os.major) so an entry's encoding is the same on every machine.
-def _dev_major(dev: int) -> int:
-    return ((dev >> 32) & 0xFFFFF000) | ((dev >> 8) & 0xFFF)
-
-
-def _dev_minor(dev: int) -> int:
-    return ((dev >> 12) & 0xFFFFFF00) | (dev & 0xFF)
+def _dev_parts(dev: int) -> list[int]:
+    return [
+        ((dev >> 32) & 0xFFFFF000) | ((dev >> 8) & 0xFFF),
+        ((dev >> 12) & 0xFFFFFF00) | (dev & 0xFF),
+    ]
 
 
 def make_dev(major: int, minor: int) -> int:

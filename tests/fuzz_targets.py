@@ -159,6 +159,18 @@ TREE = model.Tree(
         model.Entry(b"c", model.Kind.SYMLINK, 0o777, 2**62, 3, None, b"a/b"),
     )
 )
+# Every kind and every optional field: devices, fifos, sockets, xattrs, owners.
+SPECIAL_TREE = model.Tree(
+    (
+        model.Entry(b"blk", model.Kind.BLK, 0o660, 1, 0, None, None, rdev=model.make_dev(8, 1)),
+        model.Entry(
+            b"chr", model.Kind.CHR, 0o666, 2, 0, None, None, rdev=model.make_dev(1, 3), owner=(0, 5)
+        ),
+        model.Entry(b"f", model.Kind.FILE, 0o644, 3, 10, ID, None, xattrs=((b"user.k", b"v"),)),
+        model.Entry(b"fifo", model.Kind.FIFO, 0o600, 4, 0, None, None, owner=(1000, 1000)),
+        model.Entry(b"sock", model.Kind.SOCKET, 0o755, 5, 0, None, None),
+    )
+)
 SNAPSHOT = model.Snapshot.create(
     VOLUME_KEY, name="tools", seq=2, parent=ID, root=ID2, time_ns=123, params=PARAMS
 )
@@ -365,7 +377,7 @@ TARGETS: dict[str, Target] = {
         Target("frame-messages", _frame_then_messages, [b"".join(FRAMES)]),
         Target("unpack", _unpack, [BLOB.encode(), SNAPSHOT.encode(), codec.pack(HEADERS[0])]),
         Target("blob", model.decode_blob, [BLOB.encode(), model.Blob(0, 0, ()).encode()]),
-        Target("tree", model.decode_tree, [TREE.encode()]),
+        Target("tree", model.decode_tree, [TREE.encode(), SPECIAL_TREE.encode()]),
         Target("snapshot", model.decode_snapshot, [SNAPSHOT.encode(), PRIVATE_SNAPSHOT.encode()]),
         Target("id-list", model.decode_id_list, [ID_LIST.encode()]),
         Target("access", _access, [ACCESS_LIST]),

@@ -156,10 +156,28 @@ def obj(kind: str, fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrate
 
 
 refs = st.lists(st.lists(st.one_of(ids(), ids(64), ints), max_size=3), max_size=5)
+# An entry's optional fields: owner, rdev (major, minor) and user.* xattrs, plausible or not.
+entry_extra = shaped(
+    {
+        "o": st.lists(ints, max_size=3),
+        "r": st.lists(ints, max_size=3),
+        "x": st.dictionaries(
+            st.one_of(st.sampled_from([b"user.a", b"user.", b"trusted.a", b"user.b"]), st.text()),
+            st.one_of(st.binary(max_size=8), ints),
+            max_size=3,
+        ),
+    }
+)
 entry = st.lists(
-    st.one_of(st.binary(min_size=1, max_size=8), st.sampled_from([1, 2, 3, 0, 4]), ints, ids()),
+    st.one_of(
+        st.binary(min_size=1, max_size=8),
+        st.sampled_from([1, 2, 3, 0, 4, 5, 6, 7, 8]),
+        ints,
+        ids(),
+        entry_extra,
+    ),
     min_size=6,
-    max_size=8,
+    max_size=9,
 )
 params = shaped(
     {"algorithm": st.sampled_from(["fastcdc", ""]), "min": ints, "avg": ints, "max": ints}

@@ -26,6 +26,7 @@ from p2pfs.objects.model import (
     decode_blob,
     decode_snapshot,
     decode_tree,
+    make_dev,
     object_id,
     validate_name,
 )
@@ -238,7 +239,37 @@ def _row(name: bytes = b"a", **kw: object) -> list[object]:
         ([_row(b"a"), _row(b"a")], "duplicate"),
         ([_row(b"..")], "not allowed"),
         ([_row(b"a/b")], "'/'"),
-        ([_row(kind=4)], "out of range"),
+        ([_row(kind=8)], "out of range"),
+        ([_row(kind=0)], "out of range"),
+        # Fifos, sockets and devices: no id, no target, size 0; rdev for devices only.
+        ([_row(kind=4)], "no object id"),
+        ([_row(kind=4, id=None, size=1)], "size 0"),
+        ([_row(kind=5, id=None, size=0, target=b"x")], "no target"),
+        ([[*_row(kind=4, id=None, size=0), {"r": [1, 3]}]], "not a device"),
+        ([[*_row(kind=6, id=None, size=0), {"r": [0, 0]}]], "leaving the field out"),
+        ([[*_row(kind=6, id=None, size=0), {"r": [1]}]], "major, minor"),
+        ([[*_row(kind=6, id=None, size=0), {"r": [1, 2**32]}]], "minor"),
+        ([[*_row(kind=6, id=None, size=0), {"r": [-1, 1]}]], "major"),
+        # The optional map: never empty, only known keys.
+        ([[*_row(), {}]], "non-empty map"),
+        ([[*_row(), [1]]], "non-empty map"),
+        ([[*_row(), {"q": 1}]], "unknown optional"),
+        ([[*_row(), {"o": [1, 2], "zz": 1}]], "unknown optional"),
+        ([[*_row(), {"o": [1]}]], "uid, gid"),
+        ([[*_row(), {"o": [1, -1]}]], "gid"),
+        ([[*_row(), {"o": [2**32 - 1, 0]}]], "uid"),
+        ([[*_row(), {"o": ["a", 0]}]], "integer"),
+        # user.* xattrs only, within the limits, values bytes.
+        ([[*_row(), {"x": {}}]], "non-empty map"),
+        ([[*_row(), {"x": {b"trusted.a": b""}}]], "user"),
+        ([[*_row(), {"x": {b"user.": b""}}]], "user"),
+        ([[*_row(), {"x": {b"user.p2pfs.id": b""}}]], "own"),
+        ([[*_row(), {"x": {"user.a": b""}}]], "bytes"),
+        ([[*_row(), {"x": {b"user.a": 1}}]], "bytes"),
+        ([[*_row(), {"x": {b"user." + b"a" * 251: b""}}]], "255"),
+        ([[*_row(), {"x": {b"user.a": b"v" * 65537}}]], "65536"),
+        ([[*_row(), {"x": {b"user.%d" % i: b"v" * 65536 for i in range(2)}}]], "more than"),
+        ([[*_row(), {"o": [1, 2]}, None]], "more than 8"),
         ([_row(kind=True)], "integer"),
         ([_row(mode=0o10000)], "mode"),
         ([_row(size=-1)], "size"),
@@ -257,6 +288,62 @@ def _row(name: bytes = b"a", **kw: object) -> list[object]:
 def test_tree_rules(rows: list[list[object]], message: str) -> None:
     with pytest.raises(DecodeError, match=message):
         decode_tree(_tree_bytes(rows))
+
+
+def test_entries_without_optional_fields_encode_as_before() -> None:
+    """Trees made before fifos, devices, xattrs and owners existed keep their bytes, so
+    their ids: an entry is the same 7-array, and nothing is added when nothing is set."""
+    rows = [
+        [b"a", 1, 0o644, 5, 1, cid(1), None],
+        [b"d", 2, 0o755, -3, 0, cid(2), None],
+        [b"l", 3, 0o777, 0, 1, None, b"a"],
+    ]
+    old = _tree_bytes(rows)
+    tree = decode_tree(old)
+    assert tree.encode() == old
+    assert object_id(tree.encode()) == object_id(old)
+    assert all(e.rdev == 0 and e.xattrs == () and e.owner is None for e in tree.entries)
+
+
+def test_special_kinds_xattrs_and_owners_round_trip() -> None:
+    entries = (
+        Entry(b"b", Kind.BLK, 0o660, 1, 0, None, None, rdev=make_dev(8, 17)),
+        Entry(b"c", Kind.CHR, 0o620, 2, 0, None, None, rdev=make_dev(4095, 2**20)),
+        Entry(
+            b"f",
+            Kind.FILE,
+            0o644,
+            3,
+            1,
+            cid(1),
+            None,
+            xattrs=((b"user.a", b""), (b"user.b", b"\0")),
+        ),
+        Entry(b"p", Kind.FIFO, 0o600, 4, 0, None, None, owner=(1000, 100)),
+        Entry(b"s", Kind.SOCKET, 0o755, 5, 0, None, None, owner=(0, 0)),
+        Entry(b"z", Kind.CHR, 0o600, 6, 0, None, None),  # a device 0:0 carries no rdev
+    )
+    data = Tree(entries).encode()
+    back = decode_tree(data)
+    assert back.entries == entries
+    assert back.encode() == data
+    assert back.entries[1].rdev == os.makedev(4095, 2**20)
+    raw = codec.unpack(data, max_size=len(data))
+    assert isinstance(raw, dict)
+    rows = raw["e"]
+    assert rows[0][7] == {"r": [8, 17]}
+    assert rows[2][7] == {"x": {b"user.a": b"", b"user.b": b"\0"}}
+    assert rows[3][7] == {"o": [1000, 100]}
+    assert len(rows[5]) == 7
+
+
+def test_entry_fields_are_checked_on_construction() -> None:
+    with pytest.raises(DecodeError, match="sorted"):
+        Entry(b"f", Kind.FILE, 0, 0, 1, cid(1), None, xattrs=((b"user.b", b""), (b"user.a", b"")))
+    with pytest.raises(DecodeError, match="pairs"):
+        Entry(b"f", Kind.FILE, 0, 0, 1, cid(1), None, xattrs=((b"user.b",),))  # type: ignore[arg-type]
+    with pytest.raises(DecodeError, match="rdev"):
+        Entry(b"c", Kind.CHR, 0, 0, 0, None, None, rdev=1 << 64)
 
 
 def _blob_bytes(**kw: object) -> bytes:

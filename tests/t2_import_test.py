@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from harness import run_cli
 
 from p2pfs.home import Home
+from p2pfs.objects.model import Entry, Kind, decode_tree
 from p2pfs.store.cas import Store
+from p2pfs.volume.registry import VolumeRegistry
 
 pytestmark = pytest.mark.unit
 
@@ -90,22 +93,64 @@ def test_reimport_of_unchanged_tree_writes_no_chunk_and_skips_by_stat(
     assert third["new_chunks"] >= 1
 
 
-def test_special_files_are_skipped_with_a_warning(home: Path, tmp_path: Path) -> None:
+def _head_tree(home: Path, volume: str = "tools") -> dict[bytes, Entry]:
+    """The entries of the volume's head root tree, by name."""
+    store = Store(Home(home).store_dir)
+    try:
+        registry = VolumeRegistry(Home(home))
+        snap = registry.load_head(store, registry.get(volume))
+        assert snap is not None
+        return {e.name: e for e in decode_tree(store.get_object(snap.root)).entries}
+    finally:
+        store.close()
+
+
+def test_fifos_sockets_devices_and_xattrs_are_imported(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "ok").write_text("fine")
-    os.mkfifo(src / "pipe")
+    os.setxattr(src / "ok", "user.colour", b"blue")
+    os.mkfifo(src / "pipe", 0o640)
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(src / "sock"))
+    root = os.geteuid() == 0
+    if root:
+        os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(src / "disk", 0o660 | stat.S_IFBLK, os.makedev(8, 1))
     try:
         run_cli(home, "volume", "create", "tools", check=True)
-        proc = run_cli(home, "import", str(src), "tools")
+        proc = run_cli(home, "import", str(src), "tools", "--json")
     finally:
         sock.close()
     assert proc.returncode == 0, proc.stderr
-    assert "skipped pipe: fifo" in proc.stderr
-    assert "skipped sock: socket" in proc.stderr
-    assert "files: 1" in proc.stdout
+    report = json.loads(proc.stdout)
+    assert report["files"] == 1 and report["specials"] == (4 if root else 2), report
+    entries = _head_tree(home)
+    assert entries[b"ok"].xattrs == ((b"user.colour", b"blue"),)
+    assert entries[b"pipe"].kind is Kind.FIFO and entries[b"pipe"].mode == 0o640
+    assert entries[b"sock"].kind is Kind.SOCKET
+    assert all(e.owner is None for e in entries.values())  # the volume keeps no owners
+    if root:
+        assert entries[b"null"].kind is Kind.CHR and entries[b"null"].rdev == os.makedev(1, 3)
+        assert entries[b"disk"].kind is Kind.BLK and entries[b"disk"].rdev == os.makedev(8, 1)
+
+
+def test_a_volume_keeping_owners_imports_uid_and_gid(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mine").write_text("x")
+    (src / "dir").mkdir()
+    if os.geteuid() == 0:
+        os.chown(src / "mine", 1234, 5678)
+    st = os.lstat(src / "mine")
+    run_cli(home, "volume", "create", "tools", "--keep-owners", check=True)
+    listed = json.loads(run_cli(home, "volume", "list", "--json", check=True).stdout)
+    assert listed[0]["keep_owners"] is True
+    proc = run_cli(home, "import", str(src), "tools")
+    assert proc.returncode == 0, proc.stderr
+    entries = _head_tree(home)
+    assert entries[b"mine"].owner == (st.st_uid, st.st_gid)
+    assert entries[b"dir"].owner == (os.getuid(), os.getgid())
 
 
 @pytest.mark.skipif(

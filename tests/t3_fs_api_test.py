@@ -155,15 +155,42 @@ async def test_a_writable_volume_through_the_adapter(world: World) -> None:
     assert not rd.keep_cache  # it may change under the same inode
     assert bytes(await ops.read(rd.fh, 0, 100)) == b"fresh bytes"
     await ops.release(rd.fh)
-    # Policy, decided by the filesystem layer: no fifos, no extended attributes.
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await ops.mknod(tools.st_ino, pyfuse3.FileNameT(b"p"), stat.S_IFIFO | 0o644, 0, CTX)
-    assert fuse_errno(e) == errno.EPERM
+    # Fifos and devices (with their number), user.* extended attributes.
+    p = await ops.mknod(tools.st_ino, pyfuse3.FileNameT(b"p"), stat.S_IFIFO | 0o644, 0, CTX)
+    assert stat.S_ISFIFO(p.st_mode) and p.st_rdev == 0
+    dev = await ops.mknod(
+        tools.st_ino, pyfuse3.FileNameT(b"c"), stat.S_IFCHR | 0o600, os.makedev(1, 3), CTX
+    )
+    assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
+    assert (await ops.getattr(dev.st_ino, CTX)).st_rdev == os.makedev(1, 3)
     reg = await ops.mknod(tools.st_ino, pyfuse3.FileNameT(b"r"), stat.S_IFREG | 0o600, 0, CTX)
     assert stat.S_ISREG(reg.st_mode)
+    await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.x"), b"1", CTX)
+    assert await ops.getxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.x"), CTX) == b"1"
+    assert b"user.x" in await ops.listxattr(new.st_ino, CTX)
+    await ops.removexattr(new.st_ino, pyfuse3.XAttrNameT(b"user.x"), CTX)
+    for name, code in [
+        (b"user.x", errno.ENODATA),  # removed: removing it again
+    ]:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.removexattr(new.st_ino, pyfuse3.XAttrNameT(name), CTX)
+        assert fuse_errno(e) == code
+    for name, code in [
+        (b"trusted.x", errno.EOPNOTSUPP),  # only user.* is kept
+        (b"user.", errno.EINVAL),
+        (b"user.p2pfs.id", errno.EPERM),  # the synthetic attributes are not the user's
+    ]:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(name), b"1", CTX)
+        assert fuse_errno(e) == code, name
     with pytest.raises(pyfuse3.FUSEError) as e:
-        await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.x"), b"1", CTX)
-    assert fuse_errno(e) == errno.ENOTSUP
+        await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.big"), b"v" * 65537, CTX)
+    assert fuse_errno(e) == errno.E2BIG
+    for i in range(2):
+        await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.%d" % i), b"v" * 65000, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.setxattr(new.st_ino, pyfuse3.XAttrNameT(b"user.2"), b"v" * 65000, CTX)
+    assert fuse_errno(e) == errno.ENOSPC  # all of one entry's attributes are bounded
     assert await ops.access(new.st_ino, os.W_OK, CTX)
 
 

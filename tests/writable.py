@@ -46,7 +46,9 @@ class Commit:
 class Target:
     """One writable volume: ``base`` is its root directory."""
 
-    def __init__(self, kind: str, home: Path, *, settle_s: float | None = None) -> None:
+    def __init__(
+        self, kind: str, home: Path, *, settle_s: float | None = None, keep_owners: bool = False
+    ) -> None:
         self.kind = kind
         self.home = home
         self.top = Path(tempfile.mkdtemp(prefix="p2pfs-t10-"))
@@ -64,7 +66,7 @@ class Target:
         run_cli(home, "init", check=True)
         if settle_s is not None:
             (home / "config.toml").write_text(f"[publish]\nsettle_s = {settle_s}\n")
-        run_cli(home, "volume", "create", VOLUME, check=True)
+        run_cli(home, "volume", "create", VOLUME, *["--keep-owners"] * keep_owners, check=True)
         empty = home.parent / "empty-import"
         empty.mkdir(exist_ok=True)
         run_cli(home, "import", str(empty), VOLUME, check=True)
@@ -138,8 +140,10 @@ class Target:
 
 
 @contextlib.contextmanager
-def write_target(home: Path, *, settle_s: float | None = None) -> Iterator[Target]:
-    target = Target(target_kind(), home, settle_s=settle_s)
+def write_target(
+    home: Path, *, settle_s: float | None = None, keep_owners: bool = False
+) -> Iterator[Target]:
+    target = Target(target_kind(), home, settle_s=settle_s, keep_owners=keep_owners)
     try:
         yield target
     finally:

@@ -63,7 +63,16 @@ READ_BLOCK = 1024 * 1024
 READAHEAD_BLOCKS = 4
 KEPT_BLOCKS = 8
 _STATE_DOMAIN = b"p2pfs-thin-state\0"
-_KINDS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}
+# A device's number is not carried over the link: the desktop's client shows its kind.
+_KINDS = {
+    "dir": stat.S_IFDIR,
+    "file": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "socket": stat.S_IFSOCK,
+    "chr": stat.S_IFCHR,
+    "blk": stat.S_IFBLK,
+}
 
 
 @dataclass

@@ -41,6 +41,11 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
         action="store_true",
         help="(admin) only granted nodes read it; its content is encrypted",
     )
+    vc.add_argument(
+        "--keep-owners",
+        action="store_true",
+        help="carry every entry's uid and gid in the snapshots (followers show the numbers)",
+    )
     vl = vsub.add_parser("list", help="list the volumes of this node")
     vl.add_argument("--json", action="store_true")
     access.add_volume_actions(vsub)
@@ -95,7 +100,7 @@ def cmd_volume(args: argparse.Namespace) -> int:
                 "a private volume is made on the estate's admin node (it holds the CA key "
                 "that signs who may read it)"
             )
-        record = registry.create(args.name, params, endorse=endorse)
+        record = registry.create(args.name, params, endorse=endorse, keep_owners=args.keep_owners)
         if args.private:
             from p2pfs.trust.grants import make_private
 
@@ -117,6 +122,7 @@ def cmd_volume(args: argparse.Namespace) -> int:
                     "id": r.id.hex(),
                     "seq": r.seq,
                     "head": r.head.hex() if r.head else None,
+                    "keep_owners": r.keep_owners,
                 }
                 for r in rows
             ]

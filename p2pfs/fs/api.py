@@ -29,6 +29,17 @@ class FsError(ErrnoError):
 # The longest name a directory entry may have (NAME_MAX, statfs's f_namemax).
 NAME_MAX = 255
 
+# The st_mode file type of each kind of entry.
+TYPE_BITS = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.SOCKET: stat.S_IFSOCK,
+    Kind.CHR: stat.S_IFCHR,
+    Kind.BLK: stat.S_IFBLK,
+}
+
 
 def check_name_length(name: bytes) -> None:
     """ENAMETOOLONG for a name longer than NAME_MAX, as Linux filesystems answer in lookup
@@ -54,6 +65,7 @@ class Attr:
     # 512-byte blocks allocated, when the filesystem knows them (a sparse staging file's);
     # None: the apparent size rounded up (content in the store, where a hole is not known).
     allocated: int | None = None
+    rdev: int = 0  # a device's number
 
     @property
     def blocks(self) -> int:

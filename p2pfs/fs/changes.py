@@ -11,7 +11,13 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from p2pfs.objects.model import Kind
+from p2pfs.objects.model import (
+    MAX_XATTR_VALUE,
+    MAX_XATTRS_BYTES,
+    RESERVED_XATTR_PREFIX,
+    XATTR_PREFIX,
+    Kind,
+)
 
 from .api import Attr, FsError, Opened, attr_timeout, check_name_length
 from .writable import SLOT_SHIFT, WRITABLE_TIMEOUT, WAttr, WritableVolume
@@ -46,6 +52,7 @@ class WritableRouting:
             a.ctime_ns,
             a.atime_ns,
             allocated=a.blocks,
+            rdev=a.rdev,
         )
 
     def add_writable(self, volume: WritableVolume) -> None:
@@ -152,11 +159,18 @@ class WritableRouting:
         self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
     ) -> Attr:
         check_name_length(name)
-        self._rw(parent)
-        if not stat.S_ISREG(mode):
-            # A snapshot holds files, directories and symlinks only.
-            raise FsError(errno.EPERM)
-        return await self.make(parent, name, Kind.FILE, mode, uid, gid)
+        w = self._rw(parent)
+        kind = _MKNOD_KINDS.get(stat.S_IFMT(mode))
+        if kind is None:
+            raise FsError(errno.EINVAL)  # no such file type (as mknod(2) says)
+        if kind is not Kind.CHR and kind is not Kind.BLK:
+            rdev = 0  # mknod(2): ignored unless a device
+        # FUSE passes the kernel's 32-bit encoding (new_encode_dev: 12 bits of major, 20 of
+        # minor), which is glibc's makedev for every number the kernel has: the tree's too.
+        if kind is Kind.FILE:
+            return await self.make(parent, name, Kind.FILE, mode, uid, gid)
+        a = await w.make(parent, name, kind, mode, uid, gid, rdev=rdev)
+        return self._wattr(w, a)
 
     def access(self, ino: int, mode: int) -> None:
         # default_permissions makes the kernel check modes; only writes to snapshots
@@ -165,11 +179,20 @@ class WritableRouting:
             raise FsError(errno.EROFS)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        # Snapshots carry no extended attributes.
-        raise FsError(errno.ENOTSUP if self.writable_ino(ino) else errno.EROFS)
+        w = self._rw(ino)
+        _check_xattr_name(name)
+        if len(value) > MAX_XATTR_VALUE:
+            raise FsError(errno.E2BIG)  # the kernel's own limit (XATTR_SIZE_MAX)
+        held = w.node(ino).xattrs
+        total = sum(len(k) + len(v) for k, v in held.items() if k != name)
+        if total + len(name) + len(value) > MAX_XATTRS_BYTES:
+            raise FsError(errno.ENOSPC)  # as ext4 answers when an inode's room is full
+        await w.setxattr(ino, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        raise FsError(errno.ENODATA if self.writable_ino(ino) else errno.EROFS)
+        w = self._rw(ino)
+        _check_xattr_name(name)
+        await w.setxattr(ino, name, None)
 
     def writable_ino(self, ino: int) -> bool:
         return self._w(ino) is not None
@@ -177,3 +200,24 @@ class WritableRouting:
     @property
     def read_only(self) -> bool:
         return not self.writable
+
+
+_MKNOD_KINDS = {
+    0: Kind.FILE,  # mknod(2): a file type of 0 makes a regular file
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFSOCK: Kind.SOCKET,
+    stat.S_IFCHR: Kind.CHR,
+    stat.S_IFBLK: Kind.BLK,
+}
+
+
+def _check_xattr_name(name: bytes) -> None:
+    """Only user.* attributes are stored (and carried in snapshots): any other namespace
+    is EOPNOTSUPP, as a filesystem without that handler answers."""
+    if not name.startswith(XATTR_PREFIX):
+        raise FsError(errno.EOPNOTSUPP)
+    if name == XATTR_PREFIX:
+        raise FsError(errno.EINVAL)  # the kernel's answer for a bare prefix
+    if name.startswith(RESERVED_XATTR_PREFIX):
+        raise FsError(errno.EPERM)  # vfs.py's synthetic attributes are not the user's

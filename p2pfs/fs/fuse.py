@@ -64,6 +64,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_blksize = attr.blksize
     e.st_blocks = attr.blocks
+    e.st_rdev = attr.rdev
     e.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns

@@ -32,7 +32,7 @@ from p2pfs.objects.model import Entry, Kind, Snapshot
 from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, FileLayout, read_ahead, read_span
 from p2pfs.volume.history import snapshot_dirs
 
-from .api import BLOCK_SIZE, Attr, FsError, Opened, attr_timeout, check_name_length
+from .api import BLOCK_SIZE, TYPE_BITS, Attr, FsError, Opened, attr_timeout, check_name_length
 from .changes import WritableRouting
 from .writable import SLOT_SHIFT
 
@@ -193,22 +193,24 @@ class FileSystem(WritableRouting):
             # before _count ran: then the kernel must not keep it, see _attr_timeout).
             mode = stat.S_IFDIR
             nlink = 1 if node.subdirs is None else 2 + node.subdirs
-        elif e.kind is Kind.SYMLINK:
-            mode, nlink = stat.S_IFLNK, 1
         else:
-            mode, nlink = stat.S_IFREG, 1
+            mode, nlink = TYPE_BITS[e.kind], 1
+        # Owners as carried (a volume made with --keep-owners), by number, as an NFS client
+        # shows them; else the mounting user's.
+        uid, gid = e.owner if e.owner is not None else (self.uid, self.gid)
         return Attr(
             node.ino,
             mode | e.mode,
             e.size,
             e.mtime_ns,
             nlink,
-            self.uid,
-            self.gid,
+            uid,
+            gid,
             timeout,
             # .snapshots/'s count changes with every commit: the kernel must not keep it
             # (a count too low would hide the newest snapshot from find(1)).
             0.0 if e.id == SNAPSHOTS_ID else attr_timeout(mode, nlink, timeout),
+            rdev=e.rdev,
         )
 
     async def _count(self, node: Node) -> None:
@@ -562,7 +564,10 @@ class FileSystem(WritableRouting):
             raise FsError(errno.ENODATA)
         w = self._w(ino)
         if w is not None:
-            oid = w.tree.object_id(w.node(ino))
+            n = w.node(ino)
+            if name in n.xattrs:
+                return n.xattrs[name]
+            oid = w.tree.object_id(n)
             if name == XATTR_ID and oid is not None:
                 return oid.hex().encode()
             raise FsError(errno.ENODATA)
@@ -571,6 +576,9 @@ class FileSystem(WritableRouting):
             return node.entry.id.hex().encode()
         if name == XATTR_SNAPSHOT:
             return node.snapshot_id.hex().encode()
+        for key, value in node.entry.xattrs:
+            if key == name:
+                return value
         raise FsError(errno.ENODATA)
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -578,12 +586,14 @@ class FileSystem(WritableRouting):
             return []
         w = self._w(ino)
         if w is not None:
-            return [XATTR_ID] if w.tree.object_id(w.node(ino)) is not None else []
+            n = w.node(ino)
+            names = sorted(n.xattrs)
+            return [*names, XATTR_ID] if w.tree.object_id(n) is not None else names
         node = self._node(ino)
-        names = [XATTR_SNAPSHOT]
+        names = [key for key, _ in node.entry.xattrs]
         if node.entry.id is not None:
-            names.insert(0, XATTR_ID)
-        return names
+            names.append(XATTR_ID)
+        return [*names, XATTR_SNAPSHOT]
 
     def _new_fh(self) -> int:
         fh = self._next_fh

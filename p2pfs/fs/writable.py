@@ -27,7 +27,7 @@ from p2pfs.volume.content import Content, read_span
 from p2pfs.volume.wnodes import ROOT, TreeError, WNode
 from p2pfs.volume.worktree import WorkTree
 
-from .api import check_name_length
+from .api import TYPE_BITS, check_name_length
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class WAttr:
     uid: int
     gid: int
     blocks: int | None = None  # 512-byte blocks allocated (None: the apparent size's)
+    rdev: int = 0
 
 
 class WritableVolume:
@@ -131,10 +132,8 @@ class WritableVolume:
             # a count must never be too low; 1 ("unknown") until counted (count_subdirs).
             mode = stat.S_IFDIR
             nlink = 1 if n.subdirs is None else 2 + n.subdirs
-        elif n.kind is Kind.SYMLINK:
-            mode, nlink = stat.S_IFLNK, n.nlink
         else:
-            mode, nlink = stat.S_IFREG, n.nlink
+            mode, nlink = TYPE_BITS[n.kind], n.nlink
             if n.staged:
                 blocks = self._staged_blocks(n)
         return WAttr(
@@ -148,6 +147,7 @@ class WritableVolume:
             n.uid,
             n.gid,
             blocks,
+            n.rdev,
         )
 
     def _staged_blocks(self, n: WNode) -> int | None:
@@ -258,6 +258,7 @@ class WritableVolume:
         gid: int,
         target: bytes | None = None,
         *,
+        rdev: int = 0,
         keep_fd: bool = False,
     ) -> WAttr:
         self._writes()
@@ -270,7 +271,7 @@ class WritableVolume:
             gid = d.gid
             if kind is Kind.DIR:
                 mode |= stat.S_ISGID
-        n = self.tree.make(d, name, kind, mode, uid, gid, target)
+        n = self.tree.make(d, name, kind, mode, uid, gid, target, rdev)
         fd, self.tree.created_fd = self.tree.created_fd, None
         if fd is not None:
             if keep_fd:
@@ -358,6 +359,16 @@ class WritableVolume:
             )
         self.on_change()
         return self.attr(n)
+
+    async def setxattr(self, fuse_ino: int, name: bytes, value: bytes | None) -> None:
+        """Set an extended attribute (None: remove it; ENODATA if it is not there). The
+        caller has checked its name and size."""
+        self._writes()
+        n = self.node(fuse_ino)
+        if value is None and name not in n.xattrs:
+            raise TreeError(errno.ENODATA)
+        self.tree.set_xattr(n, name, value)
+        self.on_change()
 
     # -- directories -------------------------------------------------------------------
 

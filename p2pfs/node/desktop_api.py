@@ -119,7 +119,15 @@ INFO_OPERATIONS = ("status", "peers", "pins", "log")
 VIEW_OPERATIONS = ("status", "peers")  # answered from desktop_view, not as the admin sees them
 PIN_OPERATIONS = ("pin", "pin-status", "pin-cancel", "unpin")
 FILE_OPERATIONS = ("stat", "list", "open", "read", "statfs")
-_KIND = {Kind.FILE: "file", Kind.DIR: "dir", Kind.SYMLINK: "symlink"}
+_KIND = {
+    Kind.FILE: "file",
+    Kind.DIR: "dir",
+    Kind.SYMLINK: "symlink",
+    Kind.FIFO: "fifo",
+    Kind.SOCKET: "socket",
+    Kind.CHR: "chr",
+    Kind.BLK: "blk",
+}
 _HANDLE_DOMAIN = b"p2pfs-read-handle-v3\0"
 
 

@@ -65,7 +65,12 @@ class LiveVolumes:
                 continue
             names.append(n)
         for slot, name in enumerate(names, start=1):
-            tree = WorkTree(self.work_dir / name, uid=self.fs.uid, gid=self.fs.gid)
+            tree = WorkTree(
+                self.work_dir / name,
+                uid=self.fs.uid,
+                gid=self.fs.gid,
+                keep_owners=self.registry.get(name).keep_owners,
+            )
             self._align(name, tree)
             volume = WritableVolume(name, slot, tree, self.content)
             publisher = Publisher(

@@ -60,6 +60,26 @@ class Kind(enum.IntEnum):
     FILE = 1
     DIR = 2
     SYMLINK = 3
+    FIFO = 4
+    SOCKET = 5
+    CHR = 6  # character device
+    BLK = 7  # block device
+
+
+# Kinds with no content: no id, no target, size 0 (a device's rdev says which device).
+SPECIAL_KINDS = frozenset({Kind.FIFO, Kind.SOCKET, Kind.CHR, Kind.BLK})
+DEVICE_KINDS = frozenset({Kind.CHR, Kind.BLK})
+
+# Extended attributes an entry may carry: the user.* namespace only, within Linux's own
+# limits for one attribute (XATTR_NAME_MAX, XATTR_SIZE_MAX) and a bound on all of them.
+XATTR_PREFIX = b"user."
+# The filesystem's own synthetic attributes (fs/vfs.py: an entry's id, its snapshot).
+RESERVED_XATTR_PREFIX = b"user.p2pfs."
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 * 1024
+MAX_XATTRS_BYTES = 128 * 1024  # names and values of one entry together
+MAX_ID_NUMBER = (1 << 32) - 2  # a uid or gid (2**32 - 1 is "no change" to chown)
+MAX_DEV_PART = (1 << 32) - 1  # a device's major or minor number
 
 
 # An object's (or chunk's) id: BLAKE3-256 of its bytes.
@@ -149,11 +169,11 @@ def _header(obj: object, kind: str, keys: set[str]) -> dict[str, Any]:
     return obj
 
 
-def _unpack(data: bytes, kind: str, max_size: int) -> object:
+def _unpack(data: bytes, kind: str, max_size: int, max_depth: int = 4) -> object:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"{kind} data must be bytes, not {type(data).__name__}")
     try:
-        return codec.unpack(data, max_size=max_size, canonical=True, max_depth=4)
+        return codec.unpack(data, max_size=max_size, canonical=True, max_depth=max_depth)
     except DecodeError as e:
         raise DecodeError(f"{kind}: {e}") from None
 
@@ -234,12 +254,55 @@ def decode_blob(data: bytes) -> Blob:
 # -- tree -----------------------------------------------------------------------
 
 
+def validate_xattrs(xattrs: object, what: str) -> tuple[tuple[bytes, bytes], ...]:
+    """An entry's extended attributes: (name, value) pairs sorted by name, names unique,
+    every name ``user.`` and more, within the limits above."""
+    if not isinstance(xattrs, tuple):
+        raise DecodeError(f"{what} xattrs must be a tuple")
+    total = 0
+    prev: bytes | None = None
+    for item in xattrs:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise DecodeError(f"{what} xattrs must be (name, value) pairs")
+        name, value = item
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise DecodeError(f"{what} xattr names and values must be bytes")
+        problem = xattr_name_problem(name)
+        if problem is not None:
+            raise DecodeError(f"{what} xattr {name[:64]!r}: {problem}")
+        if len(value) > MAX_XATTR_VALUE:
+            raise DecodeError(f"{what} xattr {name!r} value is more than {MAX_XATTR_VALUE} bytes")
+        if prev is not None and name <= prev:
+            raise DecodeError(f"{what} xattr {name!r} is duplicate or unsorted")
+        prev = name
+        total += len(name) + len(value)
+    if total > MAX_XATTRS_BYTES:
+        raise DecodeError(f"{what} xattrs take {total} bytes, more than {MAX_XATTRS_BYTES}")
+    return xattrs
+
+
+def xattr_name_problem(name: bytes) -> str | None:
+    """What is wrong with an extended attribute's name for an entry (None: nothing)."""
+    if not name.startswith(XATTR_PREFIX) or len(name) == len(XATTR_PREFIX):
+        return "only user.* names are kept"
+    if name.startswith(RESERVED_XATTR_PREFIX):
+        return "user.p2pfs.* names are the filesystem's own"
+    if len(name) > MAX_XATTR_NAME:
+        return f"name is more than {MAX_XATTR_NAME} bytes"
+    if b"\0" in name:
+        return "name contains NUL"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One name in a directory.
 
     ``id`` is the blob id of a FILE and the tree id of a DIR; ``target`` is the
-    link target of a SYMLINK (whose ``size`` is the target's length).
+    link target of a SYMLINK (whose ``size`` is the target's length). FIFO, SOCKET,
+    CHR and BLK have neither, and size 0; ``rdev`` is a device's number (dev_t, 0 for
+    every other kind). ``xattrs`` are its ``user.*`` extended attributes, ``owner`` its
+    (uid, gid) when the volume keeps owners.
     """
 
     name: bytes
@@ -249,17 +312,21 @@ class Entry:
     size: int
     id: bytes | None
     target: bytes | None
+    rdev: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    owner: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
         if not isinstance(self.kind, Kind):
             try:
-                object.__setattr__(self, "kind", Kind(_int(self.kind, "entry kind", 1, 3)))
+                object.__setattr__(self, "kind", Kind(_int(self.kind, "entry kind", 1, 7)))
             except ValueError:
                 raise DecodeError(f"entry kind {self.kind!r} is unknown") from None
         _int(self.mode, "entry mode", 0, 0o7777)
         _int(self.mtime_ns, "entry mtime_ns", _I64_MIN, _U63)
         _int(self.size, "entry size", 0, _U63)
+        what = f"{self.kind.name.lower()} {self.name!r}"
         if self.kind is Kind.SYMLINK:
             if self.id is not None:
                 raise DecodeError(f"symlink {self.name!r} must not have an object id")
@@ -272,10 +339,93 @@ class Entry:
                 raise DecodeError(f"symlink {self.name!r} target contains NUL")
             if self.size != len(t):
                 raise DecodeError(f"symlink {self.name!r} size must be its target's length")
+        elif self.kind in SPECIAL_KINDS:
+            if self.id is not None or self.target is not None or self.size != 0:
+                raise DecodeError(f"{what} has no object id, no target and size 0")
         else:
-            _ref(self.id, f"{self.kind.name.lower()} {self.name!r} id")
+            _ref(self.id, f"{what} id")
             if self.target is not None:
-                raise DecodeError(f"{self.kind.name.lower()} {self.name!r} must not have a target")
+                raise DecodeError(f"{what} must not have a target")
+        _int(self.rdev, f"{what} rdev", 0, (1 << 64) - 1)
+        if self.rdev and self.kind not in DEVICE_KINDS:
+            raise DecodeError(f"{what} is not a device: it has no rdev")
+        validate_xattrs(self.xattrs, what)
+        if self.owner is not None:
+            if not isinstance(self.owner, tuple) or len(self.owner) != 2:
+                raise DecodeError(f"{what} owner must be (uid, gid)")
+            _int(self.owner[0], f"{what} uid", 0, MAX_ID_NUMBER)
+            _int(self.owner[1], f"{what} gid", 0, MAX_ID_NUMBER)
+
+    def row(self) -> list[object]:
+        """The entry as a tree holds it: the 7 fields, and a map of the optional ones only
+        when one is set (so entries without them encode as before: same bytes, same ids)."""
+        row: list[object] = [self.name, int(self.kind), self.mode, self.mtime_ns, self.size]
+        row += [self.id, self.target]
+        if self.rdev or self.xattrs or self.owner is not None:
+            extra: dict[str, object] = {}
+            if self.owner is not None:
+                extra["o"] = list(self.owner)
+            if self.rdev:
+                extra["r"] = _dev_parts(self.rdev)
+            if self.xattrs:
+                extra["x"] = dict(self.xattrs)
+            row.append(extra)
+        return row
+
+
+# glibc's dev_t layout (sys/sysmacros.h): 32-bit major and minor numbers in 64 bits. Kept
+# here (not os.major) so an entry's encoding is the same on every machine.
+def _dev_parts(dev: int) -> list[int]:
+    return [
+        ((dev >> 32) & 0xFFFFF000) | ((dev >> 8) & 0xFFF),
+        ((dev >> 12) & 0xFFFFFF00) | (dev & 0xFF),
+    ]
+
+
+def make_dev(major: int, minor: int) -> int:
+    """A dev_t from its major and minor numbers (glibc's makedev)."""
+    return (
+        ((major & 0xFFFFF000) << 32)
+        | ((major & 0xFFF) << 8)
+        | ((minor & 0xFFFFFF00) << 12)
+        | (minor & 0xFF)
+    )
+
+
+_EXTRA_KEYS = frozenset({"o", "r", "x"})
+
+
+def _entry_extra(value: object, i: int) -> dict[str, Any]:
+    """The optional fields of tree entry ``i``: rdev, xattrs and owner, as keywords."""
+    what = f"tree entry {i}"
+    if not isinstance(value, dict) or not value:
+        raise DecodeError(f"{what}'s optional fields must be a non-empty map")
+    if not set(value) <= _EXTRA_KEYS:
+        extra = sorted(str(k)[:32] for k in set(value) - _EXTRA_KEYS)[:8]
+        raise DecodeError(f"{what} has unknown optional fields {extra}")
+    out: dict[str, Any] = {}
+    if "o" in value:
+        owner = _list(value["o"], f"{what} owner", 2)
+        if len(owner) != 2:
+            raise DecodeError(f"{what} owner must be [uid, gid]")
+        out["owner"] = (owner[0], owner[1])
+    if "r" in value:
+        dev = _list(value["r"], f"{what} rdev", 2)
+        if len(dev) != 2:
+            raise DecodeError(f"{what} rdev must be [major, minor]")
+        major = _int(dev[0], f"{what} rdev major", 0, MAX_DEV_PART)
+        minor = _int(dev[1], f"{what} rdev minor", 0, MAX_DEV_PART)
+        if not major and not minor:
+            raise DecodeError(f"{what} rdev 0 is written by leaving the field out")
+        out["rdev"] = make_dev(major, minor)
+    if "x" in value:
+        xattrs = value["x"]
+        if not isinstance(xattrs, dict) or not xattrs:
+            raise DecodeError(f"{what} xattrs must be a non-empty map")
+        # Canonical order (checked by the codec) sorts bytes keys by their bytes: the
+        # tuple comes out sorted, as validate_xattrs requires.
+        out["xattrs"] = tuple(xattrs.items())
+    return out
 
 
 @dataclass(frozen=True)
@@ -301,10 +451,7 @@ class Tree:
     def encode(self) -> bytes:
         return codec.pack(
             {  # keys in canonical order
-                "e": [
-                    [e.name, int(e.kind), e.mode, e.mtime_ns, e.size, e.id, e.target]
-                    for e in self.entries
-                ],
+                "e": [e.row() for e in self.entries],
                 "t": "tree",
                 "v": FORMAT_VERSION,
             }
@@ -312,15 +459,21 @@ class Tree:
 
 
 def decode_tree(data: bytes) -> Tree:
-    obj = _header(_unpack(data, "tree", MAX_TREE_BYTES), "tree", {"v", "t", "e"})
+    # Depth 5: tree map, entries, entry, its optional fields, their xattrs or owner.
+    raw = _unpack(data, "tree", MAX_TREE_BYTES, max_depth=5)
+    obj = _header(raw, "tree", {"v", "t", "e"})
     entries = []
     for i, item in enumerate(_list(obj["e"], "tree entries", MAX_TREE_ENTRIES)):
-        row = _list(item, f"tree entry {i}", 7)
-        if len(row) != 7:
+        row = _list(item, f"tree entry {i}", 8)
+        if len(row) == 8:
+            entries.append(Entry(*row[:7], **_entry_extra(row[7], i)))
+        elif len(row) == 7:
+            entries.append(Entry(*row))
+        else:
             raise DecodeError(
                 f"tree entry {i} must be [name, kind, mode, mtime_ns, size, id, target]"
+                " and optionally a map of rdev, xattrs and owner"
             )
-        entries.append(Entry(*row))
     return Tree(tuple(entries))
 
 

@@ -2,7 +2,9 @@
 
 Unchanged files are skipped by their stat, as borg's files cache does: a file whose
 size, mtime, ctime and inode match the last import reuses its blob without being
-read. Devices, sockets and fifos are skipped with a warning; unreadable files and
+read. Devices, sockets and fifos become entries of their kind (a device with its
+number), every entry carries its ``user.*`` extended attributes, and its uid and gid
+when the volume keeps owners (``volume create --keep-owners``); unreadable files and
 directories are reported and left out, never fatal.
 
 A private volume's import seals every chunk, blob and tree (``p2pfs/seal.py``) in
@@ -27,8 +29,11 @@ from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import IntegrityError, NotFound, P2pfsError
 from p2pfs.ids import keyed
 from p2pfs.objects.model import (
+    DEVICE_KINDS,
     MAX_BLOB_REFS,
     MAX_ID_LIST,
+    MAX_XATTR_VALUE,
+    MAX_XATTRS_BYTES,
     Blob,
     ChunkRef,
     Entry,
@@ -38,6 +43,7 @@ from p2pfs.objects.model import (
     Tree,
     decode_blob,
     object_id,
+    xattr_name_problem,
 )
 from p2pfs.seal import (
     TAG_SIZE,
@@ -77,6 +83,7 @@ class ImportReport:
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
+    specials: int = 0  # fifos, sockets, devices
     bytes: int = 0
     reused_files: int = 0
     new_chunks: int = 0
@@ -97,6 +104,7 @@ class ImportReport:
             "files": self.files,
             "dirs": self.dirs,
             "symlinks": self.symlinks,
+            "specials": self.specials,
             "bytes": self.bytes,
             "reused_files": self.reused_files,
             "new_chunks": self.new_chunks,
@@ -363,9 +371,8 @@ class Importer:
                     continue
             elif stat.S_ISREG(st.st_mode):
                 self.total_bytes += st.st_size
-            elif not stat.S_ISLNK(st.st_mode):
-                kind = _special_kind(st.st_mode)
-                msg = f"skipped {child_rel.decode(errors='replace')}: {kind}"
+            elif not stat.S_ISLNK(st.st_mode) and _special_kind(st.st_mode) is None:
+                msg = f"skipped {child_rel.decode(errors='replace')}: unsupported file type"
                 self.report.warnings.append(msg)
                 log.warning("%s", msg)
                 continue
@@ -399,9 +406,11 @@ class Importer:
             child_path = path + b"/" + item.name
             st = item.st
             mode = stat.S_IMODE(st.st_mode)
+            special = _special_kind(st.st_mode)
+            entry: Entry
             if item.children is not None:
                 tid = self._store_dir(child_path, item.children)
-                entries.append(Entry(item.name, Kind.DIR, mode, st.st_mtime_ns, 0, tid, None))
+                entry = Entry(item.name, Kind.DIR, mode, st.st_mtime_ns, 0, tid, None)
                 self.report.dirs += 1
             elif stat.S_ISLNK(st.st_mode):
                 try:
@@ -412,19 +421,63 @@ class Importer:
                 if not 0 < len(target) <= MAX_SYMLINK_TARGET:
                     self._error(item.rel, OSError(errno.ENAMETOOLONG, "link target too long"))
                     continue
-                entries.append(
-                    Entry(item.name, Kind.SYMLINK, mode, st.st_mtime_ns, len(target), None, target)
+                entry = Entry(
+                    item.name, Kind.SYMLINK, mode, st.st_mtime_ns, len(target), None, target
                 )
                 self.report.symlinks += 1
+            elif special is not None:
+                rdev = st.st_rdev if special in DEVICE_KINDS else 0
+                entry = Entry(item.name, special, mode, st.st_mtime_ns, 0, None, None, rdev=rdev)
+                self.report.specials += 1
             else:
                 stored = self._store_file(child_path, item)
                 if stored is None:
                     continue
                 blob_id, size = stored
-                entries.append(
-                    Entry(item.name, Kind.FILE, mode, st.st_mtime_ns, size, blob_id, None)
-                )
+                entry = Entry(item.name, Kind.FILE, mode, st.st_mtime_ns, size, blob_id, None)
+            owner = (st.st_uid, st.st_gid) if self.record.keep_owners else None
+            xattrs = self._xattrs(child_path, item.rel)
+            if owner is not None or xattrs:
+                entry = dataclasses.replace(entry, owner=owner, xattrs=xattrs)
+            entries.append(entry)
         return self.writer.put_object(Tree(tuple(entries)).encode())
+
+    def _xattrs(self, path: bytes, rel: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """An entry's user.* extended attributes as a tree keeps them; the others, and
+        what does not fit the tree's limits, are left out (with a warning)."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.ENODATA):
+                self._warn(rel, f"extended attributes not read: {e.strerror}")
+            return ()
+        out: list[tuple[bytes, bytes]] = []
+        total = 0
+        for name in sorted(os.fsencode(n) for n in names):
+            if not name.startswith(b"user."):
+                continue  # other namespaces are not carried (docs/live.md)
+            problem = xattr_name_problem(name)
+            try:
+                value = b"" if problem else os.getxattr(path, name, follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENODATA:  # removed meanwhile
+                    self._warn(rel, f"extended attribute {name!r} not read: {e.strerror}")
+                continue
+            if problem is None and len(value) > MAX_XATTR_VALUE:
+                problem = f"value is more than {MAX_XATTR_VALUE} bytes"
+            if problem is None and total + len(name) + len(value) > MAX_XATTRS_BYTES:
+                problem = f"all of them take more than {MAX_XATTRS_BYTES} bytes"
+            if problem is not None:
+                self._warn(rel, f"extended attribute {name!r} left out: {problem}")
+                continue
+            total += len(name) + len(value)
+            out.append((name, value))
+        return tuple(out)
+
+    def _warn(self, rel: bytes, what: str) -> None:
+        msg = f"{rel.decode(errors='replace')}: {what}"
+        self.report.warnings.append(msg)
+        log.warning("%s", msg)
 
     def _cache_path(self, rel: bytes) -> bytes:
         return rel if self._cache_secret is None else keyed(self._cache_secret, rel)
@@ -512,11 +565,14 @@ class Importer:
             )
 
 
-def _special_kind(mode: int) -> str:
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
+def _special_kind(mode: int) -> Kind | None:
+    """The kind of a fifo, socket or device (None for anything else)."""
+    if stat.S_ISCHR(mode):
+        return Kind.CHR
+    if stat.S_ISBLK(mode):
+        return Kind.BLK
     if stat.S_ISSOCK(mode):
-        return "socket"
+        return Kind.SOCKET
     if stat.S_ISFIFO(mode):
-        return "fifo"
-    return "unsupported file type"
+        return Kind.FIFO
+    return None

@@ -19,6 +19,7 @@ Automatic commits follow the changes: ``settle_s`` after the last change, at mos
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ import trio
 from p2pfs.chunking.chunker import iter_chunks
 from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import IntegrityError, NotFound, P2pfsError
-from p2pfs.objects.model import ChunkRef, Entry, Snapshot, Tree, object_id
+from p2pfs.objects.model import ChunkRef, Snapshot, Tree, object_id
 from p2pfs.store.cas import Store
 
 from .importer import BATCH_BYTES, store_blob
@@ -369,9 +370,7 @@ class Publisher:
                 entries = tuple(
                     e
                     if e.name not in plan.subdirs
-                    else Entry(
-                        e.name, e.kind, e.mode, e.mtime_ns, 0, ids[plan.subdirs[e.name]], None
-                    )
+                    else dataclasses.replace(e, id=ids[plan.subdirs[e.name]])
                     for e in plan.entries
                 )
                 ids[plan.ino] = writer.put_object(Tree(entries).encode())

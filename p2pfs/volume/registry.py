@@ -44,6 +44,9 @@ class VolumeRecord:
     # (None for a volume made outside an estate: peers will not follow it).
     endorsement: bytes | None = None
     origin: bytes | None = None  # node id of the publisher; None when this node is it
+    # The publisher records every entry's uid and gid in its snapshots (--keep-owners).
+    # Followers need not know: they see owners in the entries that carry them.
+    keep_owners: bool = False
 
     def to_json(self) -> bytes:
         doc = {
@@ -54,7 +57,7 @@ class VolumeRecord:
             "seq": self.seq,
             "endorsement": self.endorsement.hex() if self.endorsement else None,
             "origin": self.origin.hex() if self.origin else None,
-        }
+        } | ({"keep_owners": True} if self.keep_owners else {})
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     @classmethod
@@ -64,6 +67,9 @@ class VolumeRecord:
             head = doc["head"]
             endorsement = doc.get("endorsement")
             origin = doc.get("origin")
+            keep_owners = doc.get("keep_owners", False)
+            if not isinstance(keep_owners, bool):
+                raise ValueError(f"keep_owners must be true or false, not {keep_owners!r}")
             return cls(
                 name=str(doc["name"]),
                 id=VolumeId(bytes.fromhex(doc["id"])),
@@ -72,6 +78,7 @@ class VolumeRecord:
                 seq=int(doc["seq"]),
                 endorsement=bytes.fromhex(endorsement) if endorsement else None,
                 origin=bytes.fromhex(origin) if origin else None,
+                keep_owners=keep_owners,
             )
         except (ValueError, KeyError, TypeError, DecodeError) as e:
             raise P2pfsError(f"{where} is damaged ({e})") from None
@@ -97,6 +104,8 @@ class VolumeRegistry:
         name: str,
         params: ChunkParams | None = None,
         endorse: Callable[[bytes, str], bytes] | None = None,
+        *,
+        keep_owners: bool = False,
     ) -> VolumeRecord:
         params = params or ChunkParams()
         params.validate()
@@ -110,7 +119,7 @@ class VolumeRegistry:
         key = SigningKey.load(key_path)
         vid = VolumeId(key.public_bytes())
         endorsement = endorse(vid, name) if endorse is not None else None
-        record = VolumeRecord(name, vid, params, None, 0, endorsement)
+        record = VolumeRecord(name, vid, params, None, 0, endorsement, keep_owners=keep_owners)
         write_atomic(d / "volume.json", record.to_json())
         log.info("created volume %s id %s", name, record.id.hex())
         return record

@@ -78,7 +78,7 @@ def reseal(
             elif e.kind is Kind.FILE and e.id is not None:
                 entries.append(dataclasses.replace(e, id=blob(e.id)))
             else:
-                report.symlinks += 1
+                report.symlinks += e.kind is Kind.SYMLINK
                 entries.append(e)
         return writer.put_object(Tree(tuple(entries)).encode())
 

@@ -10,7 +10,6 @@ from p2pfs.objects.model import Entry, Kind
 ROOT = 1
 
 # rename(2) flags, as FUSE passes them.
-# rename(2) flags, as FUSE passes them.
 RENAME_NOREPLACE = 1
 
 RENAME_EXCHANGE = 2
@@ -47,6 +46,7 @@ class WNode:
         "mtime_ns",
         "nlink",
         "opens",
+        "rdev",
         "size",
         "staged",
         "subdirs",
@@ -55,6 +55,7 @@ class WNode:
         "tree_clock",
         "uid",
         "writers",
+        "xattrs",
     )
 
     def __init__(self, ino: int, kind: Kind, mode: int, uid: int, gid: int) -> None:
@@ -68,6 +69,8 @@ class WNode:
         self.nlink = 1
         self.blob: bytes | None = None  # clean files
         self.target: bytes | None = None  # symlinks
+        self.rdev = 0  # devices
+        self.xattrs: dict[bytes, bytes] = {}  # user.* only
         self.tree: bytes | None = None  # dirs: tree id, valid while tree_clock >= changed
         self.tree_clock = -1
         self.children: dict[bytes, int] | None = None  # dirs, once loaded
@@ -92,6 +95,31 @@ class WNode:
     def parent(self) -> int:
         """Some parent (a directory has exactly one)."""
         return next(iter(self.links))[0] if self.links else ROOT
+
+
+def entry_of(
+    name: bytes,
+    n: WNode,
+    *,
+    size: int,
+    id: bytes | None,
+    target: bytes | None = None,
+    keep_owners: bool,
+) -> Entry:
+    """The tree entry of ``n`` named ``name``: its kind and attributes, a device's number,
+    its xattrs, and its owner when the volume keeps owners."""
+    return Entry(
+        name,
+        n.kind,
+        n.mode,
+        n.mtime_ns,
+        size,
+        id,
+        target,
+        rdev=n.rdev,
+        xattrs=tuple(sorted(n.xattrs.items())),
+        owner=(n.uid, n.gid) if keep_owners else None,
+    )
 
 
 @dataclass(frozen=True)

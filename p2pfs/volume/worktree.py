@@ -29,17 +29,28 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfs.objects.model import Entry, Kind
+from p2pfs.objects.model import SPECIAL_KINDS, Entry, Kind
 
-from .wnodes import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Chunked, DirPlan, TreeError, WNode
+from .wnodes import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT,
+    Chunked,
+    DirPlan,
+    TreeError,
+    WNode,
+    entry_of,
+)
 from .worktree_db import TreeDB
 
 log = logging.getLogger(__name__)
 
 
 class WorkTree:
-    def __init__(self, root: Path, *, uid: int, gid: int) -> None:
+    def __init__(self, root: Path, *, uid: int, gid: int, keep_owners: bool = False) -> None:
         self.root = root
+        # Whether commits record every entry's uid and gid (the volume's --keep-owners).
+        self.keep_owners = keep_owners
         self.staging = root / "staging"
         self.staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db_path = root / "tree.db"
@@ -73,6 +84,7 @@ class WorkTree:
                 n.tree if not n.loaded else None,
                 int(n.loaded),
                 int(n.staged),
+                n.rdev,
             ),
         )
 
@@ -94,8 +106,10 @@ class WorkTree:
                 tree,
                 loaded,
                 staged,
+                rdev,
             ) = row
             n = WNode(ino, Kind(kind), mode, uid, gid)
+            n.rdev = rdev
             n.size, n.mtime_ns, n.ctime_ns, n.atime_ns = size, mtime, ctime, atime
             n.nlink = nlink
             n.blob, n.target, n.tree, n.staged = blob, target, tree, bool(staged)
@@ -111,6 +125,9 @@ class WorkTree:
             child.links.add((parent, name))
             if child.kind is Kind.DIR and p.subdirs is not None:
                 p.subdirs += 1
+        for ino, xname, value in self.db.xattrs():
+            if (x := self.nodes.get(ino)) is not None:
+                x.xattrs[xname] = value
         # Never reuse a number: the kernel may still hold one from before a reset.
         saved = self.db.meta("next_ino")
         self.next_ino = max(
@@ -213,14 +230,15 @@ class WorkTree:
         children: dict[bytes, int] = {}
         new: list[WNode] = []
         for e in entries:
-            n = WNode(self.next_ino, e.kind, e.mode, *self._default_owner)
+            n = WNode(self.next_ino, e.kind, e.mode, *(e.owner or self._default_owner))
             self.next_ino += 1
             n.size, n.mtime_ns, n.ctime_ns, n.atime_ns = e.size, e.mtime_ns, e.mtime_ns, e.mtime_ns
+            n.rdev, n.xattrs = e.rdev, dict(e.xattrs)
             if e.kind is Kind.FILE:
                 n.blob = e.id
             elif e.kind is Kind.DIR:
                 n.tree, n.tree_clock = e.id, self.clock
-            else:
+            elif e.kind is Kind.SYMLINK:
                 n.target = e.target
             n.links.add((d.ino, e.name))
             children[e.name] = n.ino
@@ -228,6 +246,8 @@ class WorkTree:
         with self.db.transaction():
             for n in new:
                 self._save(n)
+                for xname, value in n.xattrs.items():
+                    self.db.set_xattr(n.ino, xname, value)
             self.db.add_names((d.ino, k, v) for k, v in children.items())
             d.children = children
             d.subdirs = sum(1 for e in entries if e.kind is Kind.DIR)
@@ -280,8 +300,10 @@ class WorkTree:
         uid: int,
         gid: int,
         target: bytes | None = None,
+        rdev: int = 0,
     ) -> WNode:
-        """A new file (staged, empty), directory or symlink named ``name`` in ``parent``."""
+        """A new file (staged, empty), directory, symlink, fifo, socket or device (``rdev``)
+        named ``name`` in ``parent``."""
         self._name_check(parent, name)
         now = time.time_ns()
         n = WNode(self.next_ino, kind, stat.S_IMODE(mode), uid, gid)
@@ -291,6 +313,8 @@ class WorkTree:
             n.children, n.subdirs = {}, 0
         elif kind is Kind.SYMLINK:
             n.target, n.size = target, len(target or b"")
+        elif kind in SPECIAL_KINDS:
+            n.rdev = rdev if kind in (Kind.CHR, Kind.BLK) else 0
         else:
             # The staging file exists before the row that names it (see _recover). Its
             # mtime is set to ours: recovery takes a staged file's mtime from it.
@@ -460,10 +484,26 @@ class WorkTree:
             if n.staged:
                 os.utime(self.staging_path(n.ino), ns=(mtime_ns, mtime_ns))
         n.ctime_ns = now
+        owner_changed = self.keep_owners and (uid is not None or gid is not None)
         with self.db.transaction():
             self._save(n)
-            if mode is not None or mtime_ns is not None:
+            if mode is not None or mtime_ns is not None or owner_changed:
                 self.touch(n)
+
+    def set_xattr(self, n: WNode, name: bytes, value: bytes | None) -> None:
+        """Set (or with None remove) an extended attribute: it is in the next commit."""
+        if value is None:
+            n.xattrs.pop(name, None)
+        else:
+            n.xattrs[name] = value
+        n.ctime_ns = time.time_ns()
+        with self.db.transaction():
+            if value is None:
+                self.db.remove_xattr(n.ino, name)
+            else:
+                self.db.set_xattr(n.ino, name, value)
+            self._save(n)
+            self.touch(n)
 
     def staged_now(self, n: WNode) -> None:
         """``n``'s content now lives in its staging file (made by the caller)."""
@@ -565,25 +605,28 @@ class WorkTree:
             return False
         entries: list[Entry] = []
         subdirs: dict[bytes, int] = {}
+        keep = self.keep_owners
         for name in sorted(d.children):
             c = self.nodes[d.children[name]]
             if c.kind is Kind.DIR:
                 if self._plan(c, plans):
                     subdirs[name] = c.ino
-                    entries.append(Entry(name, Kind.DIR, c.mode, c.mtime_ns, 0, bytes(32), None))
+                    entries.append(entry_of(name, c, size=0, id=bytes(32), keep_owners=keep))
                 else:
                     assert c.tree is not None
-                    entries.append(Entry(name, Kind.DIR, c.mode, c.mtime_ns, 0, c.tree, None))
+                    entries.append(entry_of(name, c, size=0, id=c.tree, keep_owners=keep))
             elif c.kind is Kind.SYMLINK:
                 entries.append(
-                    Entry(name, Kind.SYMLINK, c.mode, c.mtime_ns, c.size, None, c.target)
+                    entry_of(name, c, size=c.size, id=None, target=c.target, keep_owners=keep)
                 )
+            elif c.kind in SPECIAL_KINDS:
+                entries.append(entry_of(name, c, size=0, id=None, keep_owners=keep))
             elif not c.staged:
                 assert c.blob is not None
-                entries.append(Entry(name, Kind.FILE, c.mode, c.mtime_ns, c.size, c.blob, None))
+                entries.append(entry_of(name, c, size=c.size, id=c.blob, keep_owners=keep))
             elif c.chunked is not None:
                 ch = c.chunked
-                entries.append(Entry(name, Kind.FILE, c.mode, c.mtime_ns, ch.size, ch.blob, None))
+                entries.append(entry_of(name, c, size=ch.size, id=ch.blob, keep_owners=keep))
         plans.append(DirPlan(d.ino, entries, subdirs))
         return True
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from p2pfs.errors import P2pfsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inode (
@@ -33,8 +33,15 @@ CREATE TABLE IF NOT EXISTS inode (
     target BLOB,
     tree BLOB,
     loaded INTEGER NOT NULL DEFAULT 0,
-    staged INTEGER NOT NULL DEFAULT 0
+    staged INTEGER NOT NULL DEFAULT 0,
+    rdev INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS xattr (
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dentry (
     parent INTEGER NOT NULL,
     name BLOB NOT NULL,
@@ -44,6 +51,20 @@ CREATE TABLE IF NOT EXISTS dentry (
 CREATE INDEX IF NOT EXISTS dentry_ino ON dentry (ino);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
+
+# In place, from the version in the key to the next: a work tree of an older daemon keeps
+# every uncommitted change. (ALTER TABLE adds the column last, where _SCHEMA has it.)
+_MIGRATIONS = {
+    1: """
+    ALTER TABLE inode ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS xattr (
+        ino INTEGER NOT NULL,
+        name BLOB NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (ino, name)
+    ) WITHOUT ROWID;
+    """,
+}
 
 # One inode row, in the table's column order.
 InodeRow = tuple[
@@ -62,6 +83,7 @@ InodeRow = tuple[
     bytes | None,
     int,
     int,
+    int,
 ]
 
 
@@ -71,13 +93,24 @@ class TreeDB:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        version = self.meta("schema")
+        exists = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        version = self.meta("schema") if exists else None
         if version is None:
+            self.db.executescript(_SCHEMA)
             with self.transaction():
                 self.set_meta("schema", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
+            return
+        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise P2pfsError(f"{path}: work tree schema {version} is not supported")
+        while version < SCHEMA_VERSION:
+            with self.transaction():
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                version += 1
+                self.set_meta("schema", version)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -103,10 +136,23 @@ class TreeDB:
         yield from self.db.execute("SELECT parent, name, ino FROM dentry")
 
     def save_inode(self, row: InodeRow) -> None:
-        self.db.execute("INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        self.db.execute(
+            "INSERT OR REPLACE INTO inode VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row
+        )
 
     def delete_inode(self, ino: int) -> None:
         self.db.execute("DELETE FROM inode WHERE ino = ?", (ino,))
+        self.db.execute("DELETE FROM xattr WHERE ino = ?", (ino,))
+
+    def xattrs(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """(ino, name, value) of every extended attribute."""
+        yield from self.db.execute("SELECT ino, name, value FROM xattr")
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO xattr VALUES (?, ?, ?)", (ino, name, value))
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        self.db.execute("DELETE FROM xattr WHERE ino = ? AND name = ?", (ino, name))
 
     def add_names(self, rows: Iterable[tuple[int, bytes, int]]) -> None:
         """(parent, name, ino) rows."""
@@ -119,6 +165,7 @@ class TreeDB:
         """Every inode and name goes (a reset); meta stays."""
         self.db.execute("DELETE FROM inode")
         self.db.execute("DELETE FROM dentry")
+        self.db.execute("DELETE FROM xattr")
 
     def sync(self) -> None:
         """fsync the WAL and the database (blocking)."""

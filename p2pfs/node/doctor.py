@@ -85,11 +85,11 @@ class Setup:
     home: Home
     mountpoint: Path | None = None
     allow_other: bool = False
-    uid: int = -1  # the invoking user (-1: this process's)
 
     @property
     def user(self) -> int:
-        return os.getuid() if self.uid < 0 else self.uid
+        """The invoking user: the home, the keys and /dev/fuse must be right for it."""
+        return os.geteuid()
 
 
 @dataclass(frozen=True)

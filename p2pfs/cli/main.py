@@ -1,7 +1,7 @@
 """The ``p2pfs`` command line: parse, call one layer, print; user errors are one quiet line.
 
-Each command group lives in a module of its own (volumes, mounts, status, cache,
-estate, appliance); each registers its subcommands with ``add_commands`` and
+Each command group lives in a module of its own (volumes, mounts, mount_helper,
+status, cache, estate, appliance, doctor); each registers its subcommands with ``add_commands`` and
 returns their handlers. Exit codes: docs/cli.md.
 """
 
@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 from p2pfs import __version__
-from p2pfs.errors import EXIT_INTERRUPTED, Interrupted, P2pfsError
+from p2pfs.errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, P2pfsError
 
-from . import access, appliance, cache, estate, mounts, status, volumes
+from . import access, appliance, cache, doctor, estate, mounts, status, volumes
+from . import mount_helper as mount_helper_mod
 from .common import Handler
 
 log = logging.getLogger("p2pfs")
 
-GROUPS = (volumes, access, mounts, status, cache, estate, appliance)
+GROUPS = (volumes, access, mounts, mount_helper_mod, status, cache, estate, appliance, doctor)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("p2pfs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """The console script ``mount.fuse.p2pfs``: mount(8)'s arguments as a ``p2pfs mount``."""
+    try:
+        cmd = mount_helper_mod.helper_argv(sys.argv[1:] if argv is None else argv)
+    except P2pfsError as e:
+        print(f"{mount_helper_mod.HELPER}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return EXIT_OK if cmd is None else main(cmd)
 
 
 if __name__ == "__main__":

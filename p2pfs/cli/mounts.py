@@ -15,6 +15,11 @@ from p2pfs.node import control
 from . import appliance as appliance_cli
 from .common import Handler, Subparsers, node_home, start_until_ready, wait_stopped
 
+ALLOW_OTHER_HELP = (
+    "let other users use the mount (always so for root; a user needs user_allow_other in "
+    "/etc/fuse.conf)"
+)
+
 
 def add_commands(sub: Subparsers) -> dict[str, Handler]:
     mo = sub.add_parser("mount", help="start the node's daemon, mounted; returns once usable")
@@ -22,6 +27,7 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     mo.add_argument(
         "--read-only", action="store_true", help="mount even the volumes published here read-only"
     )
+    mo.add_argument("--allow-other", action="store_true", help=ALLOW_OTHER_HELP)
     appliance_cli.add_mount_arguments(mo)
 
     um = sub.add_parser("umount", help="unmount and stop the node's daemon")
@@ -32,6 +38,7 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     da.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     da.add_argument("--debug-faults", action="store_true", help=argparse.SUPPRESS)
     da.add_argument("--read-only", action="store_true", help="no writable volumes")
+    da.add_argument("--allow-other", action="store_true", help=ALLOW_OTHER_HELP)
     return {"mount": cmd_mount, "umount": cmd_umount, "daemon": cmd_daemon}
 
 
@@ -41,7 +48,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     home = node_home(args)
     mp = args.mountpoint.absolute() if args.mountpoint else None
     return Daemon(
-        home, mp, ready_fd=args.ready_fd, debug_faults=args.debug_faults, read_only=args.read_only
+        home,
+        mp,
+        ready_fd=args.ready_fd,
+        debug_faults=args.debug_faults,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
     ).run()
 
 
@@ -63,6 +75,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cmd += ["-v"] * args.verbose
     cmd += ["daemon", "--mount", str(mp)]
     cmd += ["--read-only"] if args.read_only else []
+    cmd += ["--allow-other"] if args.allow_other else []
     pid = start_until_ready(cmd, log_path, "the daemon")
     print(f"mounted {home.root} on {mp} (daemon pid {pid}, log {log_path})")
     return 0

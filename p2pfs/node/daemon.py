@@ -72,9 +72,12 @@ class Daemon:
         ready_fd: int | None = None,
         debug_faults: bool = False,
         read_only: bool = False,
+        allow_other: bool = False,
     ) -> None:
         self.home = home
         self.read_only = read_only
+        # Root's mounts are always open to all: Samba and the desktop's users read them.
+        self.allow_other = allow_other or os.getuid() == 0
         self.live: LiveVolumes | None = None
         self.mountpoint = mountpoint
         self.ready = ReadyLine(ready_fd)
@@ -234,7 +237,7 @@ class Daemon:
     async def _mount(self, nursery: trio.Nursery) -> None:
         assert self.mountpoint is not None
         try:
-            fuse.init(self.fs, str(self.mountpoint), allow_other=os.getuid() == 0)
+            fuse.init(self.fs, str(self.mountpoint), allow_other=self.allow_other)
         except RuntimeError as e:
             raise Busy(f"cannot mount on {self.mountpoint}: {e}") from None
         self.mounted = True

@@ -205,6 +205,11 @@ class Estate:
         return self._node_cert.not_valid_after_utc
 
     @property
+    def node_cert_validity(self) -> tuple[datetime.datetime, datetime.datetime]:
+        """(not before, not after) of this node's certificate, in UTC."""
+        return self._node_cert.not_valid_before_utc, self._node_cert.not_valid_after_utc
+
+    @property
     def revocation_number(self) -> int:
         return self._revocations.number
 

@@ -2,7 +2,8 @@
 
 ``p2pfs daemon`` runs this in the foreground (what a systemd unit runs);
 SIGTERM and SIGINT unmount cleanly and exit 0. ``p2pfs mount`` starts it
-detached and waits for the readiness line it writes to ``ready_fd``.
+detached and waits for the readiness line it writes to ``ready_fd``. With
+``[metrics] listen`` it serves Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from p2pfs import config as config_mod
 from p2pfs.chunking import chunker
 from p2pfs.errors import Busy, P2pfsError
 from p2pfs.fs import fuse
+from p2pfs.fs.fuse import Operations as FuseOperations
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.fsutil import locked
@@ -40,6 +42,7 @@ from .control import ControlServer
 from .desktop_api import DesktopServer
 from .keeper import Keeper
 from .live import LiveVolumes, work_dir
+from .metrics import MetricsServer
 from .operations import Operations
 from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 
@@ -90,6 +93,8 @@ class Daemon:
         self.started = time.time()
         self.mounted = False
         self.desktop_link: DesktopServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.fuse_ops: FuseOperations | None = None
 
     def run(self) -> int:
         try:
@@ -171,6 +176,9 @@ class Daemon:
         control = ControlServer(self.home.control_socket)
         Operations(self).register(control, debug_faults=self.debug_faults)
         await self._bind_desktop_link(control)
+        if self.config.metrics_listen is not None:
+            self.metrics = MetricsServer(self.config.metrics_listen, self.status)
+            await self.metrics.listen()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.attach(nursery)
@@ -188,6 +196,8 @@ class Daemon:
                 await nursery.start(self.network.run)
             else:
                 log.info("this node has joined no estate: serving local volumes only")
+            if self.metrics is not None:
+                await nursery.start(self.metrics.run)
             if self.mountpoint is not None:
                 await self._mount(nursery)
             log.info("node %s ready (pid %d)", self.home.node_id().hex(), os.getpid())
@@ -234,7 +244,7 @@ class Daemon:
     async def _mount(self, nursery: trio.Nursery) -> None:
         assert self.mountpoint is not None
         try:
-            fuse.init(self.fs, str(self.mountpoint), allow_other=os.getuid() == 0)
+            self.fuse_ops = fuse.init(self.fs, str(self.mountpoint), allow_other=os.getuid() == 0)
         except RuntimeError as e:
             raise Busy(f"cannot mount on {self.mountpoint}: {e}") from None
         self.mounted = True
@@ -408,6 +418,7 @@ class Daemon:
             network=self.network.statistics() if self.network else None,
             sync=self.sync.statistics() if self.sync else None,
             desktop_link=await trio.to_thread.run_sync(link.statistics) if link else None,
+            fuse=self.fuse_ops.statistics() if self.fuse_ops is not None else None,
         )
 
     def _volumes(self) -> tuple[VolumeInfo, ...]:

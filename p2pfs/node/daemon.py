@@ -2,7 +2,8 @@
 
 ``p2pfs daemon`` runs this in the foreground (what a systemd unit runs);
 SIGTERM and SIGINT unmount cleanly and exit 0. ``p2pfs mount`` starts it
-detached and waits for the readiness line it writes to ``ready_fd``. With
+detached and waits for the readiness line it writes to ``ready_fd``; under
+systemd (``Type=notify``) it tells systemd instead (``notify.py``). With
 ``[metrics] listen`` it serves Prometheus metrics (``metrics.py``).
 """
 
@@ -23,7 +24,7 @@ from p2pfs.chunking import chunker
 from p2pfs.errors import Busy, P2pfsError
 from p2pfs.fs import fuse
 from p2pfs.fs.fuse import Operations as FuseOperations
-from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
+from p2pfs.fs.mount import ReadyLine, check_mountpoint, mount_answers, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.fsutil import locked
 from p2pfs.home import Home
@@ -43,6 +44,7 @@ from .desktop_api import DesktopServer
 from .keeper import Keeper
 from .live import LiveVolumes, work_dir
 from .metrics import MetricsServer
+from .notify import Notifier
 from .operations import Operations
 from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 
@@ -95,13 +97,17 @@ class Daemon:
         self.desktop_link: DesktopServer | None = None
         self.metrics: MetricsServer | None = None
         self.fuse_ops: FuseOperations | None = None
+        self.notifier = Notifier()
 
     def run(self) -> int:
         try:
             return trio.run(self._main)
         except P2pfsError as e:
             self.ready.failed(e)
+            self.notifier.send(f"STATUS=failed: {e}")
             raise
+        finally:
+            self.notifier.close()
 
     async def _main(self) -> int:
         self.home.require()
@@ -182,6 +188,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.attach(nursery)
+            await nursery.start(self.notifier.run, self.describe)
             await nursery.start(control.run)
             if self.desktop_link is not None:
                 await nursery.start(self.desktop_link.run)
@@ -202,7 +209,9 @@ class Daemon:
                 await self._mount(nursery)
             log.info("node %s ready (pid %d)", self.home.node_id().hex(), os.getpid())
             self.ready.ok()
+            self.notifier.ready(self.describe())
         self.nursery = None
+        self.notifier.stopping()
         if self.mounted:
             fuse.close(unmount=True)
             self.mounted = False
@@ -257,12 +266,15 @@ class Daemon:
         nursery.start_soon(serve_then_stop)
         # The kernel answers stat() on the mountpoint only once the session is up.
         await trio.to_thread.run_sync(set_readahead, self.mountpoint)
+        # Ready means a reader can use the mount: it answers, through this session.
+        await trio.to_thread.run_sync(mount_answers, self.mountpoint)
         log.info("mounted on %s", self.mountpoint)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("got %s: unmounting and stopping", signal.Signals(signum).name)
+                self.notifier.stopping()
                 self.stop(scope)
                 return
 
@@ -402,6 +414,17 @@ class Daemon:
         return changed
 
     # -- status ------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line for ``systemctl status``: peers connected, volumes, the mount."""
+        parts = []
+        if self.network is not None:
+            n = len(self.network.table.connected())
+            parts.append(f"{n} peer{'s' * (n != 1)}")
+        parts.append(f"{len(self.heads)} volume{'s' * (len(self.heads) != 1)}")
+        if self.mounted:
+            parts.append(f"mounted on {self.mountpoint}")
+        return ", ".join(parts)
 
     async def status(self) -> NodeStatus:
         """The node's status, from every service's statistics (disk parts in a thread)."""

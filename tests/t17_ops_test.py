@@ -8,6 +8,7 @@ sends; the metrics tests scrape a real daemon over HTTP and hold the numbers to
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -32,6 +33,9 @@ from p2pfs import __version__
 from p2pfs.cli import main as cli_main
 from p2pfs.errors import UsageError
 from p2pfs.home import Home
+from p2pfs.net.fetcher import FETCH_SECONDS_BUCKETS, FetchStats
+from p2pfs.net.peers import PeerStats
+from p2pfs.net.service import NetworkStats
 from p2pfs.node import metrics, status
 from p2pfs.node.notify import Notifier, watchdog_interval
 
@@ -332,6 +336,35 @@ def test_the_endpoint_serves_a_status_snapshot_and_nothing_else(home: Path) -> N
     assert got[("p2pfs_offline_ready", ())] == 1
     assert got[("p2pfs_read_bytes_total", (("source", "peers"),))] == 0
     assert missing == 404
+
+
+@pytest.mark.unit
+def test_network_metrics_fetch_histogram_and_peer_states(home: Path) -> None:
+    peer = PeerStats(
+        "ab" * 16, "10.0.0.5:7420", "connected", 1, 10, 1, 0, 5.0, (), None, None, None
+    )
+    bad = dataclasses.replace(peer, node_id="cd" * 16, state="quarantined")
+    buckets = [0] * (len(FETCH_SECONDS_BUCKETS) + 1)
+    buckets[0], buckets[3], buckets[-1] = 2, 1, 1  # <= 5 ms twice, <= 50 ms, over 30 s
+    fetch = FetchStats(100, 200, 4, 1, 0, 0, tuple(buckets), 40.5)
+    net = NetworkStats(7420, (peer, bad), 1, 300, 3, 0, 0, 0, fetch)
+    snap = dataclasses.replace(status.offline(Home(home)), network=net)
+    text = metrics.render(snap).decode()
+    got = samples(text)
+    assert got[("p2pfs_read_bytes_total", (("source", "peers"),))] == 100
+    assert got[("p2pfs_read_bytes_total", (("source", "origin"),))] == 200
+    assert got[("p2pfs_served_bytes_total", ())] == 300
+    assert got[("p2pfs_corrupt_chunks_rejected_total", ())] == 1
+    assert got[("p2pfs_quarantined_peers", ())] == 1
+    assert got[("p2pfs_peers", (("state", "connected"),))] == 1
+    assert got[("p2pfs_peers", (("state", "quarantined"),))] == 1
+    assert got[("p2pfs_peers", (("state", "unreachable"),))] == 0
+    assert got[("p2pfs_chunk_fetch_seconds_bucket", (("le", "0.005"),))] == 2
+    assert got[("p2pfs_chunk_fetch_seconds_bucket", (("le", "0.05"),))] == 3
+    assert got[("p2pfs_chunk_fetch_seconds_bucket", (("le", "30.0"),))] == 3
+    assert got[("p2pfs_chunk_fetch_seconds_bucket", (("le", "+Inf"),))] == 4
+    assert got[("p2pfs_chunk_fetch_seconds_count", ())] == 4
+    assert got[("p2pfs_chunk_fetch_seconds_sum", ())] == 40.5
 
 
 @pytest.mark.unit

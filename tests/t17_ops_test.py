@@ -214,18 +214,21 @@ def test_a_daemon_says_ready_once_its_mount_answers_and_stopping_at_stop(
     mp = tmp_path / "mnt"
     listener.mountpoint = mp
     env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "200000"}
-    with mounted(home, mp, env=env, read_only=True):
+    with mounted(home, mp, env=env):  # writable: the last commit runs after STOPPING=1
         got = listener.wait_for("READY=1")
         ready = next(i for i, (m, _) in enumerate(got) if "READY=1" in m.split("\n"))
         assert got[ready][1], "READY=1 came before the mount was up"
         assert "STATUS=1 volume, mounted on " + str(mp) in got[ready][0].split("\n")
         assert os.listdir(mp) == ["tools"]
+        (mp / "tools" / "new.txt").write_text("committed at stop\n")
         # Keepalives, at half of WATCHDOG_USEC, for as long as the daemon runs.
         listener.wait_for("WATCHDOG=1", 3)
         assert "STOPPING=1" not in listener.lines()
     got = listener.wait_for("STOPPING=1")
     stopping = next(i for i, (m, _) in enumerate(got) if "STOPPING=1" in m.split("\n"))
     assert stopping > ready
+    after = json.loads(run_cli(home, "status", "--json", check=True).stdout)
+    assert [v["seq"] for v in after["volumes"]] == [2]  # the write became a snapshot at stop
 
 
 @pytest.mark.mount

@@ -218,7 +218,12 @@ class Daemon:
             log.info("unmounted %s", self.mountpoint)
         if self.live is not None:
             # What was written and closed becomes a snapshot now rather than at next start.
-            await self.live.commit_all()
+            # Keepalives go on meanwhile: a long last commit is not a wedged daemon
+            # (TimeoutStopSec= still bounds it).
+            async with trio.open_nursery() as keepalive:
+                keepalive.start_soon(self.notifier.run)
+                await self.live.commit_all()
+                keepalive.cancel_scope.cancel()
             self.live.close()
         return 0
 

@@ -32,6 +32,12 @@ user_listen = ["192.168.122.2:7421"]   # where desktops reach the user API (TCP,
 desktop_pin = false         # may desktops pin and unpin?
 desktop_snapshots = true    # VOLUME/.snapshots/<seq>/ on the desktop link and the mount SMB shares
 volumes = ["tools"]         # follow only these volumes (default: every endorsed volume)
+
+[metrics]                   # Prometheus text format on http://LISTEN/metrics (docs/monitoring.md)
+listen = "127.0.0.1:9742"   # absent: no metrics endpoint
+allow_remote = false        # true: LISTEN may be an address other than loopback (read-only
+                            # data, but it shows volume names, peers and traffic to whoever
+                            # reaches it: firewall it)
 ```
 
 The file is decoded straight into typed records (``msgspec``: a well-kept, small,
@@ -44,6 +50,7 @@ settings other than those the admin meant.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -106,6 +113,11 @@ class ApplianceSection(_Section):
     volumes: list[str] = []
 
 
+class MetricsSection(_Section):
+    listen: str | None = None
+    allow_remote: bool = False
+
+
 class ConfigFile(_Section):
     """config.toml as written: one record per table."""
 
@@ -114,6 +126,7 @@ class ConfigFile(_Section):
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     publish: PublishSection = msgspec.field(default_factory=PublishSection)
     appliance: ApplianceSection = msgspec.field(default_factory=ApplianceSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
 
 
 def default_memory_cache() -> int:
@@ -151,6 +164,7 @@ class Config:
     desktop_pin: bool = False
     desktop_snapshots: bool = True
     follow_volumes: tuple[str, ...] = field(default_factory=tuple)
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of the metrics endpoint
 
 
 def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
@@ -159,6 +173,26 @@ def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
     if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
         raise UsageError(f"{where}: {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def metrics_address(section: MetricsSection, where: str) -> tuple[str, int] | None:
+    """[metrics] listen as (host, port); a non-loopback address only with allow_remote."""
+    if section.listen is None:
+        return None
+    host, port = parse_peer(section.listen, f"{where}: [metrics] listen")
+    if section.allow_remote:
+        return host, port
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything, so only the one we know
+        loopback = host == "localhost"
+    if not loopback:
+        raise UsageError(
+            f"{where}: [metrics] listen: {host} is not a loopback address; metrics show "
+            "volume names, peers and traffic to anyone who reaches it: set "
+            "allow_remote = true to serve them there"
+        )
+    return host, port
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -234,6 +268,7 @@ def load(path: Path) -> Config:
     doc = read(path)
     where = str(path)
     net, fetch, cache, publish, appl = doc.network, doc.fetch, doc.cache, doc.publish, doc.appliance
+    metrics = metrics_address(doc.metrics, where)
     listen = [appl.user_listen] if isinstance(appl.user_listen, str) else appl.user_listen
     if not all(listen):
         raise UsageError(f'{where}: [appliance] user_listen: expected "ADDR:PORT" strings')
@@ -269,4 +304,5 @@ def load(path: Path) -> Config:
         desktop_pin=appl.desktop_pin,
         desktop_snapshots=appl.desktop_snapshots,
         follow_volumes=tuple(appl.volumes),
+        metrics_listen=metrics,
     )

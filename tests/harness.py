@@ -58,14 +58,23 @@ def force_unmount(mountpoint: Path, home: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mounted(home: Path, mountpoint: Path, *extra: str, read_only: bool = False) -> Iterator[Path]:
+def mounted(
+    home: Path,
+    mountpoint: Path,
+    *extra: str,
+    read_only: bool = False,
+    env: dict[str, str] | None = None,
+) -> Iterator[Path]:
     """``p2pfs mount`` in a subprocess; always unmounted and stopped afterwards.
 
-    Volumes published by ``home`` are writable unless ``read_only``."""
+    Volumes published by ``home`` are writable unless ``read_only``. With ``extra``
+    flags or ``env`` (added to the environment) the daemon runs in the foreground, as
+    systemd runs it."""
     mountpoint.mkdir(exist_ok=True)
     try:
-        if extra:
-            yield from _daemon_mount(home, mountpoint, *extra, *(["--read-only"] * read_only))
+        if extra or env:
+            flags = (*extra, *(["--read-only"] * read_only))
+            yield from _daemon_mount(home, mountpoint, *flags, env=env)
             return
         ro = ["--read-only"] if read_only else []
         run_cli(home, "mount", str(mountpoint), *ro, check=True, timeout=120)
@@ -78,7 +87,9 @@ def mounted(home: Path, mountpoint: Path, *extra: str, read_only: bool = False) 
         force_unmount(mountpoint, home)
 
 
-def _daemon_mount(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
+def _daemon_mount(
+    home: Path, mountpoint: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[Path]:
     """A foreground ``p2pfs daemon`` (for flags ``mount`` does not pass on)."""
     log = open(home / "log" / "test-daemon.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -95,6 +106,7 @@ def _daemon_mount(home: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
         ],
         stdout=log,
         stderr=log,
+        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 60

@@ -40,6 +40,7 @@ def test_every_documented_key_is_read(tmp_path: Path) -> None:
         "scrub_interval_h = 12\nscrub_rate_mb_s = 10\n"
         "[publish]\nsettle_s = 0\nmax_delay_s = 9\n"
         '[appliance]\nuser_listen = "192.168.56.2:7421"\ndesktop_pin = true\nvolumes = ["tools"]\n'
+        '[metrics]\nlisten = "127.0.0.1:9742"\n'
     )
     c = load(tmp_path / "c.toml")
     assert (c.port, c.listen, c.static_peers, c.discovery, c.peer_fetch) == (
@@ -71,6 +72,22 @@ def test_every_documented_key_is_read(tmp_path: Path) -> None:
         True,
         ("tools",),
     )
+    assert c.metrics_listen == ("127.0.0.1", 9742)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("", None),
+        ('[metrics]\nlisten = "127.0.0.1:9742"\n', ("127.0.0.1", 9742)),
+        ('[metrics]\nlisten = "[::1]:9742"\n', ("::1", 9742)),
+        ('[metrics]\nlisten = "localhost:9742"\n', ("localhost", 9742)),
+        ('[metrics]\nlisten = "0.0.0.0:9742"\nallow_remote = true\n', ("0.0.0.0", 9742)),
+    ],
+)
+def test_metrics_listen(tmp_path: Path, text: str, address: tuple[str, int] | None) -> None:
+    (tmp_path / "c.toml").write_text(text)
+    assert load(tmp_path / "c.toml").metrics_listen == address
 
 
 @pytest.mark.parametrize(
@@ -97,6 +114,17 @@ def test_every_documented_key_is_read(tmp_path: Path) -> None:
         ),
         ("cache = 5\n", "[cache]: expected `object`, got `int`"),
         ("[publish\n", "is not valid TOML"),
+        (
+            '[metrics]\nlisten = "0.0.0.0:9742"\n',
+            "[metrics] listen: 0.0.0.0 is not a loopback address; metrics show volume names",
+        ),
+        (
+            '[metrics]\nlisten = "metrics.example:9742"\n',
+            "[metrics] listen: metrics.example is not a loopback address",
+        ),
+        ('[metrics]\nlisten = "9742"\n', "[metrics] listen: '9742' is not HOST:PORT"),
+        ("[metrics]\nlisten = 9742\n", "[metrics] listen: expected `str | null`, got `int`"),
+        ("[metrics]\nallow_remote = 1\n", "[metrics] allow_remote: expected `bool`, got `int`"),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:

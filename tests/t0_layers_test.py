@@ -48,6 +48,7 @@ HOMES = {
     "blake3": {"p2pfs.ids", "p2pfs.chunking.chunker", "p2pfs.chunking.twin"},
     "rich": {"p2pfs.cli.progress"},
     "msgspec": {"p2pfs.config", "p2pfs.appliance.seed"},
+    "prometheus_client": {"p2pfs.node.metrics"},
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,11 +41,49 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return p, handlers
 
 
+def stderr_is_journal() -> bool:
+    """stderr goes to journald: ``$JOURNAL_STREAM`` (DEV:INODE) names this very stream,
+    not one a parent had (sd_journal_stream_fd(3))."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdecimal() and ino.isdecimal()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamp (journald stamps every line) and a ``<N>`` syslog priority prefix, which
+    journald reads as the line's priority (so ``journalctl -p warning`` works)."""
+
+    PRIORITIES = (
+        (logging.CRITICAL, 2),
+        (logging.ERROR, 3),
+        (logging.WARNING, 4),
+        (logging.INFO, 6),
+    )
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        # A traceback's lines continue the record: one prefix for the whole message.
+        return f"<{priority}>{super().format(record)}"
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     daemon = args.command == "daemon"
     level = logging.INFO if daemon else logging.WARNING
     if args.verbose:
         level = logging.DEBUG if args.verbose > 1 or daemon else logging.INFO
+    if daemon and stderr_is_journal():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JournalFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+        return
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "p2pfs: %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 

@@ -49,6 +49,15 @@ def check_name_length(name: bytes) -> None:
 
 
 @dataclass(frozen=True)
+class FuseStats:
+    """FUSE requests by operation (the handler's name): how many came, and how many were
+    answered with an errno (ENOENT from a lookup of a missing name counts too)."""
+
+    calls: tuple[tuple[str, int], ...]
+    errors: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Attr:
     ino: int
     mode: int  # type and permission bits

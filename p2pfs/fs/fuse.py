@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,7 +23,7 @@ import pyfuse3
 from p2pfs.errors import errno_of
 from p2pfs.objects.model import Kind
 
-from .api import Attr, Filesystem, Opened
+from .api import Attr, Filesystem, FuseStats, Opened
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,22 @@ R = TypeVar("R")
 def _failsafe(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ops = args[0]
+        assert isinstance(ops, Operations)
+        ops.calls[name] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
+            ops.errors[name] += 1
             raise
         except Exception as e:
+            ops.errors[name] += 1
             code = errno_of(e)
             if code is None:
-                ops = args[0]
-                assert isinstance(ops, Operations)
                 ops.fs.unexpected(fn.__name__)
                 log.exception("unexpected error in %s; answering EIO", fn.__name__)
                 code = errno.EIO
@@ -85,6 +91,12 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        # Touched only on the trio thread, where pyfuse3 runs every handler.
+        self.calls: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+
+    def statistics(self) -> FuseStats:
+        return FuseStats(tuple(sorted(self.calls.items())), tuple(sorted(self.errors.items())))
 
     @_failsafe
     async def lookup(
@@ -310,9 +322,12 @@ def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
     return opts
 
 
-def init(fs: Filesystem, mountpoint: str, *, allow_other: bool) -> None:
+def init(fs: Filesystem, mountpoint: str, *, allow_other: bool) -> Operations:
+    """Mount ``fs``; the adapter is returned for its request counts (``statistics``)."""
     opts = mount_options(allow_other=allow_other, read_only=fs.read_only)
-    pyfuse3.init(Operations(fs), mountpoint, opts)
+    ops = Operations(fs)
+    pyfuse3.init(ops, mountpoint, opts)
+    return ops
 
 
 async def serve() -> None:

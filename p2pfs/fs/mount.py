@@ -37,6 +37,17 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise Busy(f"mountpoint {mountpoint} is busy: something is already mounted there")
 
 
+def mount_answers(mountpoint: Path) -> None:
+    """Blocks until the kernel answers stat() on ``mountpoint`` through the session just
+    mounted (a FUSE getattr); P2pfsError if what answers is not a mount."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        raise P2pfsError(f"mountpoint {mountpoint} does not answer: {e.strerror}") from None
+    if not os.path.ismount(mountpoint):
+        raise P2pfsError(f"mountpoint {mountpoint} is not mounted")
+
+
 def set_readahead(mountpoint: Path, kb: int = READAHEAD_KB) -> bool:
     """Raise the mount's readahead: with the default 128 KiB, FUSE sequential reads run at ~0.7
     of a native filesystem; at 1 MiB they match it (DESIGN.md, performance facts). Root only."""

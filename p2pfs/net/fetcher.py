@@ -22,6 +22,7 @@ a copy. (Concurrent reads through the mount already share one load in
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 from collections import deque
@@ -43,6 +44,8 @@ from .peers import Peer, PeerTable
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 3.0
+# Upper bounds (seconds) of the fetch-time histogram's buckets; one more counts the rest.
+FETCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Quarantine(Protocol):
@@ -57,6 +60,8 @@ class FetchStats:
     corrupt_chunks_rejected: int
     hedged_requests: int
     failed_fetches: int
+    fetch_seconds: tuple[int, ...] = ()  # successful fetches per FETCH_SECONDS_BUCKETS, +1
+    fetch_seconds_sum: float = 0.0
 
 
 class _BadChunk(Exception):
@@ -93,6 +98,8 @@ class Fetcher:
         self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
         self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
         self._corrupt_rejected = self._hedged = self._failed = 0
+        self._fetch_seconds = [0] * (len(FETCH_SECONDS_BUCKETS) + 1)
+        self._fetch_seconds_sum = 0.0
 
     def statistics(self) -> FetchStats:
         return FetchStats(
@@ -102,6 +109,8 @@ class Fetcher:
             self._corrupt_rejected,
             self._hedged,
             self._failed,
+            tuple(self._fetch_seconds),
+            self._fetch_seconds_sum,
         )
 
     def rate(self) -> float | None:
@@ -212,6 +221,9 @@ class Fetcher:
         if got is not None:
             data, peer = got
             self._chunks_fetched += 1
+            took = trio.current_time() - start
+            self._fetch_seconds[bisect.bisect_left(FETCH_SECONDS_BUCKETS, took)] += 1
+            self._fetch_seconds_sum += took
             if peer.node_id in self.origins:
                 self._bytes_from_origin += len(data)
             else:

@@ -2,7 +2,9 @@
 
 ``p2pfs daemon`` runs this in the foreground (what a systemd unit runs);
 SIGTERM and SIGINT unmount cleanly and exit 0. ``p2pfs mount`` starts it
-detached and waits for the readiness line it writes to ``ready_fd``.
+detached and waits for the readiness line it writes to ``ready_fd``; under
+systemd (``Type=notify``) it tells systemd instead (``notify.py``). With
+``[metrics] listen`` it serves Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from p2pfs import config as config_mod
 from p2pfs.chunking import chunker
 from p2pfs.errors import Busy, P2pfsError
 from p2pfs.fs import fuse
-from p2pfs.fs.mount import ReadyLine, check_mountpoint, set_readahead
+from p2pfs.fs.fuse import Operations as FuseOperations
+from p2pfs.fs.mount import ReadyLine, check_mountpoint, mount_answers, set_readahead
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.fsutil import locked
 from p2pfs.home import Home
@@ -40,6 +43,8 @@ from .control import ControlServer
 from .desktop_api import DesktopServer
 from .keeper import Keeper
 from .live import LiveVolumes, work_dir
+from .metrics import MetricsServer
+from .notify import Notifier
 from .operations import Operations
 from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 
@@ -93,13 +98,19 @@ class Daemon:
         self.started = time.time()
         self.mounted = False
         self.desktop_link: DesktopServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.fuse_ops: FuseOperations | None = None
+        self.notifier = Notifier()
 
     def run(self) -> int:
         try:
             return trio.run(self._main)
         except P2pfsError as e:
             self.ready.failed(e)
+            self.notifier.send(f"STATUS=failed: {e}")
             raise
+        finally:
+            self.notifier.close()
 
     async def _main(self) -> int:
         self.home.require()
@@ -174,9 +185,13 @@ class Daemon:
         control = ControlServer(self.home.control_socket)
         Operations(self).register(control, debug_faults=self.debug_faults)
         await self._bind_desktop_link(control)
+        if self.config.metrics_listen is not None:
+            self.metrics = MetricsServer(self.config.metrics_listen, self.status)
+            await self.metrics.listen()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.fs.attach(nursery)
+            await nursery.start(self.notifier.run, self.describe)
             await nursery.start(control.run)
             if self.desktop_link is not None:
                 await nursery.start(self.desktop_link.run)
@@ -191,18 +206,27 @@ class Daemon:
                 await nursery.start(self.network.run)
             else:
                 log.info("this node has joined no estate: serving local volumes only")
+            if self.metrics is not None:
+                await nursery.start(self.metrics.run)
             if self.mountpoint is not None:
                 await self._mount(nursery)
             log.info("node %s ready (pid %d)", self.home.node_id().hex(), os.getpid())
             self.ready.ok()
+            self.notifier.ready(self.describe())
         self.nursery = None
+        self.notifier.stopping()
         if self.mounted:
             fuse.close(unmount=True)
             self.mounted = False
             log.info("unmounted %s", self.mountpoint)
         if self.live is not None:
             # What was written and closed becomes a snapshot now rather than at next start.
-            await self.live.commit_all()
+            # Keepalives go on meanwhile: a long last commit is not a wedged daemon
+            # (TimeoutStopSec= still bounds it).
+            async with trio.open_nursery() as keepalive:
+                keepalive.start_soon(self.notifier.run)
+                await self.live.commit_all()
+                keepalive.cancel_scope.cancel()
             self.live.close()
         return 0
 
@@ -237,7 +261,7 @@ class Daemon:
     async def _mount(self, nursery: trio.Nursery) -> None:
         assert self.mountpoint is not None
         try:
-            fuse.init(self.fs, str(self.mountpoint), allow_other=self.allow_other)
+            self.fuse_ops = fuse.init(self.fs, str(self.mountpoint), allow_other=self.allow_other)
         except RuntimeError as e:
             raise Busy(f"cannot mount on {self.mountpoint}: {e}") from None
         self.mounted = True
@@ -250,12 +274,15 @@ class Daemon:
         nursery.start_soon(serve_then_stop)
         # The kernel answers stat() on the mountpoint only once the session is up.
         await trio.to_thread.run_sync(set_readahead, self.mountpoint)
+        # Ready means a reader can use the mount: it answers, through this session.
+        await trio.to_thread.run_sync(mount_answers, self.mountpoint)
         log.info("mounted on %s", self.mountpoint)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("got %s: unmounting and stopping", signal.Signals(signum).name)
+                self.notifier.stopping()
                 self.stop(scope)
                 return
 
@@ -396,6 +423,17 @@ class Daemon:
 
     # -- status ------------------------------------------------------------------
 
+    def describe(self) -> str:
+        """One line for ``systemctl status``: peers connected, volumes, the mount."""
+        parts = []
+        if self.network is not None:
+            n = len(self.network.table.connected())
+            parts.append(f"{n} peer{'s' * (n != 1)}")
+        parts.append(f"{len(self.heads)} volume{'s' * (len(self.heads) != 1)}")
+        if self.mounted:
+            parts.append(f"mounted on {self.mountpoint}")
+        return ", ".join(parts)
+
     async def status(self) -> NodeStatus:
         """The node's status, from every service's statistics (disk parts in a thread)."""
         disk = await trio.to_thread.run_sync(read_disk, self.home, self.store)
@@ -411,6 +449,7 @@ class Daemon:
             network=self.network.statistics() if self.network else None,
             sync=self.sync.statistics() if self.sync else None,
             desktop_link=await trio.to_thread.run_sync(link.statistics) if link else None,
+            fuse=self.fuse_ops.statistics() if self.fuse_ops is not None else None,
         )
 
     def _volumes(self) -> tuple[VolumeInfo, ...]:

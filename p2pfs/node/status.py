@@ -17,6 +17,7 @@ from typing import Any
 
 from p2pfs import config as config_mod
 from p2pfs.errors import P2pfsError
+from p2pfs.fs.api import FuseStats
 from p2pfs.fs.vfs import FsStats
 from p2pfs.home import Home
 from p2pfs.net.following import SyncStats
@@ -75,6 +76,7 @@ class NodeStatus:
     network: NetworkStats | None = None
     sync: SyncStats | None = None
     desktop_link: LinkStats | None = None
+    fuse: FuseStats | None = None  # while mounted
 
     def to_json(self) -> dict[str, Any]:
         d = self.disk
@@ -124,6 +126,11 @@ class NodeStatus:
         if self.fs is not None:
             out["fuse_errors"] = self.fs.errors
             out["inodes"] = self.fs.inodes
+        if self.fuse is not None:
+            out["fuse_requests"] = {
+                "calls": dict(self.fuse.calls),
+                "errors": dict(self.fuse.errors),
+            }
         if self.network is not None:
             n, f = self.network, self.network.fetch
             out |= {

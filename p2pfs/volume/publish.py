@@ -217,12 +217,16 @@ class Publisher:
             self._closed.add(n.ino)
         if self.tree.dirty:
             self.changed()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._absorber)
-            if self.settle_s > 0:
-                nursery.start_soon(self._timer)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._absorber)
+                if self.settle_s > 0:
+                    nursery.start_soon(self._timer)
+                task_status.started()
+        finally:
+            # Closed: the last commit at stop re-pins in the foreground, not in it.
+            self._nursery = None
 
     async def _absorber(self) -> None:
         while True:

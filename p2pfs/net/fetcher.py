@@ -23,12 +23,13 @@ a copy. (Concurrent reads through the mount already share one load in
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -165,6 +166,45 @@ class Fetcher:
         finally:
             del self._inflight[cid]
             event.set()
+
+    async def fetch_for_peer(
+        self, conn: Connection, rid: int, header: dict[str, Any], *, origins_only: bool
+    ) -> bytes:
+        """Fetch and store a chunk for a peer that made us its home, telling it we are at it.
+
+        Our fetch fails once its sources fall silent for the deadline, so while it
+        lasts it is making progress: the asker hears so every third of the deadline
+        (if its ``get`` takes interim answers) and keeps waiting, however slow the
+        source behind us is.
+        """
+        cid = messages.parse_get(header)
+        stored: bytes | None = None
+        failed: P2pfsError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def tell() -> None:
+                with contextlib.suppress(PeerUnavailable):  # (then our answer fails too)
+                    while True:
+                        await trio.sleep(self.deadline_s / 3)
+                        await conn.send(messages.progress(rid))
+
+            if messages.get_takes_progress(header):
+                nursery.start_soon(tell)
+            # Caught here, not around the nursery, which would wrap it in a group.
+            try:
+                stored = await self.fetch_into_store(
+                    cid,
+                    proxy=False,
+                    origins_only=origins_only,
+                    urgent=messages.get_is_urgent(header),
+                )
+            except P2pfsError as e:
+                failed = e
+            nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        assert stored is not None
+        return stored
 
     def candidates(
         self, cid: bytes, *, proxy: bool = True, origins_only: bool = False

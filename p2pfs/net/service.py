@@ -23,7 +23,6 @@ import contextlib
 import ipaddress
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from .connection import Connection, PeerUnavailable
 from .digest import Bloom
 from .discovery import Candidate, Discovery, local_ipv4_networks
 from .fetcher import Fetcher, FetchStats
+from .keepalive import keep_alive, set_user_timeout
 from .messages import Hello, VolumeHead
 from .peers import Peer, PeerStats, PeerTable
 
@@ -56,7 +56,6 @@ REQUEST_TIMEOUT = 10.0
 DIGEST_INTERVAL = 2.0  # at most one digest per this many seconds, and only when the store changed
 MAX_CONNECTIONS = 256
 RETRY_MIN, RETRY_MAX = 1.0, 10.0
-SILENT_PERIODS = 3  # keepalive periods of silence before a connection is given up
 
 
 class LocalNode(Protocol):
@@ -221,7 +220,7 @@ class Network:
             self.table.get(expect).state = "connecting"
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
-        self._tcp_user_timeout(tcp)
+        set_user_timeout(tcp, self.config.keepalive_s)
         stream = TLSStream(tcp, self.estate.client_context(), server_side=False)
         async with self._out_slots:
             await self._session(stream, address=host, port=port, expect=expect)
@@ -236,7 +235,7 @@ class Network:
             await tcp.aclose()
             return
 
-        self._tcp_user_timeout(tcp)
+        set_user_timeout(tcp, self.config.keepalive_s)
         stream = TLSStream(tcp, self.estate.server_context(), server_side=True)
         try:
             async with self._in_slots:
@@ -316,7 +315,7 @@ class Network:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._greet, conn)
-                nursery.start_soon(self._keepalive, conn)
+                nursery.start_soon(keep_alive, conn, self.config.keepalive_s)
                 await conn.run()
                 nursery.cancel_scope.cancel()
         finally:
@@ -341,43 +340,6 @@ class Network:
         if not conn.ready.is_set():
             conn.close_reason = "no hello in time"
             await conn.aclose()
-
-    async def _keepalive(self, conn: Connection) -> None:
-        """A cut cable leaves TCP silent, not closed: ping a quiet peer, drop a mute one,
-        so ``peers`` tells the truth within seconds and the dialer reconnects when the
-        cable is back.
-
-        Silent for ``keepalive_s``: pinged (each period). Silent for SILENT_PERIODS of
-        them: closed, unless a send of ours is under way: then the peer may be busy
-        taking a long queue of our answers, and the socket's TCP_USER_TIMEOUT (the
-        same span, ``tcp_user_timeout``) judges instead, from the ACKs that the
-        kernel sees and we do not.
-        """
-        period = self.config.keepalive_s
-        async with trio.open_nursery() as nursery:
-            while True:
-                quiet = trio.current_time() - conn.last_received
-                if quiet >= SILENT_PERIODS * period and not conn.sending:
-                    conn.close_reason = f"silent for {quiet:.1f} s (keepalive)"
-                    log.info("peer %s: %s; closing", conn.peer_id.hex(), conn.close_reason)
-                    await conn.aclose()
-                    return
-                if quiet >= period:
-                    nursery.start_soon(self._ping, conn, SILENT_PERIODS * period)
-                    await trio.sleep(period)
-                else:
-                    await trio.sleep_until(conn.last_received + period)
-
-    @staticmethod
-    async def _ping(conn: Connection, within: float) -> None:
-        with contextlib.suppress(PeerUnavailable):
-            await conn.request({"t": "ping"}, within=within)
-
-    def _tcp_user_timeout(self, tcp: trio.SocketStream) -> None:
-        """Unacknowledged data older than the keepalive's span breaks the socket."""
-        ms = int(SILENT_PERIODS * self.config.keepalive_s * 1000)
-        with contextlib.suppress(OSError, AttributeError):
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(ms, 1000))
 
     def may_see(self, peer_id: bytes, volume_id: bytes) -> bool:
         return self.estate.access.may_see(peer_id, volume_id)
@@ -456,7 +418,9 @@ class Network:
                 # never through another home: no loops). An id no private volume we
                 # follow vouches for is asked of the publishers only.
                 try:
-                    stored = await self._fetch_as_home(conn, rid, header, cid, vols)
+                    stored = await self.fetcher.fetch_for_peer(
+                        conn, rid, header, origins_only=not vols
+                    )
                 except P2pfsError:
                     return messages.answer(rid, error="missing"), b""
             data = stored
@@ -501,40 +465,6 @@ class Network:
             return self.store.path_of(cid).read_bytes()
         except FileNotFoundError:
             raise MissingChunk(f"chunk {cid.hex()} is not here") from None
-
-    async def _fetch_as_home(
-        self, conn: Connection, rid: int, header: dict[str, Any], cid: bytes, vols: object
-    ) -> bytes:
-        """Fetch for a peer that made us the chunk's home, telling it we are at it.
-
-        Our fetch fails once its sources fall silent for the deadline, so while it
-        lasts it is making progress: the asker hears so every third of the deadline
-        and keeps waiting, however slow the source behind us is.
-        """
-        stored: bytes | None = None
-        failed: P2pfsError | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def tell() -> None:
-                with contextlib.suppress(PeerUnavailable):  # (then our answer fails too)
-                    while True:
-                        await trio.sleep(self.config.fetch_deadline_s / 3)
-                        await conn.send(messages.progress(rid))
-
-            if messages.get_takes_progress(header):
-                nursery.start_soon(tell)
-            # Caught here, not around the nursery, which would wrap it in a group.
-            try:
-                stored = await self.fetcher.fetch_into_store(
-                    cid, proxy=False, origins_only=not vols, urgent=messages.get_is_urgent(header)
-                )
-            except P2pfsError as e:
-                failed = e
-            nursery.cancel_scope.cancel()
-        if failed is not None:
-            raise failed
-        assert stored is not None
-        return stored
 
     async def _on_notice(self, conn: Connection, header: dict[str, Any], payload: bytes) -> None:
         kind = header["t"]

@@ -87,6 +87,8 @@ def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstateLab
         lab.publish(work / "tree")
         for node in lab.nodes:
             node.configure(deadline_s=8, hedge_after_s=0.3)
+            with open(node.home / "config.toml", "a") as f:  # (inside each host's own netns)
+                f.write('[metrics]\nlisten = "127.0.0.1:9742"\n')
             # d plays a faulty peer later: its fault hooks must be reachable.
             node.start(*(["--debug-faults"] if node.name == "d" else []))
         wait_until_meshed(lab.nodes)
@@ -115,6 +117,43 @@ def test_b_reads_everything_then_c_reads_mostly_from_peers(
     assert a.status()["bytes_served"] <= 1.2 * one_copy
     for n in (a, b, c):
         assert n.status()["corrupt_chunks_rejected"] == 0
+
+
+SCRAPE = (
+    "import urllib.request, sys; "
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9742/metrics', timeout=10)"
+    ".read().decode())"
+)
+
+
+def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The node's metrics, fetched over HTTP inside its host and parsed as Prometheus does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc = node.host.run([sys.executable, "-c", SCRAPE], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(proc.stdout)
+        for s in family.samples
+    }
+
+
+def test_metrics_after_a_read_through_peers_match_status(
+    estate: tuple[EstateLab, dict[str, str]],
+) -> None:
+    lab, _ = estate
+    c, a = lab.node("c"), lab.node("a")
+    got, st = scrape(c), c.status()  # (nothing reads now: the two agree)
+    for source in ("peers", "origin", "local"):
+        assert got[("p2pfs_read_bytes_total", (("source", source),))] == st["bytes_from"][source]
+    assert got[("p2pfs_read_bytes_total", (("source", "peers"),))] > 0
+    connected = sum(1 for p in st["peers"] if p["state"] == "connected")
+    assert got[("p2pfs_peers", (("state", "connected"),))] == connected == len(NAMES) - 1
+    assert got[("p2pfs_corrupt_chunks_rejected_total", ())] == 0
+    assert got[("p2pfs_fetched_chunks_total", ())] == st["fetch"]["chunks"] > 0
+    served = scrape(a)
+    assert served[("p2pfs_served_bytes_total", ())] == a.status()["bytes_served"] > 0
 
 
 def test_origin_killed_midway_c_finishes_from_b(estate: tuple[EstateLab, dict[str, str]]) -> None:

@@ -36,7 +36,7 @@ from p2pfs.home import Home
 from p2pfs.net.fetcher import FETCH_SECONDS_BUCKETS, FetchStats
 from p2pfs.net.peers import PeerStats
 from p2pfs.net.service import NetworkStats
-from p2pfs.node import metrics, status
+from p2pfs.node import metrics, notify, status
 from p2pfs.node.notify import Notifier, watchdog_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,27 @@ def test_watchdog_keepalives_come_from_the_event_loop(listener: Listener) -> Non
 
     trio.run(main)
     assert "STATUS=3 peers, 2 volumes" in listener.lines()
+    n.close()
+
+
+@pytest.mark.unit
+def test_a_long_last_commit_extends_the_stop_timeout_while_the_loop_lives(
+    listener: Listener,
+) -> None:
+    n = Notifier({"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "20000"})
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(n.run)
+            await trio.to_thread.run_sync(listener.wait_for, "WATCHDOG=1", 3)
+            assert not any(line.startswith("EXTEND_TIMEOUT_USEC=") for line in listener.lines())
+            n.stopping("stopping: committing")
+            assert n.watchdog_s is not None
+            usec = int(notify.EXTEND_PERIODS * n.watchdog_s * 1e6)  # a few ticks ahead
+            await trio.to_thread.run_sync(listener.wait_for, f"EXTEND_TIMEOUT_USEC={usec}", 3)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
     n.close()
 
 

@@ -221,8 +221,8 @@ class Daemon:
             log.info("unmounted %s", self.mountpoint)
         if self.live is not None:
             # What was written and closed becomes a snapshot now rather than at next start.
-            # Keepalives go on meanwhile: a long last commit is not a wedged daemon
-            # (TimeoutStopSec= still bounds it).
+            # Keepalives go on meanwhile, and push systemd's stop timeout on: a long last
+            # commit is not a wedged daemon (a wedged loop stops pushing and is killed).
             async with trio.open_nursery() as keepalive:
                 keepalive.start_soon(self.notifier.run)
                 await self.live.commit_all()

@@ -26,6 +26,7 @@ from p2pfs.errors import UsageError
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 10.0  # how often the STATUS= line is brought up to date
+EXTEND_PERIODS = 3  # while stopping, each tick extends the stop timeout this many ticks
 
 
 def _address(value: str) -> str | bytes:
@@ -116,6 +117,10 @@ class Notifier:
         while True:
             if self.watchdog_s is not None:
                 self.send("WATCHDOG=1")
+            if self._stopping:
+                # The last commit may outlast TimeoutStopSec=: while the loop lives it
+                # pushes the stop timeout on; a wedged one stops pushing and is killed.
+                self.send(f"EXTEND_TIMEOUT_USEC={int(EXTEND_PERIODS * every * 1e6)}")
             if describe is not None and not self._stopping:
                 self.status(describe())
             await trio.sleep(every)

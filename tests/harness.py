@@ -7,6 +7,7 @@ Test modules import these directly (``pythonpath`` in pyproject.toml puts
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CLI_TIMEOUT = 600
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read a MiB at a time (through a mount: every byte via FUSE)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
 
 
 def run_cli(

@@ -27,6 +27,7 @@ from typing import Any
 import blake3
 import pytest
 from harness import SNAPSHOT_PEER, require_lab
+from harness import file_sha256 as sha
 from writable import diff_walks, walk
 
 from p2pfs.home import Home
@@ -47,14 +48,6 @@ class Live:
     lab: EstateLab
     source: Path  # the tree first imported
     mirror: Path  # a native copy that every change made on a's mount is also made to
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_tree(root: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import file_sha256 as _sha
 from harness import require_lab
 
 from p2pfs.lab.estate import EstateLab, Node, connected_peers, estate_lab, wait_for
@@ -35,14 +36,6 @@ def _write(path: Path, size: int, seed: int) -> str:
         for _ in range(size // MIB):
             block = rng.randbytes(MIB)
             f.write(block)
-            h.update(block)
-    return h.hexdigest()
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
             h.update(block)
     return h.hexdigest()
 

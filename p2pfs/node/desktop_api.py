@@ -631,9 +631,8 @@ class DesktopServer:
         session.next_offset[blob] = max(end, last_end) if sequential else end
         data = await read_span(chunks, layout, offset, end)
         if sequential and self._nursery is not None:
-            read_ahead(
-                chunks, layout, end, self._nursery, self.content.readahead_window(READAHEAD_CHUNKS)
-            )
+            window = self.content.readahead_window(READAHEAD_CHUNKS)
+            read_ahead(chunks, layout, end, self._nursery, window)
         return data
 
     def _statfs(self) -> dict[str, int]:

@@ -211,8 +211,12 @@ class Connection:
         """
         with self._pending.request() as (rid, waiter):
             start = trio.current_time()
-            with trio.move_on_after(within):
+            with trio.move_on_after(within) as queued:
                 await self.send({**header, "id": rid}, payload)
+            if queued.cancelled_caught:  # never sent: no answer can come
+                raise PeerUnavailable(
+                    f"{header['t']} to {self.peer_id.hex()} could not be sent within {within:.1f} s"
+                )
             while not waiter.done.is_set():
                 quiet_until = max(start, self.progress_at) + within
                 if trio.current_time() >= quiet_until:

@@ -45,6 +45,8 @@ from .peers import Peer, PeerTable
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 3.0
+HOME_WAIT_DEADLINES = 4  # a home is waited for alone at most this many deadlines
+MAX_RECENT = 4096  # answers remembered for the rate (beyond: the oldest are forgotten)
 # Upper bounds (seconds) of the fetch-time histogram's buckets; one more counts the rest.
 FETCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -97,6 +99,7 @@ class Fetcher:
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
         self._inflight: dict[bytes, trio.Event] = {}
         self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
+        self._recent_bytes = 0  # their sum: rate() runs on every read, so it must be O(1)
         self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
         self._corrupt_rejected = self._hedged = self._failed = 0
         self._fetch_seconds = [0] * (len(FETCH_SECONDS_BUCKETS) + 1)
@@ -119,16 +122,24 @@ class Fetcher:
 
         What readahead sizes its window by (``volume/content.py``).
         """
-        now = trio.current_time()
-        recent = self._recent
-        while recent and recent[0][0] < now - RATE_WINDOW_S:
-            recent.popleft()
-        if not recent:
+        self._forget_before(trio.current_time() - RATE_WINDOW_S)
+        if not self._recent:
             return None
-        return sum(n for _, n in recent) / RATE_WINDOW_S
+        return self._recent_bytes / RATE_WINDOW_S
+
+    def _forget_before(self, when: float) -> None:
+        recent = self._recent
+        while recent and (recent[0][0] < when or len(recent) > MAX_RECENT):
+            self._recent_bytes -= recent.popleft()[1]
 
     async def fetch_into_store(
-        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False, urgent: bool = False
+        self,
+        cid: bytes,
+        *,
+        proxy: bool = True,
+        origins_only: bool = False,
+        urgent: bool = False,
+        asked: dict[int, Connection] | None = None,
     ) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
 
@@ -148,7 +159,7 @@ class Fetcher:
         event = self._inflight[cid] = trio.Event()
         try:
             data, _peer = await self.fetch(
-                cid, proxy=proxy, origins_only=origins_only, urgent=urgent
+                cid, proxy=proxy, origins_only=origins_only, urgent=urgent, asked=asked
             )
             try:
                 await trio.to_thread.run_sync(
@@ -172,21 +183,27 @@ class Fetcher:
     ) -> bytes:
         """Fetch and store a chunk for a peer that made us its home, telling it we are at it.
 
-        Our fetch fails once its sources fall silent for the deadline, so while it
-        lasts it is making progress: the asker hears so every third of the deadline
-        (if its ``get`` takes interim answers) and keeps waiting, however slow the
-        source behind us is.
+        Every third of the deadline, if bytes reached our fetch since the last word
+        (and the asker's ``get`` takes interim answers), the asker hears so and keeps
+        waiting, however slow the source behind us is. Only real progress is told: a
+        fetch that merely lasts (its sources silent, or answering "missing") must not
+        keep the asker waiting, or asking again, for ever.
         """
         cid = messages.parse_get(header)
         stored: bytes | None = None
         failed: P2pfsError | None = None
+        asked: dict[int, Connection] = {}
         async with trio.open_nursery() as nursery:
 
             async def tell() -> None:
+                told = trio.current_time()
                 with contextlib.suppress(PeerUnavailable):  # (then our answer fails too)
                     while True:
                         await trio.sleep(self.deadline_s / 3)
-                        await conn.send(messages.progress(rid))
+                        heard = max((c.progress_at for c in asked.values()), default=told)
+                        if heard > told:
+                            told = heard
+                            await conn.send(messages.progress(rid))
 
             if messages.get_takes_progress(header):
                 nursery.start_soon(tell)
@@ -197,6 +214,7 @@ class Fetcher:
                     proxy=False,
                     origins_only=origins_only,
                     urgent=messages.get_is_urgent(header),
+                    asked=asked,
                 )
             except P2pfsError as e:
                 failed = e
@@ -216,7 +234,13 @@ class Fetcher:
         return self.table.ranked_for(cid, others=self.others, origins=self.origins, home=home)
 
     async def fetch(
-        self, cid: bytes, *, proxy: bool = True, origins_only: bool = False, urgent: bool = False
+        self,
+        cid: bytes,
+        *,
+        proxy: bool = True,
+        origins_only: bool = False,
+        urgent: bool = False,
+        asked: dict[int, Connection] | None = None,
     ) -> tuple[bytes, Peer]:
         """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) once
         ``deadline_s`` pass without a byte from anyone asked.
@@ -226,7 +250,8 @@ class Fetcher:
         """
         tried: set[bytes] = set()
         errors: list[str] = []
-        asked: dict[int, Connection] = {}  # the connections asked, for their progress
+        # The connections asked, for their progress (the caller's map, to watch it too).
+        asked = {} if asked is None else asked
         start = trio.current_time()
         got: tuple[bytes, Peer] | None = None
 
@@ -327,7 +352,12 @@ class Fetcher:
                 while not ended.is_set():
                     conn = peer.conn
                     heard = max(began, conn.progress_at if conn is not None else began)
-                    if trio.current_time() >= heard + patience:
+                    now = trio.current_time()
+                    # Interim answers cannot be verified: a home that only keeps saying
+                    # "coming" (a hostile one) is hedged after HOME_WAIT_DEADLINES.
+                    if now >= heard + patience or now >= began + HOME_WAIT_DEADLINES * (
+                        self.deadline_s
+                    ):
                         break
                     with trio.move_on_at(heard + patience):
                         await ended.wait()
@@ -365,8 +395,8 @@ class Fetcher:
         now = trio.current_time()
         peer.observe_latency(now - start)
         self._recent.append((now, len(payload)))
-        if len(self._recent) > 4096:
-            self._recent.popleft()
+        self._recent_bytes += len(payload)
+        self._forget_before(now - RATE_WINDOW_S)
         peer.bytes_from += len(payload)
         peer.chunks_from += 1
         return payload

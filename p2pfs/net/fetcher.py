@@ -98,6 +98,7 @@ class Fetcher:
         self.disk = disk or trio.CapacityLimiter(4)
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
         self._inflight: dict[bytes, trio.Event] = {}
+        self._watching: dict[bytes, dict[int, Connection]] = {}  # what each inflight asked
         self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
         self._recent_bytes = 0  # their sum: rate() runs on every read, so it must be O(1)
         self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
@@ -151,12 +152,16 @@ class Fetcher:
         assert self.store is not None
         store = self.store
         while (pending := self._inflight.get(cid)) is not None:
+            if asked is not None:  # watch the fetch we wait for: its progress is ours
+                asked.update(self._watching.get(cid, {}))
             await pending.wait()
             try:  # the fetch we waited for stored it
                 return await trio.to_thread.run_sync(store.get, cid, limiter=self.disk)
             except P2pfsError:
                 continue  # it failed, or could not be cached: fetch it ourselves
         event = self._inflight[cid] = trio.Event()
+        asked = {} if asked is None else asked
+        self._watching[cid] = asked
         try:
             data, _peer = await self.fetch(
                 cid, proxy=proxy, origins_only=origins_only, urgent=urgent, asked=asked
@@ -176,6 +181,7 @@ class Fetcher:
             return data
         finally:
             del self._inflight[cid]
+            self._watching.pop(cid, None)
             event.set()
 
     async def fetch_for_peer(

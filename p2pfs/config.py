@@ -1,6 +1,10 @@
 """A node's settings: HOME/config.toml, every key optional, every key and type checked.
 
 ```toml
+[node]
+name = "ws-0412"            # how the estate view names this node (default: the host name)
+site = "berlin"             # a label for where it is, shown in the estate view (default: none)
+
 [network]
 port = 7420                 # TCP port for peers (0: any free port)
 listen = "0.0.0.0"
@@ -77,6 +81,14 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+_LABEL = msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+
+
+class NodeSection(_Section):
+    name: Annotated[str, _LABEL] | None = None
+    site: Annotated[str, _LABEL] | None = None
+
+
 class NetworkSection(_Section):
     port: Annotated[int, _range(0, 65535)] = DEFAULT_PORT
     listen: str = "0.0.0.0"
@@ -121,6 +133,7 @@ class MetricsSection(_Section):
 class ConfigFile(_Section):
     """config.toml as written: one record per table."""
 
+    node: NodeSection = msgspec.field(default_factory=NodeSection)
     network: NetworkSection = msgspec.field(default_factory=NetworkSection)
     fetch: FetchSection = msgspec.field(default_factory=FetchSection)
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
@@ -137,6 +150,12 @@ def default_memory_cache() -> int:
     except (ValueError, OSError):
         ram = 4 << 30
     return int(min(2 << 30, max(256 << 20, ram // 16)))
+
+
+def default_node_name() -> str:
+    """The host name, cut to a label the estate view shows."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", os.uname().nodename)[:64].lstrip("._-")
+    return name or "node"
 
 
 @dataclass(frozen=True)
@@ -165,14 +184,25 @@ class Config:
     desktop_snapshots: bool = True
     follow_volumes: tuple[str, ...] = field(default_factory=tuple)
     metrics_listen: tuple[str, int] | None = None  # (host, port) of the metrics endpoint
+    node_name: str = field(default_factory=lambda: default_node_name())
+    site: str | None = None
 
 
-def parse_peer(text: str, where: str = "peer") -> tuple[str, int]:
+def parse_peer(text: str, where: str = "peer", *, any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT (``[v6]:PORT`` too); with ``any_port``, port 0 (the kernel picks one)."""
     host, sep, port = text.rpartition(":")
     # isdecimal, not isdigit: "²" is a digit that int() refuses (ValueError).
-    if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
+    lowest = 0 if any_port else 1
+    if not sep or not host or not port.isdecimal() or not lowest <= int(port) < 65536:
         raise UsageError(f"{where}: {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything, so only the one we know
+        return host == "localhost"
 
 
 def metrics_address(section: MetricsSection, where: str) -> tuple[str, int] | None:
@@ -182,11 +212,7 @@ def metrics_address(section: MetricsSection, where: str) -> tuple[str, int] | No
     host, port = parse_peer(section.listen, f"{where}: [metrics] listen")
     if section.allow_remote:
         return host, port
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: it may resolve to anything, so only the one we know
-        loopback = host == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise UsageError(
             f"{where}: [metrics] listen: {host} is not a loopback address; metrics show "
             "volume names, peers and traffic to anyone who reaches it: set "
@@ -305,4 +331,6 @@ def load(path: Path) -> Config:
         desktop_snapshots=appl.desktop_snapshots,
         follow_volumes=tuple(appl.volumes),
         metrics_listen=metrics,
+        node_name=doc.node.name or default_node_name(),
+        site=doc.node.site,
     )

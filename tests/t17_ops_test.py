@@ -334,7 +334,7 @@ def test_the_endpoint_serves_a_status_snapshot_and_nothing_else(home: Path) -> N
     async def main() -> None:
         server = metrics.MetricsServer(("127.0.0.1", 0), snap)
         await server.listen()
-        port = server.listeners[0].socket.getsockname()[1]
+        port = server.http.port
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             for path in ("/metrics", "/elsewhere"):

@@ -1,8 +1,8 @@
 """The ``p2pfs`` command line: parse, call one layer, print; user errors are one quiet line.
 
 Each command group lives in a module of its own (volumes, mounts, mount_helper,
-status, cache, estate, appliance, doctor); each registers its subcommands with ``add_commands`` and
-returns their handlers. Exit codes: docs/cli.md.
+status, cache, estate, appliance, doctor, web); each registers its subcommands with
+``add_commands`` and returns their handlers. Exit codes: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 from p2pfs import __version__
 from p2pfs.errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, P2pfsError
 
-from . import access, appliance, cache, doctor, estate, mounts, status, volumes
+from . import access, appliance, cache, doctor, estate, mounts, status, volumes, web
 from . import mount_helper as mount_helper_mod
 from .common import Handler
 
 log = logging.getLogger("p2pfs")
 
-GROUPS = (volumes, access, mounts, mount_helper_mod, status, cache, estate, appliance, doctor)
+GROUPS = (volumes, access, mounts, mount_helper_mod, status, cache, estate, appliance, doctor, web)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

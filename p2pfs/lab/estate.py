@@ -68,8 +68,13 @@ class Node:
     def node_id(self) -> str:
         return str(json.loads((self.home / "node.json").read_text())["node_id"])
 
-    def configure(self, network: dict[str, object] | None = None, **fetch: float) -> None:
-        lines = ["[network]", "port = 7420"]
+    def configure(
+        self, network: dict[str, object] | None = None, *, site: str | None = None, **fetch: float
+    ) -> None:
+        lines = ["[node]", f"name = {json.dumps(self.name)}"]
+        if site is not None:
+            lines.append(f"site = {json.dumps(site)}")
+        lines += ["[network]", "port = 7420"]
         for key, value in (network or {}).items():
             lines.append(f"{key} = {json.dumps(value)}")
         if fetch:

@@ -29,7 +29,7 @@ MAX_PEER_HINTS = 64
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # Requests (carry an "id" the answer repeats) and one-way notices.
-REQUESTS = {"get", "have", "snapshot", "revocations", "access-list", "ping"}
+REQUESTS = {"get", "have", "snapshot", "revocations", "access-list", "ping", "summary"}
 NOTICES = {"hello", "announce", "digest", "revoked", "access"}
 ANSWER = "r"
 

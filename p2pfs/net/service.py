@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -137,6 +137,9 @@ class Network:
         # ids are in every one of them.
         self._digests: dict[frozenset[bytes], tuple[Bloom, int]] = {}
         self.on_peer_change: Callable[[], None] = lambda: None
+        # The node's summary for the estate view, as the asking peer may see it (set by
+        # the daemon; node/summary.py).
+        self.summary: Callable[[bytes], Awaitable[bytes]] | None = None
         # Test hooks, armed only through the admin control operation of a daemon started
         # with --debug-faults: "serve-unverified" plays a faulty peer that sends what its
         # disk holds without checking it.
@@ -452,6 +455,10 @@ class Network:
             return messages.answer(rid, vol=head.to_wire()), data
         if kind == "ping":
             return messages.answer(rid), b""
+        if kind == "summary":
+            if self.summary is None:
+                return messages.answer(rid, error="no summary here"), b""
+            return messages.answer(rid), await self.summary(conn.peer_id)
         if kind == "revocations":
             return messages.answer(rid, n=self.estate.revocation_number), (
                 self.estate.revocation_list()

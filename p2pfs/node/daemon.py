@@ -35,12 +35,14 @@ from p2pfs.net.service import Network
 from p2pfs.objects.model import Snapshot
 from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate, node_key
+from p2pfs.trust.grants import approved_nodes
 from p2pfs.volume.content import Content
 from p2pfs.volume.pins import PinRegistry
 from p2pfs.volume.registry import VolumeRecord, VolumeRegistry
 
 from .control import ControlServer
 from .desktop_api import DesktopServer
+from .estate_view import EstateWatch
 from .keeper import Keeper
 from .live import LiveVolumes, work_dir
 from .metrics import MetricsServer
@@ -99,6 +101,7 @@ class Daemon:
         self.mounted = False
         self.desktop_link: DesktopServer | None = None
         self.metrics: MetricsServer | None = None
+        self.watch: EstateWatch | None = None
         self.fuse_ops: FuseOperations | None = None
         self.notifier = Notifier()
 
@@ -182,6 +185,14 @@ class Daemon:
             scrub_rate_bytes_s=self.config.scrub_rate_bytes_s,
         )
         await self.reload_heads()
+        home = self.home
+        self.watch = EstateWatch(
+            self.status,
+            self.network,
+            name=self.config.node_name,
+            site=self.config.site,
+            approved=lambda: approved_nodes(home) if self.estate and self.estate.is_admin else [],
+        )
         control = ControlServer(self.home.control_socket)
         Operations(self).register(control, debug_faults=self.debug_faults)
         await self._bind_desktop_link(control)
@@ -196,6 +207,7 @@ class Daemon:
             if self.desktop_link is not None:
                 await nursery.start(self.desktop_link.run)
             await nursery.start(self.keeper.run)
+            await nursery.start(self.watch.run)
             if self.live is not None:
                 await nursery.start(self.live.run)
             for name in self.heads:

@@ -28,9 +28,10 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import CollectorRegistry
 
 from p2pfs import __version__
-from p2pfs.errors import Busy, P2pfsError
+from p2pfs.errors import P2pfsError
 from p2pfs.net.fetcher import FETCH_SECONDS_BUCKETS
 
+from .http import HttpServer, Request, Response, text
 from .status import NodeStatus
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 # Every peer state the peer table uses: each is exported, 0 when no peer is in it, so an
 # alert on a state has a series to compare even before a peer enters it.
 PEER_STATES = ("candidate", "connecting", "connected", "unreachable", "quarantined", "rejected")
-REQUEST_LIMIT = 8192  # bytes of a request line and headers; a scraper sends a few hundred
-REQUEST_TIMEOUT_S = 10.0
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -324,23 +323,15 @@ def render(status: NodeStatus) -> bytes:
     return generate_latest(registry)
 
 
-def _response(code: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    head = (
-        f"HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 class MetricsServer:
     """``GET /metrics`` on one TCP address, answered from a fresh status snapshot."""
 
     def __init__(
         self, address: tuple[str, int], snapshot: Callable[[], Awaitable[NodeStatus]]
     ) -> None:
+        self.http = HttpServer(address, self._answer, what="metrics", setting="[metrics] listen")
         self.address = address
         self.snapshot = snapshot
-        self.listeners: list[trio.SocketListener] = []
         self.scrapes = 0
         # One snapshot at a time: scrapers that arrive together wait rather than
         # multiply the disk reads status makes.
@@ -348,55 +339,20 @@ class MetricsServer:
 
     async def listen(self) -> None:
         """Bind now, so that a bad or busy address is a clear start-up error."""
-        host, port = self.address
-        try:
-            self.listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as e:
-            raise Busy(
-                f"cannot serve metrics on {host}:{port} ([metrics] listen): {e.strerror or e}"
-            ) from None
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        await self.http.listen()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.listeners, "listen() first"
-        async with trio.open_nursery() as nursery:
-            for listener in self.listeners:
-                nursery.start_soon(trio.serve_listeners, self._handle, [listener])
-            task_status.started()
+        await self.http.run(task_status=task_status)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
-                    answer = await self._answer(stream)
-                    await stream.send_all(answer)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the scraper went away
-
-    async def _answer(self, stream: trio.SocketStream) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data and b"\n\n" not in data:
-            if len(data) > REQUEST_LIMIT:
-                return _response("431 Request Header Fields Too Large", b"request too long\n")
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return b""
-            data += chunk
-        parts = data.split(b"\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return _response("400 Bad Request", b"not an HTTP request\n")
-        method, target = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return _response("405 Method Not Allowed", b"only GET\n")
-        if target not in ("/metrics", "/"):
-            return _response("404 Not Found", b"metrics are at /metrics\n")
+    async def _answer(self, request: Request) -> Response:
+        if request.path not in ("/metrics", "/"):
+            return text("404 Not Found", "metrics are at /metrics")
         async with self._lock:
             try:
                 status = await self.snapshot()
             except P2pfsError as e:
                 log.warning("metrics: no status: %s", e)
-                return _response("503 Service Unavailable", f"{e}\n".encode())
+                return text("503 Service Unavailable", str(e))
         self.scrapes += 1
-        body = render(status)
-        answer = _response("200 OK", body, CONTENT_TYPE_LATEST)
-        return answer[: len(answer) - len(body)] if method == "HEAD" else answer
+        return Response("200 OK", render(status), CONTENT_TYPE_LATEST)

@@ -22,6 +22,7 @@ from p2pfs.trust.estate import Estate
 from p2pfs.volume.pins import normalize_path
 
 from .control import AFTER_REPLY, ControlServer, Handler, report_progress
+from .estate_view import EstateWatch
 from .keeper import Keeper
 from .live import LiveVolumes
 from .status import NodeStatus, peer_json
@@ -36,6 +37,7 @@ class Node(Protocol):
     network: Network | None
     keeper: Keeper
     live: LiveVolumes | None
+    watch: EstateWatch | None
     fs: FileSystem
     read_only: bool
 
@@ -59,6 +61,8 @@ class Operations:
 
         add("status", "user", self._op_status)
         add("peers", "user", self._op_peers)
+        # Every node of the estate, its volumes and traffic (`p2pfs web`): the admin's.
+        add("estate", "admin", self._op_estate)
         # Long operations have no deadline (control.py): they take as long as the data.
         # Pin and log may fetch trees from peers; scrub reads the whole store. A client
         # that goes away cancels them: each stops cleanly at a checkpoint (a pin's job
@@ -105,6 +109,11 @@ class Operations:
             return {"peers": [], "estate": None}
         peers = self.d.network.statistics().peers
         return {"peers": [peer_json(p) for p in peers], "estate": self.d.estate.estate_id.hex()}
+
+    async def _op_estate(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.d.watch is None:
+            raise P2pfsError("the daemon is still starting")
+        return await self.d.watch.view()
 
     async def _op_pins(self, request: dict[str, Any]) -> dict[str, Any]:
         pins = await self.d.keeper.describe_pins()

@@ -79,6 +79,11 @@ def _public_keys(home: Home) -> dict[bytes, bytes]:
     return out
 
 
+def approved_nodes(home: Home) -> list[bytes]:
+    """Every node the admin of this home approved (nodes.json), revoked ones included."""
+    return sorted(_public_keys(home))
+
+
 def parse_principal(text: str) -> str:
     """A node id (32 hex digits) or a group (``@name`` or a group's plain name)."""
     t = text.strip().lower() if _NODE_HEX.fullmatch(text.strip().lower()) else text.strip()

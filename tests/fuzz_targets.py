@@ -26,7 +26,8 @@ from p2pfs.errors import P2pfsError
 from p2pfs.home import Home, node_id_of
 from p2pfs.keys import SigningKey
 from p2pfs.net import link, messages, wire
-from p2pfs.node import desktop_api
+from p2pfs.node import desktop_api, http
+from p2pfs.node.summary import NodeSummary, VolumeSummary
 from p2pfs.objects import codec, model
 from p2pfs.trust import access, certs, desktop, enrolment, estate, revocation
 
@@ -368,6 +369,30 @@ def _seed_bundle(data: bytes) -> None:
         _write("seed/node.bundle", BUNDLE)
 
 
+SUMMARY = NodeSummary(
+    name="d1",
+    site="berlin",
+    version="0.1.0",
+    uptime_s=60,
+    volumes=(VolumeSummary("tools", 3, "ab" * 32, "public"),),
+    cache_bytes=1 << 20,
+    cache_quota=None,
+    offline_ready=True,
+    pins=1,
+    corrupt_chunks_rejected=0,
+    quarantined_peers=0,
+    peers_connected=2,
+    bytes_from=(1, 2, 3),
+    bytes_served=4,
+    problems=("tools: a problem",),
+    history=((1_700_000_000, 0, 0, 0), (1_700_000_060, 1, 2, 3)),
+).to_wire()
+
+
+def _http_head(data: bytes) -> None:
+    http.parse_head(data)
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
@@ -395,6 +420,8 @@ TARGETS: dict[str, Target] = {
         Target("config", _config, [CONFIG]),
         Target("seed", _seed, [SEED_TOML]),
         Target("seed-bundle", _seed_bundle, [BUNDLE]),
+        Target("summary", NodeSummary.from_wire, [SUMMARY]),
+        Target("http-head", _http_head, [b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]),
     ]
 }
 

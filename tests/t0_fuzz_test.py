@@ -467,6 +467,34 @@ STRUCTURED: dict[str, st.SearchStrategy[bytes]] = {
     "seed-bundle": st.builds(
         encode_msgpack, shaped({"format": st.just("p2pfs-join-bundle"), "v": st.just(1)})
     ),
+    "summary": st.builds(
+        encode_msgpack,
+        shaped(
+            {
+                "name": st.sampled_from(["d1", "", "x" * 65, "a\nb"]),
+                "site": st.none() | st.text(max_size=70),
+                "ver": st.just("0.1.0"),
+                "up": ints,
+                "vols": st.lists(
+                    st.lists(st.one_of(st.just("tools"), ints, st.just("ab" * 32), values)),
+                    max_size=3,
+                ),
+                "cache": st.lists(ints | st.none(), max_size=3),
+                "ready": st.booleans(),
+                "from": st.lists(ints, max_size=4),
+                "hist": st.lists(st.lists(ints, max_size=5), max_size=5),
+                "probs": st.lists(st.text(max_size=10), max_size=3),
+            }
+        ),
+    ),
+    "http-head": st.builds(
+        lambda line, headers: (line + "".join(headers) + "\r\n").encode("utf-8", "surrogatepass"),
+        st.sampled_from(["GET / HTTP/1.1\r\n", "GET /?a=%ff&a=1 HTTP/1.0\n", "POST / x\r\n", ""])
+        | st.text(max_size=40),
+        st.lists(
+            st.sampled_from(["Host: x\r\n", ":\r\n", " a: b\r\n", "\r\n"]) | st.text(max_size=20)
+        ),
+    ),
 }
 
 

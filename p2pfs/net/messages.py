@@ -26,6 +26,10 @@ MAX_ERROR_TEXT = 512
 MAX_SEQ = 2**63 - 1
 MAX_DIGEST_BYTES = 16 * 1024 * 1024
 MAX_PEER_HINTS = 64
+MAX_FEATURES = 16
+# Requests beyond the first release's, as a hello names them: a node asks a peer only
+# what its hello says it answers (an unknown request breaks the protocol there).
+FEATURES = ("summary",)
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # Requests (carry an "id" the answer repeats) and one-way notices.
@@ -137,6 +141,7 @@ class Hello:
     # the first mDNS packets fell.
     port: int | None = None
     peers: tuple[PeerHint, ...] = ()
+    features: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -152,6 +157,8 @@ class Hello:
             out["port"] = self.port
         if self.peers:
             out["peers"] = [list(p) for p in self.peers]
+        if self.features:
+            out["feat"] = list(self.features)
         return out
 
     @classmethod
@@ -169,7 +176,17 @@ class Hello:
             access_number=_int(h, "acl", 0, MAX_SEQ, "hello") if "acl" in h else 0,
             port=_int(h, "port", 1, 65535, "hello") if "port" in h else None,
             peers=_peer_hints(h),
+            features=_features(h),
         )
+
+
+def _features(h: dict[str, Any]) -> tuple[str, ...]:
+    if "feat" not in h:
+        return ()
+    items = _get(h, "feat", list, "hello")
+    if len(items) > MAX_FEATURES or not all(isinstance(i, str) and len(i) <= 32 for i in items):
+        raise ProtocolError("hello: features must be a few short names")
+    return tuple(items)
 
 
 def _peer_hints(h: dict[str, Any]) -> tuple[PeerHint, ...]:

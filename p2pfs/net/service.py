@@ -366,6 +366,7 @@ class Network:
                 for p in self.table.connected()[: messages.MAX_PEER_HINTS]
                 if p.node_id != peer_id and p.address is not None and p.port is not None
             ),
+            features=messages.FEATURES,
         )
 
     def _on_hints(self, hello: Hello) -> None:

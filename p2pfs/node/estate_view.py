@@ -137,7 +137,8 @@ class EstateWatch:
             return
         async with trio.open_nursery() as nursery:
             for peer in self.network.table.connected():
-                nursery.start_soon(self._ask, peer.node_id)
+                if peer.hello is not None and "summary" in peer.hello.features:
+                    nursery.start_soon(self._ask, peer.node_id)
 
     async def _ask(self, node_id: bytes) -> None:
         assert self.network is not None

@@ -238,6 +238,14 @@ def test_c_learns_nothing_of_hr(lab: tuple[EstateLab, dict[str, bytes]]) -> None
     assert not (c.mountpoint / "hr").exists()
     assert "hr" not in [v["name"] for v in c.status()["volumes"]]
     assert all(not chunk_path(c.home, i).exists() for i in ids)
+    # The estate view: the summaries a, b and d tell c leave hr out; those told b hold it.
+    # (Before the probes: they speak as c with a hello of their own.)
+    for viewer, sees_hr in ((c, False), (b, True)):
+        told = estate_view(viewer, {n.node_id() for n in (a, b, c, d)} - {viewer.node_id()})
+        assert ("hr" in told[a.node_id()]) is sees_hr, (viewer.name, told)
+        assert all(("hr" in vols) is sees_hr for n, vols in told.items() if n != c.node_id())
+        assert all("tools" in vols for vols in told.values())
+
     for target in (a, b, d):
         seen = probe(c, target, vid, ids)
         assert "hr" not in seen["volumes"] and "tools" in seen["volumes"], target.name
@@ -251,6 +259,23 @@ def test_c_learns_nothing_of_hr(lab: tuple[EstateLab, dict[str, bytes]]) -> None
     assert "hr" in seen["volumes"] and seen["answers"]["1"]["err"] is None
     assert seen["answers"]["2"]["bits"] == len(ids)
     assert seen["digest_has"] == len(ids)
+
+
+def estate_view(node: Node, others: set[str]) -> dict[str, list[str]]:
+    """The volumes each of ``others`` told ``node`` in its summary (``p2pfs web``'s data)."""
+    sock = node.home / "run" / "control.sock"
+    told: dict[str, list[str]] = {}
+
+    def heard_all() -> bool:
+        view = control.call(sock, "estate")
+        told.clear()
+        for n in view["nodes"]:
+            if n["node_id"] in others and "volumes" in n:
+                told[n["node_id"]] = [v["name"] for v in n["volumes"]]
+        return set(told) == others
+
+    wait_for(f"{node.name} to hear every summary", heard_all, 30)
+    return told
 
 
 def test_a_flipped_bit_on_d_quarantines_d(lab: tuple[EstateLab, dict[str, bytes]]) -> None:

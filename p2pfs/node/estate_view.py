@@ -149,13 +149,15 @@ class EstateWatch:
         try:
             header, data = await conn.request({"t": "summary"}, within=SUMMARY_TIMEOUT_S)
             if header.get("err") is not None:
-                return  # a node of a release without summaries
+                log.info("peer %s keeps no summary: %s", node_id.hex(), header.get("err"))
+                return
             self.heard[node_id] = Heard(NodeSummary.from_wire(data), time.time())
         except BadSummary as e:
             self.bad_summaries += 1
             log.warning("peer %s sent a bad summary: %s", node_id.hex(), e)
-        except (PeerUnavailable, P2pfsError):
-            pass  # shown by its state; what it said last stays
+        except (PeerUnavailable, P2pfsError) as e:
+            # Shown by its state; what it said last stays.
+            log.info("peer %s did not tell its summary: %s", node_id.hex(), e)
 
     # -- the view ---------------------------------------------------------------
 

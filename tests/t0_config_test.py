@@ -97,7 +97,7 @@ def test_metrics_listen(tmp_path: Path, text: str, address: tuple[str, int] | No
             '[cache]\nmax_byte = "20G"\n',
             "[cache] has no key `max_byte` (it knows max_bytes, min_free",
         ),
-        ("[netwrk]\nport = 1\n", "the file has no table `netwrk` (it knows network, fetch"),
+        ("[netwrk]\nport = 1\n", "the file has no table `netwrk` (it knows node, network, fetch"),
         ("[network]\nport = 70000\n", "[network] port: expected `int` <= 65535"),
         ('[network]\nport = "7420"\n', "[network] port: expected `int`, got `str`"),
         ("[network]\ndiscovery = 1\n", "[network] discovery: expected `bool`, got `int`"),

@@ -10,7 +10,15 @@ chunk is verified whoever serves it.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from p2pfs.store.cas import Store
+
+from . import messages
 
 HASHES = 7  # optimal for ~1 % false positives at 9.6 bits per id
 BITS_PER_ID = 9.6
@@ -60,3 +68,41 @@ class Bloom:
 
     def to_bytes(self) -> bytes:
         return bytes(self.bits)
+
+
+class Digests:
+    """The digests a node sends: one per set of private volumes a peer may see (a
+    "class"), public ids in every one; built in worker threads and kept until the store
+    changes (``renew``)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.generation = 0
+        self._by_class: dict[frozenset[bytes], tuple[Bloom, int]] = {}
+
+    def renew(self) -> None:
+        self._by_class = {}
+        self.generation = time.time_ns()
+
+    def forget(self) -> None:
+        """Who may see what changed: build each class again when next asked."""
+        self._by_class.clear()
+
+    async def notice(self, visible: frozenset[bytes]) -> tuple[dict[str, Any], bytes]:
+        """The ``digest`` notice (header, payload) for a peer that may see ``visible``."""
+        digest = self._by_class.get(visible)
+        if digest is None:
+            digest = self._by_class[visible] = await self._build(visible)
+        bloom, count = digest
+        return messages.digest_notice(self.generation, bloom.hashes, count), bloom.to_bytes()
+
+    async def _build(self, visible: frozenset[bytes]) -> tuple[Bloom, int]:
+        def ids() -> list[bytes]:
+            every = self.store.chunk_ids()
+            tagged = self.store.tagged()
+            if not tagged:
+                return every
+            return [i for i in every if not (v := tagged.get(i)) or not v.isdisjoint(visible)]
+
+        found = await trio.to_thread.run_sync(ids)
+        return await trio.to_thread.run_sync(Bloom.of, found, len(found)), len(found)

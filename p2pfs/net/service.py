@@ -23,7 +23,6 @@ import contextlib
 import ipaddress
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +40,7 @@ from p2pfs.trust.tlsstream import TLSStream
 from . import messages, wire
 from .admission import PRE_AUTH_TIMEOUT, Door, back_off
 from .connection import Connection, PeerUnavailable
-from .digest import Bloom
+from .digest import Bloom, Digests
 from .discovery import Candidate, Discovery, local_ipv4_networks
 from .fetcher import Fetcher, FetchStats
 from .keepalive import keep_alive, set_user_timeout
@@ -132,10 +131,7 @@ class Network:
         self.door = Door()
         self._dialing: set[bytes] = set()
         self._store_changed = trio.Event()
-        self._digest_generation = 0
-        # One digest per set of private volumes a peer may see ("class"); public
-        # ids are in every one of them.
-        self._digests: dict[frozenset[bytes], tuple[Bloom, int]] = {}
+        self.digests = Digests(store)
         self.on_peer_change: Callable[[], None] = lambda: None
         # The node's summary for the estate view, as the asking peer may see it (set by
         # the daemon; node/summary.py).
@@ -335,7 +331,7 @@ class Network:
         """Each side speaks first with its hello; the other's must arrive in time."""
         try:
             await conn.send(self._hello(conn.peer_id).to_wire())
-            await self._send_digest(conn)
+            await conn.send(*await self.digests.notice(self._visible(conn.peer_id)))
         except PeerUnavailable:
             return
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
@@ -540,7 +536,7 @@ class Network:
         """A newer access list is in force: pass it on, and tell every peer again what
         it may now see (a new grant shows it volumes; a revoked one stops hearing)."""
         self.local.on_access_changed()
-        self._digests.clear()
+        self.digests.forget()
         self.broadcast(messages.access_notice(self.estate.access.number))
         if self._nursery is None:
             return
@@ -610,48 +606,18 @@ class Network:
     def announce(self, head: VolumeHead) -> None:
         self.broadcast(messages.announce(head), volume=head.volume_id)
 
-    async def _build_digest(self, visible: frozenset[bytes]) -> tuple[Bloom, int]:
-        def ids() -> list[bytes]:
-            every = self.store.chunk_ids()
-            tagged = self.store.tagged()
-            if not tagged:
-                return every
-            return [i for i in every if not (v := tagged.get(i)) or not v.isdisjoint(visible)]
-
-        found = await trio.to_thread.run_sync(ids)
-        return await trio.to_thread.run_sync(Bloom.of, found, len(found)), len(found)
-
-    async def _digest_for(self, peer_id: bytes) -> tuple[Bloom, int]:
-        visible = self._visible(peer_id)
-        digest = self._digests.get(visible)
-        if digest is None:
-            digest = self._digests[visible] = await self._build_digest(visible)
-        return digest
-
-    async def _send_digest(self, conn: Connection) -> None:
-        bloom, count = await self._digest_for(conn.peer_id)
-        await conn.send(
-            messages.digest_notice(self._digest_generation, bloom.hashes, count), bloom.to_bytes()
-        )
-
     async def _digest_loop(self) -> None:
         """Refresh and push the digests when the store changed, at most every DIGEST_INTERVAL."""
         while True:
             await self._store_changed.wait()
             self._store_changed = trio.Event()
             await trio.sleep(DIGEST_INTERVAL)
-            self._digests = {}
-            self._digest_generation = time.time_ns()
+            self.digests.renew()
             for peer in self.table.connected():
                 conn = peer.conn
                 if conn is not None and self._nursery is not None:
-                    bloom, count = await self._digest_for(peer.node_id)
-                    self._nursery.start_soon(
-                        self._send_quietly,
-                        conn,
-                        messages.digest_notice(self._digest_generation, bloom.hashes, count),
-                        bloom.to_bytes(),
-                    )
+                    notice = await self.digests.notice(self._visible(peer.node_id))
+                    self._nursery.start_soon(self._send_quietly, conn, *notice)
 
     # -- status ------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ ADMIN_OPERATIONS = frozenset(
         "config",
         "init",
         "estate-init",
+        "estate",  # `p2pfs web`'s view of every node
         "request-join",
         "approve",
         "join",
@@ -248,8 +249,6 @@ class DesktopServer:
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
         self._sessions: set[_Session] = set()
-
-    # -- serving ----------------------------------------------------------------
 
     async def listen(self) -> None:
         """Make the link's keys if missing and bind every address (before ``run``), so a

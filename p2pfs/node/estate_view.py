@@ -92,7 +92,10 @@ class EstateWatch:
 
     async def _sample(self) -> None:
         while True:
-            await self._own_status()
+            try:
+                await self._own_status()
+            except (P2pfsError, OSError) as e:  # the store's trouble is status's to show
+                log.warning("estate view: no status for this minute's sample: %s", e)
             self.history.sample()
             await trio.sleep(HISTORY_INTERVAL_S)
 
@@ -108,7 +111,10 @@ class EstateWatch:
 
     async def summary_for(self, peer_id: bytes) -> bytes:
         """Our summary as ``peer_id`` may see it (the ``summary`` request)."""
-        status = await self._own_status()
+        try:
+            status = await self._own_status()
+        except OSError as e:  # answered as an error, not a broken connection
+            raise P2pfsError(f"no summary: {e}") from None
         net = self.network
 
         def may_see(volume_id: str) -> bool:

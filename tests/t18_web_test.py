@@ -121,16 +121,19 @@ def _ask(view: WebView, requests: list[tuple[str, dict[str, str]]]) -> list[tupl
 
 def test_without_a_token_only_loopback_is_answered(tmp_path: Path) -> None:
     view = WebView(tmp_path / "control.sock", ("127.0.0.1", 0))
-    (ok, _, body), (rebound, _, _), (missing, _, _) = _ask(
+    many = "/?" + "&".join(f"a{i}=1" for i in range(40))
+    (ok, _, body), (rebound, _, _), (missing, _, _), (bad, _, _), (again, _, _) = _ask(
         view,
         [
             ("/", {"Host": "127.0.0.1:9743"}),
             ("/", {"Host": "attacker.example:9743"}),  # DNS rebinding
             ("/elsewhere", {"Host": "localhost"}),
+            (many, {"Host": "localhost"}),  # a bad request, answered: the server stays
+            ("/", {"Host": "localhost"}),
         ],
     )
     assert ok == 503 and "no p2pfs daemon is running" in body  # no daemon behind it: said, retried
-    assert rebound == 403 and missing == 404
+    assert rebound == 403 and missing == 404 and bad == 400 and again == 503
     with pytest.raises(UsageError, match="--token-file"):
         WebView(tmp_path / "control.sock", ("0.0.0.0", 0))
 
@@ -142,7 +145,7 @@ def test_with_a_token_the_browser_presents_it_once(tmp_path: Path) -> None:
         [
             ("/", {"Host": "anything"}),
             ("/?token=wrong", {}),
-            (f"/?token={TOKEN}", {}),
+            (f"//elsewhere.example/?token={TOKEN}", {}),
             ("/", {"Cookie": f"p2pfs_token={TOKEN}"}),
             ("/estate.json", {"Authorization": f"Bearer {TOKEN}"}),
         ],
@@ -150,6 +153,7 @@ def test_with_a_token_the_browser_presents_it_once(tmp_path: Path) -> None:
     (none, _, _), (wrong, _, _), (given, headers, _), (cookie, _, _), (bearer, _, _) = answers
     assert none == wrong == 403
     assert given == 303 and headers["Set-Cookie"].startswith(f"p2pfs_token={TOKEN}; HttpOnly")
+    assert headers["Location"] == "/"  # never to another host
     assert cookie == bearer == 503  # let in; the daemon is what is missing
 
 

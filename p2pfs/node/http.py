@@ -78,8 +78,11 @@ def parse_head(data: bytes) -> Request | Response:
         headers[name.lower()] = value.strip()
         if len(headers) > MAX_HEADERS:
             return text("431 Request Header Fields Too Large", "too many headers")
-    url = urlsplit(target)
-    query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=32).items()}
+    try:
+        url = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=32).items()}
+    except ValueError as e:  # too many fields, a bad port, a stray bracket
+        return text("400 Bad Request", f"bad request target: {e}")
     return Request(method, unquote(url.path) or "/", query, headers)
 
 
@@ -138,5 +141,9 @@ class HttpServer:
         request = parse_head(data)
         if isinstance(request, Response):
             return request.encode()
-        response = await self.handler(request)
+        try:
+            response = await self.handler(request)
+        except Exception:  # a bug here must not end the daemon that serves metrics
+            log.exception("%s: %s %s failed", self.what, request.method, request.path)
+            response = text("500 Internal Server Error", "internal error (see the log)")
         return response.encode(head_only=request.method == "HEAD")

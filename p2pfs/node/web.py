@@ -100,7 +100,9 @@ class WebView:
                 return text("403 Forbidden", "wrong token")
             cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
             return Response(
-                "303 See Other", b"", headers=(("Location", request.path), ("Set-Cookie", cookie))
+                "303 See Other",
+                b"",
+                headers=(("Location", _local(request.path)), ("Set-Cookie", cookie)),
             )
         if not self._allowed(request):
             return text("403 Forbidden", "this view needs the admin's token")
@@ -117,6 +119,11 @@ class WebView:
             body = json.dumps(view, indent=1, sort_keys=True).encode()
             return Response("200 OK", body, "application/json", _HEADERS)
         return Response("200 OK", render(view).encode(), "text/html; charset=utf-8", _HEADERS)
+
+
+def _local(path: str) -> str:
+    """Only our own pages: "//elsewhere" would send the browser to another host."""
+    return path if path in ("/", "/estate.json") else "/"
 
 
 def _page_error(message: str) -> bytes:

@@ -20,6 +20,7 @@ from typing import Any
 
 from p2pfs.errors import DecodeError, P2pfsError
 from p2pfs.objects import codec
+from p2pfs.objects.model import validate_volume_name
 
 from .status import NodeStatus
 
@@ -172,7 +173,13 @@ def _volume(item: object) -> VolumeSummary:
         raise BadSummary("summary: a volume's snapshot must be a hex id")
     if access not in ("public", "reader", "cache-only", "none"):
         raise BadSummary("summary: a volume's access is unknown")
-    return VolumeSummary(_label(name, "volume name"), _count(seq, "seq"), snapshot, access)
+    if not isinstance(name, str):
+        raise BadSummary("summary: a volume name must be text")
+    try:
+        validate_volume_name(name)  # the one name rule, as every other message has it
+    except DecodeError as e:
+        raise BadSummary(f"summary: {e}") from None
+    return VolumeSummary(name, _count(seq, "seq"), snapshot, access)
 
 
 def _sample(item: object) -> Sample:

@@ -110,10 +110,9 @@ class WebView:
             return text("404 Not Found", "the estate view is at / (and /estate.json)")
         try:
             view = await self._view()
-        except NotRunning as e:
-            return Response("503 Service Unavailable", _page_error(str(e)), "text/html", _HEADERS)
         except P2pfsError as e:
-            log.warning("estate view: %s", e)
+            if not isinstance(e, NotRunning):  # a daemon not (yet) running is no news
+                log.warning("estate view: %s", e)
             return Response("503 Service Unavailable", _page_error(str(e)), "text/html", _HEADERS)
         if request.path == "/estate.json":
             body = json.dumps(view, indent=1, sort_keys=True).encode()

@@ -18,6 +18,8 @@ keepalive_s = 2.0           # a silent connection is pinged after this; silent 3
 deadline_s = 5.0            # a read fails with EIO once nothing arrived from anyone for this long
 hedge_after_s = 0.5         # ask a second peer when the first is this slow
 peers_without_digest = 3    # k: peers asked even though their digest says no
+origin_poll_s = 60.0        # how often a follower asks its volumes' origins for a newer
+                            # snapshot (their `latest`, conditionally: docs/origins.md)
 
 [cache]
 max_bytes = "20G"           # hard quota of the local store (default: no quota)
@@ -103,6 +105,7 @@ class FetchSection(_Section):
     deadline_s: Annotated[Seconds, _range(0.1, 3600)] = 5.0
     hedge_after_s: Annotated[Seconds, _range(0.01, 600)] = 0.5
     peers_without_digest: Annotated[int, _range(0, 64)] = 3
+    origin_poll_s: Annotated[Seconds, _range(0.5, 86400)] = 60.0
 
 
 class CacheSection(_Section):
@@ -172,6 +175,7 @@ class Config:
     fetch_deadline_s: float = 5.0
     hedge_after_s: float = 0.5
     peers_without_digest: int = 3
+    origin_poll_s: float = 60.0
     cache_max_bytes: int | None = None
     cache_min_free_bytes: int = 1 << 30
     memory_cache_bytes: int = field(default_factory=lambda: default_memory_cache())
@@ -317,6 +321,7 @@ def load(path: Path) -> Config:
         fetch_deadline_s=fetch.deadline_s,
         hedge_after_s=fetch.hedge_after_s,
         peers_without_digest=fetch.peers_without_digest,
+        origin_poll_s=fetch.origin_poll_s,
         cache_max_bytes=None if cache.max_bytes is None else size(cache.max_bytes, "max_bytes"),
         cache_min_free_bytes=size(cache.min_free, "min_free"),
         memory_cache_bytes=(

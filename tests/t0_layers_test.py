@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"volume"},
     {"trust"},
     {"net"},
+    {"origin"},
     {"fs"},
     {"node"},
     {"appliance"},
@@ -49,6 +50,9 @@ HOMES = {
     "rich": {"p2pfs.cli.progress"},
     "msgspec": {"p2pfs.config", "p2pfs.appliance.seed"},
     "prometheus_client": {"p2pfs.node.metrics"},
+    "boto3": {"p2pfs.origin.s3"},
+    "botocore": {"p2pfs.origin.s3"},
+    "urllib3": {"p2pfs.origin.http"},
 }
 
 

@@ -15,6 +15,7 @@ from p2pfs.keys import SigningKey, verify
 from p2pfs.objects.model import (
     FORMAT_VERSION,
     MAX_BLOB_REFS,
+    MAX_SNAPSHOT_BYTES,
     MAX_TREE_BYTES,
     Blob,
     ChunkRef,
@@ -30,6 +31,7 @@ from p2pfs.objects.model import (
     object_id,
     validate_name,
 )
+from p2pfs.objects.origins import OriginRef
 
 pytestmark = pytest.mark.unit
 
@@ -456,7 +458,7 @@ def test_snapshot_unknown_version_is_refused(key: SigningKey) -> None:
 
 def test_oversized_objects_are_refused(key: SigningKey) -> None:
     with pytest.raises(DecodeError, match="limit"):
-        decode_snapshot(b"\x80" * 5000)
+        decode_snapshot(b"\x80" * (MAX_SNAPSHOT_BYTES + 1))
     with pytest.raises(DecodeError, match="limit"):
         decode_blob(_blob_bytes(pad=b"x" * 300_000))
 
@@ -554,3 +556,69 @@ def test_key_load_errors(tmp_path: Path) -> None:
     huge.write_bytes(b"x" * 100_000)
     with pytest.raises(P2pfsError, match="too large"):
         SigningKey.load(huge)
+
+
+# -- origins in snapshots ------------------------------------------------------------
+
+
+def _with_origins(key: SigningKey, *refs: OriginRef) -> Snapshot:
+    s = sample_snapshot(key)
+    return Snapshot.create(
+        key,
+        name=s.name,
+        seq=s.seq,
+        parent=s.parent,
+        root=s.root,
+        time_ns=s.time_ns,
+        params=dict(s.params),
+        origins=refs,
+    )
+
+
+def test_snapshot_origins_round_trip_and_are_signed(key: SigningKey) -> None:
+    refs = (
+        OriginRef("s3://bucket-1/p2pfs/tools", "http://10.213.9.2:9000", "us-east-1"),
+        OriginRef("https://mirror.example.org/p2pfs/tools/"),
+    )
+    snap = _with_origins(key, *refs)
+    assert decode_snapshot(snap.encode()).origins == refs
+    # A snapshot without origins encodes as the first releases did: same bytes, same id.
+    assert b"orig" not in sample_snapshot(key).encode()
+    # The list is under the signature: a peer cannot add its own origin.
+    fields = codec.unpack(snap.encode(), max_size=MAX_SNAPSHOT_BYTES)
+    assert isinstance(fields, dict)
+    forged = {**fields, "orig": [{"u": "https://evil.example/"}]}
+    with pytest.raises(SignatureError):
+        decode_snapshot(_raw(forged))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"u": "ftp://host/x/"},
+        {"u": "s3://UPPER/x"},
+        {"u": "s3://b"},
+        {"u": "http://host/a b/"},
+        {"u": "http://user:pw@host/"},
+        {"u": "https://host/", "e": "https://s3.example/"},
+        {"u": "s3://bucket/x", "e": "file:///etc"},
+        {"u": "s3://bucket/x", "r": "Not A Region"},
+        {"u": "s3://bucket/x", "z": 1},
+        {"u": 7},
+        {"u": "s3://bucket/" + "x" * 600},
+    ],
+)
+def test_bad_origin_entries_are_refused(key: SigningKey, entry: dict[str, object]) -> None:
+    fields = codec.unpack(sample_snapshot(key).encode(), max_size=MAX_SNAPSHOT_BYTES)
+    assert isinstance(fields, dict)
+    with pytest.raises(DecodeError):
+        decode_snapshot(_resign({**fields, "orig": [entry]}, key))
+
+
+def test_origin_lists_are_bounded(key: SigningKey) -> None:
+    fields = codec.unpack(sample_snapshot(key).encode(), max_size=MAX_SNAPSHOT_BYTES)
+    assert isinstance(fields, dict)
+    many = [{"u": f"s3://bucket/p{i}"} for i in range(9)]
+    for bad in (many, [], [{"u": "s3://bucket/a"}] * 2, "s3://bucket/a"):
+        with pytest.raises(DecodeError):
+            decode_snapshot(_resign({**fields, "orig": bad}, key))

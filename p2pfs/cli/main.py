@@ -16,13 +16,25 @@ from pathlib import Path
 from p2pfs import __version__
 from p2pfs.errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, P2pfsError
 
-from . import access, appliance, cache, doctor, estate, mounts, status, volumes, web
+from . import access, appliance, cache, doctor, estate, mounts, origin, status, volumes, web
 from . import mount_helper as mount_helper_mod
 from .common import Handler
 
 log = logging.getLogger("p2pfs")
 
-GROUPS = (volumes, access, mounts, mount_helper_mod, status, cache, estate, appliance, doctor, web)
+GROUPS = (
+    volumes,
+    access,
+    origin,
+    mounts,
+    mount_helper_mod,
+    status,
+    cache,
+    estate,
+    appliance,
+    doctor,
+    web,
+)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

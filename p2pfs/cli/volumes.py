@@ -13,7 +13,7 @@ from p2pfs.errors import EXIT_ERROR, NotFound, UsageError
 from p2pfs.sizes import parse_size
 from p2pfs.trust.estate import Estate
 
-from . import access
+from . import access, origin
 from .common import Handler, Subparsers, call_long, node_home, print_json, tell_daemon
 from .progress import import_bar
 
@@ -49,6 +49,7 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     vl = vsub.add_parser("list", help="list the volumes of this node")
     vl.add_argument("--json", action="store_true")
     access.add_volume_actions(vsub)
+    origin.add_restore(vsub)
 
     im = sub.add_parser("import", help="import a directory tree as the volume's next snapshot")
     im.add_argument("source", type=Path)
@@ -87,6 +88,8 @@ def cmd_volume(args: argparse.Namespace) -> int:
 
     if args.volume_command in ("grant", "revoke", "access", "rekey"):
         return access.cmd_volume_access(args)
+    if args.volume_command == "restore":
+        return origin.cmd_volume_restore(args)
     home = node_home(args).require()
     registry = VolumeRegistry(home)
     if args.volume_command == "create":

@@ -26,6 +26,8 @@ import bisect
 import contextlib
 import functools
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,52 @@ FETCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 class Quarantine(Protocol):
     def quarantine(self, peer: Peer, reason: str) -> None: ...
+
+
+class Progressing(Protocol):
+    @property
+    def progress_at(self) -> float: ...
+
+
+class ObjectSource(Protocol):
+    """An origin beyond the peers (object storage, an HTTP mirror: ``p2pfs.origin``):
+    asked after the peers near us and before the publisher, never made a home."""
+
+    node_id: bytes  # its key among what a fetch tried (never a node's id)
+    label: str
+    latency_s: float
+
+    async def fetch(self, cid: bytes, moved: Callable[[], None]) -> bytes:
+        """The bytes it holds under ``cid``, unverified; ``moved()`` (from any thread)
+        as they arrive."""
+        ...
+
+    def delivered(self, size: int) -> None: ...
+
+    def rejected(self) -> None: ...
+
+
+Source = Peer | ObjectSource
+
+
+class _Transfer:
+    """One read from an origin, as a fetch's watchdog sees it: progress while its bytes
+    arrive, none at all once they fail their hash (an origin that keeps sending wrong
+    bytes must not hold a reader for ever)."""
+
+    def __init__(self) -> None:
+        self._offset = trio.current_time() - time.perf_counter()
+        self._moved = -math.inf  # perf_counter of the last bytes (set in worker threads)
+
+    @property
+    def progress_at(self) -> float:
+        return self._offset + self._moved
+
+    def moved(self) -> None:
+        self._moved = time.perf_counter()
+
+    def revoke(self) -> None:
+        self._moved = -math.inf
 
 
 @dataclass(frozen=True)
@@ -97,8 +145,10 @@ class Fetcher:
         self.on_stored = on_stored
         self.disk = disk or trio.CapacityLimiter(4)
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
+        # The object-storage and HTTP origins of the volumes we hold (set by the daemon).
+        self.sources: list[ObjectSource] = []
         self._inflight: dict[bytes, trio.Event] = {}
-        self._watching: dict[bytes, dict[int, Connection]] = {}  # what each inflight asked
+        self._watching: dict[bytes, dict[int, Progressing]] = {}  # what each inflight asked
         self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
         self._recent_bytes = 0  # their sum: rate() runs on every read, so it must be O(1)
         self._bytes_from_peers = self._bytes_from_origin = self._chunks_fetched = 0
@@ -140,7 +190,7 @@ class Fetcher:
         proxy: bool = True,
         origins_only: bool = False,
         urgent: bool = False,
-        asked: dict[int, Connection] | None = None,
+        asked: dict[int, Progressing] | None = None,
     ) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
 
@@ -198,7 +248,7 @@ class Fetcher:
         cid = messages.parse_get(header)
         stored: bytes | None = None
         failed: P2pfsError | None = None
-        asked: dict[int, Connection] = {}
+        asked: dict[int, Progressing] = {}
         async with trio.open_nursery() as nursery:
 
             async def tell() -> None:
@@ -232,12 +282,17 @@ class Fetcher:
 
     def candidates(
         self, cid: bytes, *, proxy: bool = True, origins_only: bool = False
-    ) -> list[tuple[Peer, bool]]:
+    ) -> list[tuple[Source, bool]]:
+        """Whom to ask, best first (DESIGN.md, Beyond one LAN): the peers of our site
+        that hold it and the chunk's home, peers of other sites that hold it, then the
+        object-storage and HTTP origins, then the publishers and a few other peers."""
+        sources: list[tuple[Source, bool]] = [(s, False) for s in self.sources]
         if not self.peer_fetch or origins_only:
             found = (self.table.peers.get(o) for o in sorted(self.origins))
-            return [(p, False) for p in found if p is not None and p.usable]
+            return [*sources, *((p, False) for p in found if p is not None and p.usable)]
         home = self.table.home_of(cid, self.node_id, self.origins) if proxy else None
-        return self.table.ranked_for(cid, others=self.others, origins=self.origins, home=home)
+        near, far = self.table.ranked(cid, others=self.others, origins=self.origins, home=home)
+        return [*near, *sources, *far]
 
     async def fetch(
         self,
@@ -246,8 +301,8 @@ class Fetcher:
         proxy: bool = True,
         origins_only: bool = False,
         urgent: bool = False,
-        asked: dict[int, Connection] | None = None,
-    ) -> tuple[bytes, Peer]:
+        asked: dict[int, Progressing] | None = None,
+    ) -> tuple[bytes, Source]:
         """The verified bytes of ``cid`` and who sent them; MissingChunk (EIO) once
         ``deadline_s`` pass without a byte from anyone asked.
 
@@ -259,7 +314,7 @@ class Fetcher:
         # The connections asked, for their progress (the caller's map, to watch it too).
         asked = {} if asked is None else asked
         start = trio.current_time()
-        got: tuple[bytes, Peer] | None = None
+        got: tuple[bytes, Source] | None = None
 
         async def watchdog(scope: trio.CancelScope) -> None:
             while True:
@@ -295,7 +350,7 @@ class Fetcher:
             took = trio.current_time() - start
             self._fetch_seconds[bisect.bisect_left(FETCH_SECONDS_BUCKETS, took)] += 1
             self._fetch_seconds_sum += took
-            if peer.node_id in self.origins:
+            if not isinstance(peer, Peer) or peer.node_id in self.origins:
                 self._bytes_from_origin += len(data)
             else:
                 self._bytes_from_peers += len(data)
@@ -310,23 +365,27 @@ class Fetcher:
     async def _race(
         self,
         cid: bytes,
-        order: list[tuple[Peer, bool]],
+        order: list[tuple[Source, bool]],
         tried: set[bytes],
         errors: list[str],
-        asked: dict[int, Connection],
+        asked: dict[int, Progressing],
         urgent: bool,
-    ) -> tuple[bytes, Peer] | None:
-        result: tuple[bytes, Peer] | None = None
+    ) -> tuple[bytes, Source] | None:
+        result: tuple[bytes, Source] | None = None
         async with trio.open_nursery() as nursery:
 
-            async def attempt(peer: Peer, fetch: bool, ended: trio.Event) -> None:
+            async def attempt(peer: Source, fetch: bool, ended: trio.Event) -> None:
                 nonlocal result
+                who = peer.node_id.hex()[:8] if isinstance(peer, Peer) else peer.label
                 try:
-                    data = await self._ask(peer, cid, fetch, asked, urgent)
+                    if isinstance(peer, Peer):
+                        data = await self._ask(peer, cid, fetch, asked, urgent)
+                    else:
+                        data = await self._ask_source(peer, cid, asked)
                 except PeerUnavailable as e:
-                    errors.append(f"{peer.node_id.hex()[:8]}: {e}")
+                    errors.append(f"{who}: {e}")
                 except _BadChunk:
-                    errors.append(f"{peer.node_id.hex()[:8]}: sent a corrupt chunk")
+                    errors.append(f"{who}: sent a corrupt chunk")
                 else:
                     if result is None:
                         result = (data, peer)
@@ -355,6 +414,7 @@ class Fetcher:
                 # that every desktop asks at once gets slower for all of them.
                 patience = max(patience, self.deadline_s / 2)
                 began = trio.current_time()
+                assert isinstance(peer, Peer)  # only a peer is asked to fetch
                 while not ended.is_set():
                     conn = peer.conn
                     heard = max(began, conn.progress_at if conn is not None else began)
@@ -369,12 +429,31 @@ class Fetcher:
                         await ended.wait()
         return result
 
+    async def _ask_source(
+        self, source: ObjectSource, cid: bytes, asked: dict[int, Progressing]
+    ) -> bytes:
+        transfer = _Transfer()
+        asked[id(transfer)] = transfer
+        data = await source.fetch(cid, transfer.moved)
+        if not matches(cid, data):  # an origin is untrusted storage
+            transfer.revoke()
+            source.rejected()
+            self._corrupt_rejected += 1
+            log.warning("origin %s holds a corrupt copy of %s", source.label, cid.hex())
+            raise _BadChunk
+        source.delivered(len(data))
+        now = trio.current_time()
+        self._recent.append((now, len(data)))
+        self._recent_bytes += len(data)
+        self._forget_before(now - RATE_WINDOW_S)
+        return data
+
     async def _ask(
         self,
         peer: Peer,
         cid: bytes,
         fetch: bool,
-        asked: dict[int, Connection],
+        asked: dict[int, Progressing],
         urgent: bool,
     ) -> bytes:
         conn = peer.conn

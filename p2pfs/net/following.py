@@ -191,42 +191,11 @@ class VolumeSync:
         err = messages.answer_error(answer)
         if err is not None:
             raise P2pfsError(f"peer answered: {err}")
-        if len(data) > MAX_SNAPSHOT_BYTES:
-            raise P2pfsError("snapshot too large")
-        sid = object_id(data)
-        snapshot = decode_snapshot(data)  # verifies the signature under the volume key
-        if snapshot.volume_id != head.volume_id or snapshot.name != head.name:
-            raise P2pfsError("the snapshot names another volume than announced")
-        if sid != head.head:
+        if object_id(data) != head.head:
             # The peer may have moved on since its hello: fine if still newer than ours.
-            log.debug("snapshot of %s moved from %s to %s", head.name, head.head.hex(), sid.hex())
-        if snapshot.private != access.is_private(head.volume_id):
-            raise P2pfsError(
-                "the snapshot is sealed but the volume is public"
-                if snapshot.private
-                else "the volume is private but its snapshot is not sealed"
-            )
-        if snapshot.private:
-            await self._take_id_list(peer, snapshot, sid)
-        await trio.to_thread.run_sync(self.store.put_object, data)
-        record = self.registry.follow(snapshot, sid, head.endorsement, head.origin)
-        self.accepted += 1
-        log.info(
-            "volume %s: accepted snapshot %d from %s", head.name, snapshot.seq, peer.node_id.hex()
-        )
-        await self.on_change([head.name])
-        new_head = self.head_of(record)
-        if new_head is not None:
-            self.announce(new_head)  # gossip: peers that missed the publisher hear it from us
+            log.debug("snapshot of %s moved from %s", head.name, head.head.hex())
 
-    async def _take_id_list(self, peer: Peer, snapshot: Snapshot, sid: bytes) -> None:
-        """Fetch a private snapshot's id list from ``peer`` and tag what it names."""
-        parts: list[tuple[bytes, bytes]] = []
-        ids: list[bytes] = []
-        part_id: bytes | None = snapshot.ids
-        while part_id is not None:
-            if len(parts) >= MAX_ID_LIST_PARTS or any(part_id == p for p, _ in parts):
-                raise P2pfsError("the snapshot's id list loops")
+        async def get(part_id: bytes) -> bytes:
             conn = peer.conn
             if conn is None:
                 raise PeerUnavailable("peer went away")
@@ -234,6 +203,83 @@ class VolumeSync:
             err = messages.answer_error(answer)
             if err is not None:
                 raise P2pfsError(f"peer answered for the id list: {err}")
+            return data
+
+        await self._take(head, data, get, peer.node_id.hex())
+
+    async def accept_from_origin(
+        self, record: VolumeRecord, data: bytes, get: Callable[[bytes], Awaitable[bytes]], url: str
+    ) -> bool:
+        """Take a newer snapshot of a volume we follow from an origin's ``latest``
+        (a site with no publisher in reach still follows); False when not newer.
+
+        Checked as one from a peer: the endorsement we hold for the volume, its
+        signature, a rising seq. ``get`` fetches an id list part (verified here).
+        """
+        if record.endorsement is None or self.registry.is_publisher(record.name):
+            return False
+        if not self.estate.access.may_see(self.estate.node_id, record.id):
+            return False  # no longer granted: peers' offers are refused alike
+        if len(data) > MAX_SNAPSHOT_BYTES:
+            raise P2pfsError(f"origin {url}: its latest is too large for a snapshot")
+        snapshot = decode_snapshot(data)
+        if snapshot.seq <= record.seq:
+            return False
+        head = messages.VolumeHead(
+            record.name, record.id, snapshot.seq, object_id(data), record.endorsement, record.origin
+        )
+        if record.id in self._busy:
+            return False  # a peer's offer is being taken; the next poll sees the result
+        self._busy.add(record.id)
+        try:
+            await self._take(head, data, get, url)
+        finally:
+            self._busy.discard(record.id)
+        return True
+
+    async def _take(
+        self,
+        head: messages.VolumeHead,
+        data: bytes,
+        get: Callable[[bytes], Awaitable[bytes]],
+        source: str,
+    ) -> None:
+        assert head.endorsement is not None
+        access = self.estate.access
+        if len(data) > MAX_SNAPSHOT_BYTES:
+            raise P2pfsError("snapshot too large")
+        sid = object_id(data)
+        snapshot = decode_snapshot(data)  # verifies the signature under the volume key
+        if snapshot.volume_id != head.volume_id or snapshot.name != head.name:
+            raise P2pfsError("the snapshot names another volume than announced")
+        if snapshot.private != access.is_private(head.volume_id):
+            raise P2pfsError(
+                "the snapshot is sealed but the volume is public"
+                if snapshot.private
+                else "the volume is private but its snapshot is not sealed"
+            )
+        if snapshot.private:
+            await self._take_id_list(get, snapshot, sid)
+        await trio.to_thread.run_sync(self.store.put_object, data)
+        record = self.registry.follow(snapshot, sid, head.endorsement, head.origin)
+        self.accepted += 1
+        log.info("volume %s: accepted snapshot %d from %s", head.name, snapshot.seq, source)
+        await self.on_change([head.name])
+        new_head = self.head_of(record)
+        if new_head is not None:
+            self.announce(new_head)  # gossip: peers that missed the publisher hear it from us
+
+    async def _take_id_list(
+        self, get: Callable[[bytes], Awaitable[bytes]], snapshot: Snapshot, sid: bytes
+    ) -> None:
+        """Fetch a private snapshot's id list (``get``: from its source) and tag what it names."""
+        parts: list[tuple[bytes, bytes]] = []
+        ids: list[bytes] = []
+        part_id: bytes | None = snapshot.ids
+        while part_id is not None:
+            if len(parts) >= MAX_ID_LIST_PARTS or any(part_id == p for p, _ in parts):
+                raise P2pfsError("the snapshot's id list loops")
+            data = await get(part_id)
             if len(data) > MAX_ID_LIST_BYTES or not matches(part_id, data):
                 raise P2pfsError("the peer sent a corrupt part of the id list")
             part = decode_id_list(data)

@@ -33,6 +33,7 @@ from p2pfs.net.following import VolumeSync
 from p2pfs.net.link import parse_address
 from p2pfs.net.service import Network
 from p2pfs.objects.model import Snapshot
+from p2pfs.origin.watch import OriginWatch
 from p2pfs.store.cas import Store
 from p2pfs.trust.estate import Estate, node_key
 from p2pfs.trust.grants import approved_nodes
@@ -96,6 +97,7 @@ class Daemon:
         self._node_key: SigningKey | None = None
         self.network: Network | None = None
         self.sync: VolumeSync | None = None
+        self.origins: OriginWatch | None = None
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
         self.mounted = False
@@ -161,6 +163,15 @@ class Daemon:
             self.content, lambda: self.heads, snapshots=snapshots, root_of=self.root_of
         )
         store.set_protector(self.fs.open_chunk_ids)
+        self.origins = OriginWatch(
+            self.home,
+            self.registry,
+            store,
+            self.content,
+            fetcher,
+            self.sync,
+            poll_s=self.config.origin_poll_s,
+        )
         if self.mountpoint is not None and not self.read_only:
             self.live = LiveVolumes(
                 work_dir(self.home.root),
@@ -214,6 +225,8 @@ class Daemon:
                 if await trio.to_thread.run_sync(self.registry.is_publisher, name):
                     nursery.start_soon(self._keep_published, name)
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            assert self.origins is not None
+            await nursery.start(self.origins.run)
             if self.network is not None:
                 await nursery.start(self.network.run)
             else:
@@ -400,6 +413,9 @@ class Daemon:
             if old is None or old.snapshot_id != record.head:
                 changed.append(name)
         gone = [n for n in self.heads if n not in fresh]
+        if self.origins is not None:
+            heads = {name: snap for name, _, snap, _ in read if snap is not None}
+            self.origins.heads_changed(heads, publishing, changed)
         self.heads = fresh
         self.unread = unread
         if self.nursery is not None:
@@ -462,6 +478,7 @@ class Daemon:
             sync=self.sync.statistics() if self.sync else None,
             desktop_link=await trio.to_thread.run_sync(link.statistics) if link else None,
             fuse=self.fuse_ops.statistics() if self.fuse_ops is not None else None,
+            origins=self.origins.statistics() if self.origins is not None else None,
         )
 
     def _volumes(self) -> tuple[VolumeInfo, ...]:

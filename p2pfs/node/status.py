@@ -22,6 +22,7 @@ from p2pfs.fs.vfs import FsStats
 from p2pfs.home import Home
 from p2pfs.net.following import SyncStats
 from p2pfs.net.service import NetworkStats
+from p2pfs.origin.watch import OriginStats
 from p2pfs.store.cas import StoreStats
 from p2pfs.store.quota import CacheUsage
 from p2pfs.trust.estate import Estate
@@ -77,6 +78,7 @@ class NodeStatus:
     sync: SyncStats | None = None
     desktop_link: LinkStats | None = None
     fuse: FuseStats | None = None  # while mounted
+    origins: OriginStats | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.disk
@@ -156,6 +158,14 @@ class NodeStatus:
                 "accepted": self.sync.accepted,
                 "refused": self.sync.refused,
                 "recent_refusals": list(self.sync.recent_refusals),
+            }
+        if self.origins is not None:
+            o = self.origins
+            out["origins"] = {
+                "sources": [dataclasses.asdict(s) for s in o.sources],
+                "uploads": [dataclasses.asdict(u) for u in o.uploads],
+                "snapshots_taken": o.snapshots_from_origins,
+                "poll_errors": o.poll_errors,
             }
         if self.desktop_link is not None:
             link = dataclasses.asdict(self.desktop_link)

@@ -25,6 +25,7 @@ from p2pfs.keys import SIGNATURE_SIZE, SigningKey, verify
 from p2pfs.names import name_problem
 
 from . import codec
+from .origins import OriginRef, decode_origins
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ MAX_ALGORITHM_NAME = 64
 
 MAX_BLOB_BYTES = 256 * 1024  # 4096 refs take about 160 KiB
 MAX_TREE_BYTES = 64 * 1024 * 1024
-MAX_SNAPSHOT_BYTES = 4 * 1024
+MAX_SNAPSHOT_BYTES = 16 * 1024  # with MAX_ORIGINS origins of the longest URLs
 MAX_ID_LIST = 32768  # ids in one list object of a private snapshot's id list (1 MiB)
 MAX_ID_LIST_BYTES = MAX_ID_LIST * (ID_SIZE + 2 + 9) + 128
 MAX_SEALED_KEY = 128
@@ -501,6 +502,7 @@ class Snapshot:
     epoch: int = 0  # 0: a public volume
     root_key: bytes | None = None
     ids: bytes | None = None
+    origins: tuple[OriginRef, ...] = ()  # where its objects are kept (objects/origins.py)
 
     @property
     def private(self) -> bool:
@@ -528,6 +530,8 @@ class Snapshot:
             _id(self.ids, "snapshot id list")
         elif self.root_key is not None or self.ids is not None:
             raise DecodeError("a public snapshot has no root key or id list")
+        if self.origins:
+            decode_origins([o.to_wire() for o in self.origins])
 
     @classmethod
     def create(
@@ -543,12 +547,13 @@ class Snapshot:
         epoch: int = 0,
         root_key: bytes | None = None,
         ids: bytes | None = None,
+        origins: tuple[OriginRef, ...] = (),
     ) -> Snapshot:
         """A new snapshot of the volume whose publisher key is ``key``, signed."""
         fields = (key.public_bytes(), name, seq, parent, root, time_ns, params)
-        unsigned = cls(*fields, bytes(SIGNATURE_SIZE), epoch, root_key, ids)
+        unsigned = cls(*fields, bytes(SIGNATURE_SIZE), epoch, root_key, ids, origins)
         signature = key.sign(SNAPSHOT_DOMAIN + unsigned._body())
-        return cls(*fields, signature, epoch, root_key, ids)
+        return cls(*fields, signature, epoch, root_key, ids, origins)
 
     def _fields(self) -> dict[str, object]:
         return {
@@ -561,7 +566,11 @@ class Snapshot:
             "root": self.root,
             "time": self.time_ns,
             "params": dict(self.params),
-        } | ({"epoch": self.epoch, "rkey": self.root_key, "ids": self.ids} if self.epoch else {})
+        } | (
+            ({"epoch": self.epoch, "rkey": self.root_key, "ids": self.ids} if self.epoch else {})
+            # Absent when none: the snapshots of the first releases keep their ids.
+            | ({"orig": [o.to_wire() for o in self.origins]} if self.origins else {})
+        )
 
     def _body(self) -> bytes:
         """The canonical bytes the signature covers: every field but the signature."""
@@ -583,7 +592,10 @@ def decode_snapshot(data: bytes) -> Snapshot:
     """Decode and validate a snapshot and verify its signature (SignatureError)."""
     raw = _unpack(data, "snapshot", MAX_SNAPSHOT_BYTES)
     private = isinstance(raw, dict) and "epoch" in raw
-    obj = _header(raw, "snapshot", _PRIVATE_KEYS if private else _SNAPSHOT_KEYS)
+    keys = _PRIVATE_KEYS if private else _SNAPSHOT_KEYS
+    obj = _header(
+        raw, "snapshot", keys | {"orig"} if isinstance(raw, dict) and "orig" in raw else keys
+    )
     snap = Snapshot(
         volume_id=obj["vol"],
         name=obj["name"],
@@ -596,6 +608,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         epoch=obj.get("epoch", 0),
         root_key=obj.get("rkey"),
         ids=obj.get("ids"),
+        origins=decode_origins(obj["orig"]) if "orig" in obj else (),
     )
     if private and snap.epoch == 0:
         raise DecodeError("snapshot epoch 0 is written by leaving the field out")

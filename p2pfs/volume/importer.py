@@ -281,6 +281,8 @@ def commit_snapshot(
         root=stored_id(root),
         time_ns=time.time_ns(),
         params=params,
+        # The origins the head announced stay announced (p2pfs origin add/remove).
+        origins=head.origins if (head := registry.load_head(store, record)) else (),
         **extra,  # type: ignore[arg-type]
     )
     data = snapshot.encode()

@@ -398,6 +398,7 @@ class Publisher:
                 root=root,
                 time_ns=time.time_ns(),
                 params=self.params.to_dict(),
+                origins=head.origins if head is not None else (),
             )
 
             def publish() -> bytes:

@@ -39,6 +39,7 @@ class PeerStats:
     last_error: str | None
     quarantine_reason: str | None
     protocol_errors: int = 0
+    site: str | None = None  # from its hello: [network] site (None: none, or not told)
 
 
 @dataclass
@@ -72,6 +73,12 @@ class Peer:
         return None
 
     @property
+    def site(self) -> str | None:
+        """Its site as its hello says (None: it has none, is of a release before sites,
+        or has not greeted yet)."""
+        return self.hello.site if self.hello is not None else None
+
+    @property
     def quarantined(self) -> bool:
         return self.state == "quarantined"
 
@@ -97,6 +104,7 @@ class Peer:
             last_error=self.last_error or None,
             quarantine_reason=self.quarantine_reason or None,
             protocol_errors=self.protocol_errors,
+            site=self.site,
         )
 
 

@@ -363,6 +363,7 @@ class Network:
                 if p.node_id != peer_id and p.address is not None and p.port is not None
             ),
             features=messages.FEATURES,
+            site=self.config.site,
         )
 
     def _on_hints(self, hello: Hello) -> None:

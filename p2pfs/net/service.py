@@ -103,7 +103,7 @@ class Network:
         self.store = store
         self.local = local
         self.config = config
-        self.table = PeerTable()
+        self.table = PeerTable(site=config.site)  # homes are chosen within our site
         self.fetcher = Fetcher(
             estate.node_id,
             self.table,

@@ -3,9 +3,13 @@
 ```toml
 [node]
 name = "ws-0412"            # how the estate view names this node (default: the host name)
-site = "berlin"             # a label for where it is, shown in the estate view (default: none)
 
 [network]
+site = "berlin"             # where this node is (default: none); chunk homes are chosen among
+                            # the peers of its own site, so a site fetches each chunk from
+                            # outside once; `static_peers` reach the peers of other sites. The
+                            # estate view shows it. (`[node] site`, the last release's spelling,
+                            # is still read; both set and different: refused.)
 port = 7420                 # TCP port for peers (0: any free port)
 listen = "0.0.0.0"
 static_peers = ["10.0.0.5:7420"]   # peers mDNS does not reach
@@ -83,15 +87,26 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-_LABEL = msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+# A label people give a node (its name, its site): the whole string must match, so
+# ``\Z``, not ``$`` (which lets a trailing newline through, and a peer would then
+# refuse the hello that carries it).
+LABEL = r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}"
+LABEL_RULE = "1-64 letters, digits, ' ', '.', '_' or '-', starting with a letter or digit"
+_LABEL = msgspec.Meta(min_length=1, max_length=64, pattern=rf"^{LABEL}\Z")
+
+
+def is_label(value: object) -> bool:
+    """Whether ``value`` is a label (a site, a node's name), by the one rule config uses."""
+    return isinstance(value, str) and re.fullmatch(LABEL, value) is not None
 
 
 class NodeSection(_Section):
     name: Annotated[str, _LABEL] | None = None
-    site: Annotated[str, _LABEL] | None = None
+    site: Annotated[str, _LABEL] | None = None  # the last release's spelling of [network] site
 
 
 class NetworkSection(_Section):
+    site: Annotated[str, _LABEL] | None = None
     port: Annotated[int, _range(0, 65535)] = DEFAULT_PORT
     listen: str = "0.0.0.0"
     static_peers: list[str] = []
@@ -189,7 +204,7 @@ class Config:
     follow_volumes: tuple[str, ...] = field(default_factory=tuple)
     metrics_listen: tuple[str, int] | None = None  # (host, port) of the metrics endpoint
     node_name: str = field(default_factory=lambda: default_node_name())
-    site: str | None = None
+    site: str | None = None  # [network] site (or the old [node] site)
 
 
 def parse_peer(text: str, where: str = "peer", *, any_port: bool = False) -> tuple[str, int]:
@@ -337,5 +352,17 @@ def load(path: Path) -> Config:
         follow_volumes=tuple(appl.volumes),
         metrics_listen=metrics,
         node_name=doc.node.name or default_node_name(),
-        site=doc.node.site,
+        site=site_of(doc, where),
     )
+
+
+def site_of(doc: ConfigFile, where: str) -> str | None:
+    """``[network] site``, or ``[node] site`` as the last release spelled it; both set and
+    different is a mistake to name, not one to settle by guessing which the admin meant."""
+    new, old = doc.network.site, doc.node.site
+    if new is not None and old is not None and new != old:
+        raise UsageError(
+            f"{where}: [network] site = {new!r} and [node] site = {old!r} differ: "
+            "keep [network] site (the old [node] site means the same) and remove the other"
+        )
+    return new if new is not None else old

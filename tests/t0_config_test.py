@@ -33,7 +33,9 @@ def test_a_missing_file_is_the_defaults(tmp_path: Path) -> None:
 
 def test_every_documented_key_is_read(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text(
-        '[network]\nport = 7999\nlisten = "127.0.0.1"\nstatic_peers = ["10.0.0.5:7420"]\n'
+        '[node]\nname = "ws-0412"\n'
+        '[network]\nsite = "berlin"\nport = 7999\nlisten = "127.0.0.1"\n'
+        'static_peers = ["10.0.0.5:7420"]\n'
         "discovery = false\npeer_fetch = false\nframe_timeout_s = 5\nkeepalive_s = 2.5\n"
         "[fetch]\ndeadline_s = 7\nhedge_after_s = 0.25\npeers_without_digest = 5\n"
         '[cache]\nmax_bytes = "20G"\nmin_free = "512M"\nmemory = 1048576\n'
@@ -73,6 +75,16 @@ def test_every_documented_key_is_read(tmp_path: Path) -> None:
         ("tools",),
     )
     assert c.metrics_listen == ("127.0.0.1", 9742)
+    assert (c.node_name, c.site) == ("ws-0412", "berlin")
+
+
+def test_the_old_node_site_is_read_and_may_not_contradict_network_site(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[node]\nsite = "berlin"\n')  # the last release's spelling
+    assert load(tmp_path / "c.toml").site == "berlin"
+    (tmp_path / "c.toml").write_text('[node]\nsite = "berlin"\n[network]\nsite = "berlin"\n')
+    assert load(tmp_path / "c.toml").site == "berlin"
+    message = config_error(tmp_path, '[node]\nsite = "berlin"\n[network]\nsite = "paris"\n')
+    assert "[network] site = 'paris' and [node] site = 'berlin' differ" in message
 
 
 @pytest.mark.parametrize(
@@ -125,6 +137,11 @@ def test_metrics_listen(tmp_path: Path, text: str, address: tuple[str, int] | No
         ('[metrics]\nlisten = "9742"\n', "[metrics] listen: '9742' is not HOST:PORT"),
         ("[metrics]\nlisten = 9742\n", "[metrics] listen: expected `str | null`, got `int`"),
         ("[metrics]\nallow_remote = 1\n", "[metrics] allow_remote: expected `bool`, got `int`"),
+        ('[network]\nsite = ""\n', "[network] site: expected `str` of length >= 1"),
+        ('[network]\nsite = "berlin\\n"\n', "[network] site: expected `str` matching regex"),
+        ('[node]\nname = "ws\\n"\n', "[node] name: expected `str` matching regex"),
+        ('[node]\nsite = "-x"\n', "[node] site: expected `str` matching regex"),
+        ("[network]\nsite = 1\n", "[network] site: expected `str | null`, got `int`"),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -104,5 +104,6 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return 0
     for p in sorted(answer["peers"], key=lambda p: p["node_id"]):
         vols = ",".join(p["volumes"]) or "-"
-        print(f"{p['node_id']}  {p['address'] or '-':<22} {p['state']:<12} volumes {vols}")
+        site = f"site {p['site']}  " if p.get("site") else ""
+        print(f"{p['node_id']}  {p['address'] or '-':<22} {p['state']:<12} {site}volumes {vols}")
     return 0

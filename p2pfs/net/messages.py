@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfs.config import LABEL_RULE, is_label
 from p2pfs.ids import ID_SIZE
 from p2pfs.objects.model import MAX_SNAPSHOT_BYTES, validate_volume_name
 
@@ -142,6 +143,9 @@ class Hello:
     port: int | None = None
     peers: tuple[PeerHint, ...] = ()
     features: tuple[str, ...] = ()
+    # The sender's site ([network] site; absent: none, or a release before sites). Chunk
+    # homes are chosen among the peers of one's own site (peers.PeerTable.home_of).
+    site: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -159,6 +163,8 @@ class Hello:
             out["peers"] = [list(p) for p in self.peers]
         if self.features:
             out["feat"] = list(self.features)
+        if self.site is not None:
+            out["site"] = self.site
         return out
 
     @classmethod
@@ -177,7 +183,17 @@ class Hello:
             port=_int(h, "port", 1, 65535, "hello") if "port" in h else None,
             peers=_peer_hints(h),
             features=_features(h),
+            site=_site(h),
         )
+
+
+def _site(h: dict[str, Any]) -> str | None:
+    if "site" not in h:
+        return None
+    site = _get(h, "site", str, "hello")
+    if not is_label(site):
+        raise ProtocolError(f"hello: site must be a label ({LABEL_RULE})")
+    return str(site)
 
 
 def _features(h: dict[str, Any]) -> tuple[str, ...]:

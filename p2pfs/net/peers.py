@@ -39,6 +39,7 @@ class PeerStats:
     last_error: str | None
     quarantine_reason: str | None
     protocol_errors: int = 0
+    site: str | None = None  # from its hello: [network] site (None: none, or not told)
 
 
 @dataclass
@@ -72,6 +73,12 @@ class Peer:
         return None
 
     @property
+    def site(self) -> str | None:
+        """Its site as its hello says (None: it has none, is of a release before sites,
+        or has not greeted yet)."""
+        return self.hello.site if self.hello is not None else None
+
+    @property
     def quarantined(self) -> bool:
         return self.state == "quarantined"
 
@@ -97,6 +104,7 @@ class Peer:
             last_error=self.last_error or None,
             quarantine_reason=self.quarantine_reason or None,
             protocol_errors=self.protocol_errors,
+            site=self.site,
         )
 
 
@@ -105,8 +113,20 @@ def _score(cid: bytes, node_id: bytes) -> bytes:
 
 
 class PeerTable:
-    def __init__(self) -> None:
+    """The peers a node knows, and whom to ask for a chunk.
+
+    ``site`` is this node's own ([network] site; None: none). DESIGN's fetch order
+    beyond one LAN is: the local store, LAN peers of the same site (chunk homes
+    within the site), peers of other sites, object-storage/HTTP origins, the
+    publisher. A chunk's home is chosen among the peers of our site only, so every
+    site has its own home for each chunk: the site's desktops ask it, and it alone
+    fetches the chunk from outside, once per site. An estate without sites is one
+    site (every peer without one), as before sites existed.
+    """
+
+    def __init__(self, site: str | None = None) -> None:
         self.peers: dict[bytes, Peer] = {}
+        self.site = site
 
     def get(self, node_id: bytes) -> Peer:
         peer = self.peers.get(node_id)
@@ -120,50 +140,77 @@ class PeerTable:
     def quarantined(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.quarantined]
 
+    def same_site(self, peer: Peer) -> bool:
+        """Whether ``peer`` is of our site (with no site of ours: whether it has none).
+
+        A peer that has not said (no hello yet, or a release before sites) counts as
+        having none.
+        """
+        return peer.site == self.site
+
     def home_of(self, cid: bytes, me: bytes, origins: set[bytes]) -> Peer | None:
-        """The chunk's home among the connected followers and this node: rendezvous hashing.
+        """The chunk's home among this node and the connected followers of its site:
+        rendezvous hashing (the highest BLAKE3(cid || node id)). None when this node
+        is the home.
 
         When several desktops want a chunk nobody holds yet (they all read the same
         file at once), each asks the chunk's home, and only the home fetches it
-        from the origin: the origin sends about one copy however many read
-        (Squirrel's home nodes). None when this node is the home.
+        from outside: about one copy however many read (Squirrel's home nodes).
+        Only peers of our own site compete, so another site's node is never our home
+        and each site's home fetches the chunk (one copy per site from outside, over
+        the WAN link once); every member of a site that sees the same members picks
+        the same home.
         """
         best, best_score = None, _score(cid, me)
         for p in self.connected():
-            if p.node_id in origins:
+            if p.node_id in origins or not self.same_site(p):
                 continue
             score = _score(cid, p.node_id)
             if score > best_score:
                 best, best_score = p, score
         return best
 
-    def ranked_for(
+    def ranked(
         self, cid: bytes, *, others: int, origins: set[bytes], home: Peer | None
-    ) -> list[tuple[Peer, bool]]:
-        """Whom to ask for a chunk, best first, each with "fetch it for me if you lack it".
+    ) -> tuple[list[tuple[Peer, bool]], list[tuple[Peer, bool]]]:
+        """Whom to ask for a chunk, as (near, far), each best first, each peer with
+        "fetch it for me if you lack it".
 
-        Peers whose digest says they hold it (least loaded, fastest first); then the
-        chunk's home, which fetches it for everyone; then the origins (publishers,
-        which hold everything); then up to ``others`` other peers, whose digests may
-        lag behind what they just stored.
+        ``near``, before any origin: peers of our site whose digest says they hold
+        it (least loaded, fastest first); then the chunk's ``home``, which fetches it
+        for the whole site; then peers of other sites whose digest says yes. ``far``:
+        the publishers (``origins``: node ids; they hold everything); then up to
+        ``others`` other peers, of our site first, whose digests may lag behind what
+        they just stored. DESIGN's fetch order puts object-storage and HTTP origins
+        between the two: the fetcher asks them after ``near`` and before ``far``.
         """
         usable = [p for p in self.connected() if p.node_id not in origins]
 
         def key(p: Peer) -> tuple[int, float]:
             return (p.inflight, p.latency_s)
 
-        yes = sorted((p for p in usable if p.digest is not None and cid in p.digest), key=key)
-        order = [(p, False) for p in yes]
+        yes = [p for p in usable if p.digest is not None and cid in p.digest]
+        near = [(p, False) for p in sorted(yes, key=key) if self.same_site(p)]
         if home is not None and home not in yes:
-            order.append((home, True))
+            near.append((home, True))
+        near += [(p, False) for p in sorted(yes, key=key) if not self.same_site(p)]
+        far: list[tuple[Peer, bool]] = []
         for origin in sorted(origins):
             o = self.peers.get(origin)
             if o is not None and o.usable:
-                order.append((o, False))
-        asked = {p.node_id for p, _ in order}
+                far.append((o, False))
+        asked = {p.node_id for p, _ in near + far}
         rest = sorted(
             (p for p in usable if p.node_id not in asked),
-            key=lambda p: (p.digest is not None, *key(p)),
+            key=lambda p: (not self.same_site(p), p.digest is not None, *key(p)),
         )
-        order += [(p, False) for p in rest[:others]]
-        return order
+        far += [(p, False) for p in rest[:others]]
+        return near, far
+
+    def ranked_for(
+        self, cid: bytes, *, others: int, origins: set[bytes], home: Peer | None
+    ) -> list[tuple[Peer, bool]]:
+        """``ranked``'s near, then far, in one list (for a fetcher that asks no
+        object-storage origins between them)."""
+        near, far = self.ranked(cid, others=others, origins=origins, home=home)
+        return near + far

@@ -103,7 +103,7 @@ class Network:
         self.store = store
         self.local = local
         self.config = config
-        self.table = PeerTable()
+        self.table = PeerTable(site=config.site)  # homes are chosen within our site
         self.fetcher = Fetcher(
             estate.node_id,
             self.table,
@@ -363,6 +363,7 @@ class Network:
                 if p.node_id != peer_id and p.address is not None and p.port is not None
             ),
             features=messages.FEATURES,
+            site=self.config.site,
         )
 
     def _on_hints(self, hello: Hello) -> None:

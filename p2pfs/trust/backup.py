@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from p2pfs.chunking.params import ChunkParams
-from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError
+from p2pfs.errors import DecodeError, IntegrityError, NotFound, P2pfsError, SignatureError
 from p2pfs.fsutil import read_bounded, write_atomic
 from p2pfs.home import Home
 from p2pfs.ids import VolumeId
@@ -331,7 +331,12 @@ def _volume(row: list[object], estate_id: bytes, ca_public: bytes, b: Backup) ->
     signature = None
     if endorsement is not None:
         signature = _bytes(endorsement, f"endorsement of {name!r}", size=SIGNATURE_SIZE)
-        verify(ca_public, signature, endorsement_message(estate_id, volume_id, name))
+        try:
+            verify(ca_public, signature, endorsement_message(estate_id, volume_id, name))
+        except SignatureError:
+            raise SignatureError(
+                f"the backup's volume {name!r} is not endorsed by its CA"
+            ) from None
     snapshot = encoded = None
     if head is not None:
         encoded = _bytes(head, f"head of {name!r}", limit=MAX_SNAPSHOT_BYTES)

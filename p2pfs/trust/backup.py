@@ -188,7 +188,12 @@ def derive_key(passphrase: bytes, header: Header) -> bytes:
     )
 
 
-def seal_backup(contents: bytes, passphrase: bytes) -> bytes:
+def seal_backup(
+    contents: bytes,
+    passphrase: bytes,
+    *,
+    derive: Callable[[bytes, Header], bytes] = derive_key,
+) -> bytes:
     """A backup file's bytes: ``contents`` sealed under ``passphrase``."""
     if not passphrase:
         raise P2pfsError("an empty passphrase protects nothing")
@@ -198,7 +203,7 @@ def seal_backup(contents: bytes, passphrase: bytes) -> bytes:
     fields = (KDF_SCRYPT, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, salt, nonce)
     encoded = _HEADER.pack(MAGIC, VERSION, *fields)
     header = Header(SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, salt, nonce, encoded)
-    key = derive_key(passphrase, header)
+    key = derive(passphrase, header)
     return header.encoded + AESGCM(key).encrypt(header.nonce, contents, header.encoded)
 
 
@@ -210,7 +215,7 @@ def open_backup(
 ) -> Backup:
     """Open and verify a backup file: a ``P2pfsError`` (one line) for anything wrong.
 
-    ``derive`` is the key derivation (the fuzz targets pass a memoizing one)."""
+    ``derive`` is the key derivation (the fuzz targets pass one that runs scrypt once)."""
     header = read_header(data)
     try:
         contents = AESGCM(derive(passphrase, header)).decrypt(

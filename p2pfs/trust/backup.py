@@ -91,8 +91,10 @@ FILES = (NODES, GRANTS, GROUPS)  # the admin's JSON files, kept as they are
 
 _FORMAT = "p2pfs-estate-backup"
 _CONTENTS_VERSION = 1
-_KEYS = {"format", "v", "estate", "made", "admin", "ca_key", "ca", "revocations", "access"}
-_KEYS |= {"secrets", "files", "volumes"}
+_KEYS = frozenset(
+    {"format", "v", "estate", "made", "admin", "ca_key", "ca", "revocations", "access"}
+    | {"secrets", "files", "volumes"}
+)
 WRONG = "wrong passphrase or damaged backup"
 
 
@@ -460,8 +462,11 @@ def _collect_volumes(home: Home) -> list[VolumeBackup]:
             if not registry.is_publisher(name):
                 continue  # followed, not published here: its publisher has its key
             record = registry.get(name)
-            snapshot = registry.load_head(store, record)
-            head = store.get_object(record.head) if record.head is not None else None
+            try:
+                snapshot = registry.load_head(store, record)
+                head = store.get_object(record.head) if record.head is not None else None
+            except P2pfsError as e:
+                raise type(e)(f"volume {name!r}: its head snapshot cannot be read ({e})") from None
             out.append(
                 VolumeBackup(
                     name,

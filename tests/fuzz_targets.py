@@ -11,6 +11,7 @@ counts every call, per target, so a run can say how much it tried.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sys
 import tempfile
@@ -22,14 +23,17 @@ from typing import Any
 
 from p2pfs import config
 from p2pfs.appliance import link_client, seed
+from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import P2pfsError
 from p2pfs.home import Home, node_id_of
+from p2pfs.ids import VolumeId
 from p2pfs.keys import SigningKey
 from p2pfs.net import link, messages, wire
 from p2pfs.node import desktop_api, http
 from p2pfs.node.summary import NodeSummary, VolumeSummary
 from p2pfs.objects import codec, model
-from p2pfs.trust import access, certs, desktop, enrolment, estate, revocation
+from p2pfs.seal import seal_root
+from p2pfs.trust import access, backup, certs, desktop, enrolment, estate, revocation
 
 EXECUTIONS: Counter[str] = Counter()
 ACCEPTED: Counter[str] = Counter()
@@ -253,6 +257,79 @@ BUNDLE = codec.pack(
 REQUEST = certs.make_request(NODE_KEY)
 
 
+# -- the estate backup --------------------------------------------------------------
+
+BACKUP_PASSPHRASE = b"fuzz passphrase"
+_HR_KEY = SigningKey.generate()
+_HR = _HR_KEY.public_bytes()
+_HR_SECRET = bytes(range(100, 132))
+_HR_ACCESS = access.sign_access(
+    CA_KEY,
+    ESTATE_ID,
+    4,
+    [access.VolumeAccess(_HR, "hr", frozenset({NODE}), frozenset(), 1, {1: {NODE: b"x"}})],
+)
+_HR_HEAD = model.Snapshot.create(
+    _HR_KEY,
+    name="hr",
+    seq=1,
+    parent=None,
+    root=ID2,
+    time_ns=9,
+    params=PARAMS,
+    epoch=1,
+    root_key=seal_root(_HR_SECRET, _HR, 1, ID2 + ID),
+    ids=ID,
+)
+
+
+def _volume_backup(key: SigningKey, head: model.Snapshot) -> backup.VolumeBackup:
+    vid = key.public_bytes()
+    endorsement = CA_KEY.sign(revocation.endorsement_message(ESTATE_ID, vid, head.name))
+    return backup.VolumeBackup(
+        head.name,
+        VolumeId(vid),
+        ChunkParams(),
+        False,
+        endorsement,
+        key,
+        head.encode(),
+        head,
+    )
+
+
+BACKUP = backup.Backup(
+    ESTATE_ID,
+    1_700_000_000,
+    NODE,
+    CA_KEY,
+    CA_CERT,
+    revocation.decode_revocations(REVOCATIONS, CA_PUBLIC, ESTATE_ID),
+    access.decode_access(_HR_ACCESS, CA_PUBLIC, ESTATE_ID),
+    {_HR: {1: _HR_SECRET}},
+    {"nodes.json": json.dumps({NODE.hex(): ID.hex()}).encode(), "groups.json": b"{}"},
+    (_volume_backup(_HR_KEY, _HR_HEAD), _volume_backup(VOLUME_KEY, SNAPSHOT)),
+)
+BACKUP_CONTENTS = backup.encode_contents(BACKUP)
+_BACKUP_KEYS: dict[bytes, bytes] = {}
+
+
+def _derive(passphrase: bytes, header: backup.Header) -> bytes:
+    """scrypt once, for the seed's salt; under any other salt another key, as scrypt
+    would give (a fuzzed salt costs no half second)."""
+    if not _BACKUP_KEYS:
+        _BACKUP_KEYS[header.salt] = backup.derive_key(passphrase, header)
+    key = _BACKUP_KEYS.get(header.salt)
+    return key if key is not None else hashlib.sha256(header.salt + passphrase).digest()
+
+
+SEALED_BACKUP = backup.seal_backup(BACKUP_CONTENTS, BACKUP_PASSPHRASE, derive=_derive)
+
+
+def _backup(data: bytes) -> None:
+    backup.open_backup(data, BACKUP_PASSPHRASE, derive=_derive)
+
+
 def _cert(data: bytes) -> None:
     _each(
         lambda: certs.parse_cert(data, "fuzz", pem=False),
@@ -410,6 +487,8 @@ TARGETS: dict[str, Target] = {
         Target("revocations", _revocations, [REVOCATIONS]),
         Target("revocations-body", _revocations_body, [_body_of(REVOCATIONS)]),
         Target("bundle", enrolment.parse_bundle, [BUNDLE]),
+        Target("backup", _backup, [SEALED_BACKUP]),
+        Target("backup-contents", backup.decode_contents, [BACKUP_CONTENTS]),
         Target("request", certs.parse_request, [REQUEST]),
         Target("cert", _cert, [certs.to_der(CA_CERT), certs.to_pem(NODE_CERT)]),
         Target("token", _token, [TOKEN]),

@@ -1,7 +1,8 @@
 """Every decoder of hostile input, fuzzed: it returns a value or raises a P2pfsError.
 
 Targets are in ``fuzz_targets.py`` (frames, messages, objects, the signed lists,
-enrolment, the desktop link and its tokens, the config and the appliance seed). Each
+enrolment, the estate backup, the desktop link and its tokens, the config and the
+appliance seed). Each
 gets three kinds of input, mixed: random bytes; structurally valid msgpack (or JSON,
 TOML, text) of random shapes, with the fields the decoder expects given plausible and
 implausible values; and mutations of a valid encoding (bit flips, truncations,
@@ -25,7 +26,15 @@ from typing import Any
 
 import msgpack  # tests only: non-canonical and float-bearing msgpack, which codec refuses
 import pytest
-from fuzz_targets import ACCEPTED, EXECUTIONS, SEED_TOML, TARGETS, check
+from fuzz_targets import (
+    ACCEPTED,
+    BACKUP_CONTENTS,
+    EXECUTIONS,
+    SEALED_BACKUP,
+    SEED_TOML,
+    TARGETS,
+    check,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -329,6 +338,44 @@ seed_docs = st.builds(
     ),
 )
 
+# The estate backup: its header's fields (the seed's salt: another costs a scrypt), then
+# any body; and contents with every field present, each valid or anything.
+backup_files = st.builds(
+    lambda header, nonce, body: header + nonce + body,
+    st.sampled_from([SEALED_BACKUP[:33], b"P2PFS-BACKUP\x02" + SEALED_BACKUP[13:33]])
+    | st.builds(
+        lambda h: SEALED_BACKUP[:12] + h + SEALED_BACKUP[17:33], st.binary(min_size=5, max_size=5)
+    ),
+    st.binary(min_size=12, max_size=12),
+    st.binary(max_size=200),
+)
+_CONTENTS: Any = codec.unpack(BACKUP_CONTENTS, max_size=1 << 24)
+_VOLUME_ROW = _CONTENTS["volumes"][0]
+backup_contents = st.builds(
+    encode_msgpack,
+    st.fixed_dictionaries(
+        {k: st.one_of(st.just(v), st.just(v), values) for k, v in _CONTENTS.items()}
+        | {
+            "secrets": st.lists(
+                st.lists(
+                    st.one_of(ids(), st.lists(st.lists(ints | ids(), max_size=3), max_size=3))
+                ),
+                max_size=3,
+            )
+            | st.just(_CONTENTS["secrets"]),
+            "files": st.dictionaries(
+                st.sampled_from(["nodes.json", "grants.json", "groups.json", "x.json"]),
+                json_of({"ab" * 16: st.text()}) | st.binary(max_size=20),
+                max_size=3,
+            ),
+            "volumes": st.lists(
+                st.tuples(*[st.one_of(st.just(f), values) for f in _VOLUME_ROW]).map(list),
+                max_size=3,
+            ),
+        }
+    ),
+)
+
 INTERESTING = [
     b"\x00",
     b"\xff",
@@ -435,6 +482,8 @@ STRUCTURED: dict[str, st.SearchStrategy[bytes]] = {
             }
         ),
     ),
+    "backup": backup_files,
+    "backup-contents": backup_contents,
     "request": st.builds(
         lambda b: (
             b"-----BEGIN CERTIFICATE REQUEST-----\n" + b + b"\n-----END CERTIFICATE REQUEST-----\n"

@@ -1,4 +1,5 @@
-"""The estate commands of the ``p2pfs`` command line: enrolment, revocation, show.
+"""The estate commands of the ``p2pfs`` command line: enrolment, revocation, show, and
+the estate backup and its restore (docs/recovery.md).
 
 ``cli/main.py`` registers them through ``add_commands``. Every
 handler takes the parsed arguments, calls one function of ``estate.py``, prints,
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import getpass
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
-from p2pfs.errors import NotRunning, P2pfsError, UsageError
+from p2pfs.errors import Busy, DecodeError, NotFound, NotRunning, P2pfsError, UsageError
+from p2pfs.fsutil import read_bounded, write_atomic
 from p2pfs.home import Home
 from p2pfs.node import control
-from p2pfs.trust import certs, enrolment, estate, revocation
+from p2pfs.trust import backup, certs, enrolment, estate, revocation
 
 from .common import STDIO, Handler, Subparsers, node_home, read_input, write_output
 
@@ -37,6 +42,22 @@ def add_commands(sub: Subparsers) -> dict[str, Handler]:
     rv.add_argument("node_id", metavar="NODE_ID")
     sh = esub.add_parser("show", help="estate id, role, certificate expiry, revocations")
     sh.add_argument("--json", action="store_true")
+    bk = esub.add_parser(
+        "backup", help="(admin) write the CA, volume keys and access lists, under a passphrase"
+    )
+    bk.add_argument("--out", required=True, metavar="FILE", help="the backup file to write")
+    bk.add_argument("--force", action="store_true", help="replace an existing FILE")
+    rs = esub.add_parser(
+        "restore", help="make this new node the estate's admin from an estate backup"
+    )
+    rs.add_argument("backup", metavar="FILE", help="the file 'estate backup' wrote")
+    for p in (bk, rs):
+        p.add_argument(
+            "--passphrase-file",
+            type=Path,
+            metavar="FILE",
+            help="the passphrase is FILE's first line (else it is asked on the terminal)",
+        )
 
     rj = sub.add_parser("request-join", help="write this node's join request for the admin")
     rj.add_argument("--out", required=True, metavar="FILE", help="request file ('-': stdout)")
@@ -104,6 +125,10 @@ def cmd_estate(args: argparse.Namespace) -> int:
         write_output(args.out, bundle)
         print(node_id.hex(), file=sys.stderr if args.out == STDIO else sys.stdout)
         return 0
+    if action == "backup":
+        return _backup(home, args)
+    if action == "restore":
+        return _restore(home, args)
     if action == "revoke":
         target = _parse_node_id(args.node_id)
         member = estate.Estate.load(home)
@@ -147,4 +172,99 @@ def _show(home: Home, as_json: bool) -> int:
     print(f"revocation list {member.revocation_number}: {len(member.revoked)} revoked")
     for n in info["revoked"]:
         print(f"revoked: {n}")
+    return 0
+
+
+# -- backup and restore -----------------------------------------------------------
+
+MIN_PASSPHRASE = 8  # characters, for a passphrase typed at a backup
+_MAX_PASSPHRASE_FILE = 64 * 1024
+
+
+def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
+    """From ``--passphrase-file`` (its first line), else asked on the terminal (twice
+    with ``confirm``, for a backup)."""
+    if args.passphrase_file is not None:
+        data = read_bounded(args.passphrase_file, _MAX_PASSPHRASE_FILE, "passphrase file")
+        line = data.split(b"\n", 1)[0].removesuffix(b"\r")
+        if not line:
+            raise UsageError(
+                f"the passphrase file {args.passphrase_file} starts with an empty line"
+            )
+        return line
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise UsageError("no terminal to ask the passphrase on: give --passphrase-file FILE")
+    try:
+        first = getpass.getpass("estate backup passphrase: ")
+        if confirm:
+            if len(first) < MIN_PASSPHRASE:
+                raise UsageError(f"a passphrase needs at least {MIN_PASSPHRASE} characters")
+            if getpass.getpass("the same again: ") != first:
+                raise UsageError("the two passphrases differ; nothing written")
+    except EOFError:
+        raise UsageError("no passphrase given") from None
+    if not first:
+        raise UsageError("no passphrase given")
+    return first.encode("utf-8")
+
+
+def _backup(home: Home, args: argparse.Namespace) -> int:
+    out = Path(args.out).absolute()
+    if out.is_dir():
+        raise P2pfsError(f"{out} is a directory")
+    if not out.parent.is_dir():
+        raise NotFound(f"cannot write {out}: {out.parent} is not a directory")
+    if out.exists() and not args.force:
+        raise P2pfsError(f"{out} exists; not overwriting it (--force replaces it)")
+    held = backup.collect(home)  # before the passphrase: a non-admin is refused at once
+    data = backup.seal_backup(backup.encode_contents(held), _passphrase(args, confirm=True))
+    try:
+        write_atomic(out, data, 0o600, overwrite=args.force)
+    except FileExistsError:
+        raise P2pfsError(f"{out} exists; not overwriting it (--force replaces it)") from None
+    except PermissionError:
+        raise P2pfsError(f"cannot write {out} (permission denied)") from None
+    names = [v.name for v in held.volumes]
+    volumes = f"{len(names)} volume{'' if len(names) == 1 else 's'}"
+    print(
+        f"estate {held.estate_id.hex()}: CA, {volumes}"
+        + (f" ({', '.join(names)})" if names else "")
+        + f", access list {held.access.number} ({len(held.secrets)} private), "
+        f"revocation list {held.revocations.number} -> {args.out}"
+    )
+    print(
+        "keep the file and its passphrase apart: together they admit any machine to the estate",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _restore(home: Home, args: argparse.Namespace) -> int:
+    if _daemon_running(home):
+        raise Busy("the daemon of this node is running: stop it before restoring an estate")
+    backup.check_fresh(home)  # before the passphrase is asked
+    data = read_bounded(args.backup, backup.MAX_BACKUP, "estate backup", too_large=DecodeError)
+    backup.read_header(data)
+    held = backup.open_backup(data, _passphrase(args, confirm=False))
+    done = backup.restore(home, held)
+    print(
+        f"restored estate {done.estate_id.hex()}: this node {done.node_id.hex()} is its admin "
+        "(CA key, a node certificate issued by it)"
+    )
+    access = (
+        f"access list {done.access_number} (this node reads every private volume)"
+        if done.access_number
+        else "no private volumes"
+    )
+    print(f"revocation list {done.revocation_number}; {access}")
+    for r in done.volumes:
+        private = ", private" if held.is_private(r.id) else ""
+        print(f"volume {r.name}: this node publishes it, seq {r.seq}{private}")
+    made = datetime.datetime.fromtimestamp(held.made, datetime.UTC)
+    print(
+        f"next: run 'p2pfs volume restore NAME --from URL' to take each volume's newest "
+        f"snapshot from an origin; the backup was made {made:%Y-%m-%d %H:%M} UTC by admin "
+        f"node {done.old_admin.hex()}: if that machine is gone, "
+        f"'p2pfs estate revoke {done.old_admin.hex()}'"
+    )
     return 0

@@ -159,6 +159,38 @@ class VolumeRegistry:
         write_atomic(self._dir(record.name) / "volume.json", new.to_json())
         return new
 
+    def restore(self, record: VolumeRecord, key: SigningKey) -> VolumeRecord:
+        """Install a volume this node publishes from now on (an estate backup's): its
+        publisher key and its record, whose head snapshot the caller stored already.
+
+        A volume already here under that name must be the same one (same key); if its
+        sequence is ahead of ``record``'s it is kept: a sequence never goes back.
+        """
+        if key.public_bytes() != record.id or record.origin is not None:
+            raise IntegrityError(f"the publisher key of volume {record.name!r} is not its id")
+        d = self._dir(record.name)
+        key_path = d / "publisher.key"
+        current = None
+        if (d / "volume.json").exists():
+            current = self.get(record.name)
+            if current.id != record.id:
+                raise P2pfsError(
+                    f"this node holds another volume named {record.name!r} "
+                    f"({current.id.hex()[:16]}); not replacing it"
+                )
+        if key_path.exists() and SigningKey.load(key_path).public_bytes() != record.id:
+            raise IntegrityError(f"{key_path} does not match the id of volume {record.name!r}")
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not key_path.exists():
+            key.save(key_path)
+        if current is not None and current.seq >= record.seq:
+            record = replace(
+                current, origin=None, endorsement=current.endorsement or record.endorsement
+            )
+        write_atomic(d / "volume.json", record.to_json())
+        log.info("restored volume %s id %s at seq %d", record.name, record.id.hex(), record.seq)
+        return record
+
     def set_endorsement(self, name: str, endorsement: bytes) -> VolumeRecord:
         record = replace(self.get(name), endorsement=endorsement)
         write_atomic(self._dir(name) / "volume.json", record.to_json())

@@ -65,7 +65,12 @@ class LabError(P2pfsError):
 
 def _names_pattern(prefix: str) -> re.Pattern[str]:
     """Namespaces of any lab with this prefix: group 1 is the lab id."""
-    return re.compile(rf"^{re.escape(prefix)}([0-9a-z]{{{ID_LEN}}})-(?:sw|h\d+)$")
+    return re.compile(rf"^{re.escape(prefix)}([0-9a-z]{{{ID_LEN}}})-(?:sw\d*|h\d+|wan)$")
+
+
+def _is_host_netns(netns: str) -> bool:
+    """A host's namespace (``-h<i>``), not a switch's (``-sw``, ``-sw<j>``) or a router's."""
+    return re.search(r"-h\d+$", netns) is not None
 
 
 def _check_prefix(prefix: str) -> None:
@@ -196,12 +201,12 @@ def _remove_lab(lab_id: str, prefix: str, state: dict[str, Any] | None) -> None:
         if isinstance(mount, str):
             _lazy_unmount(mount)
     mine = [ns for ns in _list_netns() if ns.startswith(f"{prefix}{lab_id}-")]
-    hosts = [ns for ns in mine if not ns.endswith("-sw")]
-    for ns in hosts:
+    for ns in mine:
         _kill_netns_processes(ns, grace=1.0)
-    # Hosts first (their veths go with them), then the switch with the bridge.
-    for ns in sorted(mine, key=lambda n: n.endswith("-sw")):
+    # Hosts first (their veths go with them), then the switches (and a router).
+    for ns in sorted(mine, key=lambda n: not _is_host_netns(n)):
         _delete_netns(ns)
+    shutil.rmtree(STATE_DIR / f"{lab_id}.d", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / f"{lab_id}.json").unlink()
 
@@ -267,6 +272,46 @@ def _probe(prefix: str) -> str | None:
     return None
 
 
+# -- building blocks (Lab here, SitesLab in sites.py) -----------------------------------
+
+
+def _new_netns(netns: str) -> None:
+    """An empty namespace: IPv6 off (the lab is IPv4, like discovery), ``lo`` up."""
+    _run(["ip", "netns", "add", netns])
+    _write_sysctl(netns, "net/ipv6/conf/all/disable_ipv6", "1")
+    _write_sysctl(netns, "net/ipv6/conf/default/disable_ipv6", "1")
+    _ip("link", "set", "lo", "up", netns=netns)
+
+
+def _new_switch(netns: str) -> None:
+    """A namespace holding ``br0``: no STP (ports forward at once), no multicast snooping
+    (mDNS floods to every port)."""
+    _new_netns(netns)
+    _ip(
+        "link", "add", "br0", "type", "bridge", "stp_state", "0", "mcast_snooping", "0", netns=netns
+    )
+    _ip("link", "set", "br0", "up", netns=netns)
+
+
+def _plug_host(host: Host, routes: Sequence[tuple[str, str]] = ()) -> None:
+    """Create ``host``'s namespace with ``eth0`` cabled to its switch's ``br0``.
+
+    ``routes`` are (subnet, gateway) pairs beyond the host's own /24 and the multicast
+    route; there is never a default route.
+    """
+    ns, sw = host.netns, host.switch_netns
+    _new_netns(ns)
+    # Both ends are born in their namespaces: nothing appears in ours, even briefly.
+    _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns, netns=sw)
+    _ip("link", "set", host.veth, "master", "br0", netns=sw)
+    _ip("link", "set", host.veth, "up", netns=sw)
+    _ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=ns)
+    _ip("link", "set", "eth0", "multicast", "on", "up", netns=ns)
+    _ip("route", "add", MULTICAST_ROUTE, "dev", "eth0", netns=ns)
+    for subnet, gateway in routes:
+        _ip("route", "add", subnet, "via", gateway, "dev", "eth0", netns=ns)
+
+
 # -- hosts ----------------------------------------------------------------------------
 
 
@@ -279,6 +324,7 @@ class Host:
         self.name = name
         self.netns = f"{lab.prefix}{lab.id}-h{index}"
         self.veth = f"{lab.prefix}{lab.id}v{index}"  # the switch side of the cable
+        self.switch_netns = lab.switch_netns  # where that side is (a site's switch: sites.py)
         self.address = HOST_ADDRESS.format(k=lab.subnet_index, i=index + 1)
 
     def __repr__(self) -> str:
@@ -335,40 +381,58 @@ class Host:
         (what it receives) are both shaped. A rate alone uses ``tbf``; a delay needs
         the kernel's ``netem`` qdisc.
         """
-        if rate_mbit <= 0 or delay_ms < 0:
-            raise LabError(f"bad shape: rate {rate_mbit} Mbit/s, delay {delay_ms} ms")
-        if delay_ms > 0:
-            qdisc = ["netem", "delay", f"{delay_ms:g}ms", "rate", f"{rate_mbit:g}mbit"]
-            qdisc += ["limit", "100000"]
-        else:
-            # 10 ms worth of bytes (at least 64 KiB so GSO segments pass unsplit).
-            burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 / 100))
-            qdisc = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", "200ms"]
-        for ns, dev in self._cable_ends():
-            proc = _run(
-                ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *qdisc], check=False
-            )
-            if proc.returncode != 0:
-                if "unknown" in proc.stderr.lower() and qdisc[0] == "netem":
-                    raise LabError(
-                        "a delay needs the netem qdisc, which this kernel lacks "
-                        "(CONFIG_NET_SCH_NETEM); shape with a rate only"
-                    )
-                raise LabError(f"tc qdisc on {ns}/{dev} failed: {proc.stderr.strip()}")
+        shape_ends(self._cable_ends(), rate_mbit, delay_ms)
 
     def unshape(self) -> None:
-        for ns, dev in self._cable_ends():
-            _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+        unshape_ends(self._cable_ends())
 
     def link_down(self) -> None:
         """Cut this host's cable at the switch: it keeps its address but reaches no one."""
-        _ip("link", "set", self.veth, "down", netns=self.lab.switch_netns)
+        _ip("link", "set", self.veth, "down", netns=self.switch_netns)
 
     def link_up(self) -> None:
-        _ip("link", "set", self.veth, "up", netns=self.lab.switch_netns)
+        _ip("link", "set", self.veth, "up", netns=self.switch_netns)
+
+    def link_bytes(self) -> tuple[int, int]:
+        """(received, sent): bytes through this host's ``eth0`` so far, per its kernel."""
+        return link_bytes(self.netns, "eth0")
 
     def _cable_ends(self) -> list[tuple[str, str]]:
-        return [(self.netns, "eth0"), (self.lab.switch_netns, self.veth)]
+        return [(self.netns, "eth0"), (self.switch_netns, self.veth)]
+
+
+def shape_ends(ends: Sequence[tuple[str, str]], rate_mbit: float, delay_ms: float = 0) -> None:
+    """Shape the egress of every (namespace, device): ``tbf`` for a rate, ``netem`` with a delay."""
+    if rate_mbit <= 0 or delay_ms < 0:
+        raise LabError(f"bad shape: rate {rate_mbit} Mbit/s, delay {delay_ms} ms")
+    if delay_ms > 0:
+        qdisc = ["netem", "delay", f"{delay_ms:g}ms", "rate", f"{rate_mbit:g}mbit"]
+        qdisc += ["limit", "100000"]
+    else:
+        # 10 ms worth of bytes (at least 64 KiB so GSO segments pass unsplit).
+        burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 / 100))
+        qdisc = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", "200ms"]
+    for ns, dev in ends:
+        proc = _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *qdisc], check=False)
+        if proc.returncode != 0:
+            if "unknown" in proc.stderr.lower() and qdisc[0] == "netem":
+                raise LabError(
+                    "a delay needs the netem qdisc, which this kernel lacks "
+                    "(CONFIG_NET_SCH_NETEM); shape with a rate only"
+                )
+            raise LabError(f"tc qdisc on {ns}/{dev} failed: {proc.stderr.strip()}")
+
+
+def unshape_ends(ends: Sequence[tuple[str, str]]) -> None:
+    for ns, dev in ends:
+        _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+
+
+def link_bytes(netns: str, dev: str) -> tuple[int, int]:
+    """(rx, tx) byte counters of ``dev`` in ``netns`` (``ip -s -j link``)."""
+    info = json.loads(_ip("-s", "-j", "link", "show", "dev", dev, netns=netns))
+    stats = info[0].get("stats64") or info[0]["stats"]
+    return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
 
 # -- the lab ---------------------------------------------------------------------------
@@ -423,6 +487,8 @@ class Lab:
         self._wanted_subnet = subnet_index
         self.id = ""
         self.subnet_index = -1
+        self.subnet_indexes: list[int] = []  # subnet_index first, then any more (sites.py)
+        self._subnet_count = 1
         self.hosts: list[Host] = []
         self._procs: dict[subprocess.Popen[Any], int | None] = {}  # process -> its group
         self._mounts: list[str] = []
@@ -464,9 +530,7 @@ class Lab:
         _exit_on_sigterm()
         try:
             self._allocate()
-            self._build_switch()
-            for i in range(self._n):
-                self._add(self._names[i] if self._names else None)
+            self._build()
         except BaseException:
             self.close()
             raise
@@ -489,6 +553,20 @@ class Lab:
                 _remove_lab(self.id, self.prefix, None)
         log.info("lab %s%s removed", self.prefix, self.id)
 
+    def scratch_dir(self, name: str) -> Path:
+        """A directory of the lab's own (server configs, logs), removed with the lab.
+
+        Under the state directory, so ``cleanup_stale`` removes it with the lab's
+        namespaces when the owner dies.
+        """
+        if not self._started or self._closed:
+            raise LabError("scratch_dir on a lab that is not running")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
+            raise LabError(f"bad scratch directory name {name!r}")
+        path = STATE_DIR / f"{self.id}.d" / name
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
     # -- hosts
 
     def add_host(self, name: str | None = None) -> Host:
@@ -507,6 +585,14 @@ class Lab:
         return iter(self.hosts)
 
     def _add(self, name: str | None) -> Host:
+        host = Host(self, *self._new_host_slot(name))
+        self.hosts.append(host)
+        self._save()  # recorded before it exists, so a crash leaves nothing unrecorded
+        _plug_host(host)
+        return host
+
+    def _new_host_slot(self, name: str | None) -> tuple[int, str]:
+        """The next host's index and its name (given, or a, b, c, ...), checked unique."""
         index = len(self.hosts)
         if index >= MAX_HOSTS:
             raise LabError(f"a lab has at most {MAX_HOSTS} hosts")
@@ -514,38 +600,33 @@ class Lab:
             name = string.ascii_lowercase[index] if index < 26 else f"h{index}"
         if any(h.name == name for h in self.hosts):
             raise LabError(f"a host named {name!r} already exists")
-        host = Host(self, index, name)
-        self.hosts.append(host)
-        self._save()  # recorded before it exists, so a crash leaves nothing unrecorded
-        ns, sw = host.netns, self.switch_netns
-        _run(["ip", "netns", "add", ns])
-        _write_sysctl(ns, "net/ipv6/conf/all/disable_ipv6", "1")
-        _write_sysctl(ns, "net/ipv6/conf/default/disable_ipv6", "1")
-        _ip("link", "set", "lo", "up", netns=ns)
-        # Both ends are born in their namespaces: nothing appears in ours, even briefly.
-        _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns, netns=sw)
-        _ip("link", "set", host.veth, "master", "br0", netns=sw)
-        _ip("link", "set", host.veth, "up", netns=sw)
-        _ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=ns)
-        _ip("link", "set", "eth0", "multicast", "on", "up", netns=ns)
-        _ip("route", "add", MULTICAST_ROUTE, "dev", "eth0", netns=ns)
-        return host
+        return index, name
 
     # -- internals
+
+    def _build(self) -> None:
+        """The switch and the first hosts (a subclass builds another topology here)."""
+        _new_switch(self.switch_netns)
+        for i in range(self._n):
+            self._add(self._names[i] if self._names else None)
 
     def _allocate(self) -> None:
         with _locked():
             states = _read_states()
-            used = {s.get("subnet_index") for s in states.values() if _owner_alive(s)}
+            used: set[int] = set()
+            for st in states.values():
+                if _owner_alive(st):
+                    subnets = st.get("subnets") or [st.get("subnet_index")]
+                    used.update(k for k in subnets if isinstance(k, int))
+            free = [k for k in range(256) if k not in used]
             if self._wanted_subnet is not None:
                 if self._wanted_subnet in used:
                     raise LabError(f"subnet 10.213.{self._wanted_subnet}.0/24 is in use")
-                self.subnet_index = self._wanted_subnet
-            else:
-                free = [k for k in range(256) if k not in used]
-                if not free:
-                    raise LabError("no free lab subnet (256 labs running)")
-                self.subnet_index = free[0]
+                free = [self._wanted_subnet, *(k for k in free if k != self._wanted_subnet)]
+            if len(free) < self._subnet_count:
+                raise LabError(f"no {self._subnet_count} free lab subnets (256 in use)")
+            self.subnet_indexes = free[: self._subnet_count]
+            self.subnet_index = self.subnet_indexes[0]
             taken = set(states) | {
                 m.group(1) for ns in _list_netns() if (m := _names_pattern(self.prefix).match(ns))
             }
@@ -556,26 +637,6 @@ class Lab:
             self.id = lab_id
             self._save()
 
-    def _build_switch(self) -> None:
-        sw = self.switch_netns
-        _run(["ip", "netns", "add", sw])
-        _write_sysctl(sw, "net/ipv6/conf/all/disable_ipv6", "1")
-        _write_sysctl(sw, "net/ipv6/conf/default/disable_ipv6", "1")
-        # No STP (ports forward at once) and no multicast snooping (mDNS floods to every port).
-        _ip(
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "mcast_snooping",
-            "0",
-            netns=sw,
-        )
-        _ip("link", "set", "br0", "up", netns=sw)
-
     def _save(self) -> None:
         state = {
             "id": self.id,
@@ -583,6 +644,7 @@ class Lab:
             "pid": os.getpid(),
             "start_time": _process_start(os.getpid()),
             "subnet_index": self.subnet_index,
+            "subnets": self.subnet_indexes,
             "hosts": [h.netns for h in self.hosts],
             "mounts": self._mounts,
         }

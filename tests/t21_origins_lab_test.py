@@ -308,3 +308,95 @@ def test_4_a_stale_latest_or_a_dead_origin(world: dict[str, Any]) -> None:
     finally:
         moto.send_signal(signal.SIGCONT)
     _reads(d2, world["digests"], ["later.bin"])
+
+
+def _seq(node: Node) -> int:
+    return int(node.status()["volumes"][0]["seq"])
+
+
+def test_5_a_new_admin_machine_takes_over_from_the_backup_and_the_bucket(
+    world: dict[str, Any],
+) -> None:
+    """The publisher is gone for good (test 2 stopped it): its backup and the bucket let
+    a new machine continue the volume's sequence, and every follower takes it."""
+    lab: EstateLab = world["lab"]
+    a, d1, d2 = lab.nodes[:3]
+    work: Path = world["work"]
+    passphrase = work / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    backup = work / "estate.backup"
+    a.cli("estate", "backup", "--out", str(backup), "--passphrase-file", str(passphrase))
+    n = Node("n", lab.lab.add_host("n"), work / "n" / "home", work / "n" / "mnt")
+    lab.nodes.append(n)  # stopped with the others
+    n.cli("init")
+    n.cli("estate", "restore", str(backup), "--passphrase-file", str(passphrase))
+    n.configure(deadline_s=DEADLINE_S, hedge_after_s=0.3, origin_poll_s=1.0)
+    old = _seq(d1)
+    url = f"s3://{BUCKET}/tools"
+    out = _cli(n, "volume", "restore", "tools", "--from", url, "--endpoint", world["endpoint"])
+    assert f"snapshot {old}" in out.stdout, out.stdout
+    tree2 = work / "tree2"
+    subprocess.run(["cp", "-a", str(world["tree"]), str(tree2)], check=True)
+    digests = world["digests"]
+    digests["v2.bin"] = _write(tree2 / "v2.bin", 1 * MIB, 5)
+    digests["http.bin"] = _write(tree2 / "http.bin", 2 * MIB, 6)
+    n.cli("import", str(tree2), "tools")
+    n.start()
+    for d in (d1, d2):
+        wait_for(f"{d.name} to take the new admin's snapshot", lambda d=d: _seq(d) == old + 1, 60)
+    _reads(d1, digests, ["v2.bin", "big.img"])
+    _reads(d2, digests, ["v2.bin"])
+    # The new admin uploaded its snapshot: the origin's latest is it.
+    rows = json.loads(_cli(n, "origin", "list", "--json").stdout)
+    wait_for(
+        "the new snapshot at the origin",
+        lambda: json.loads(_cli(n, "origin", "list", "--json").stdout)[0]["seq"] == old + 1,
+        60,
+    )
+    assert rows[0]["reachable"]
+    # A replayed old snapshot (the old admin's, put back as latest) is still refused.
+    first = work / "first-snapshot"
+    _s3(
+        n.host,
+        world["endpoint"],
+        "keys = sorted(o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='tools/snapshots/')['Contents'])\n"
+        f"open({str(first)!r}, 'wb').write(s3.get_object(Bucket=bucket, Key=keys[0])['Body'].read())\n"
+        f"s3.put_object(Bucket=bucket, Key='tools/{LATEST}', Body=open({str(first)!r}, 'rb').read())",
+    )
+    time.sleep(3)
+    assert _seq(d1) == _seq(d2) == old + 1
+
+
+def test_6_a_plain_http_mirror_served_by_nginx(world: dict[str, Any]) -> None:
+    """An HTTP origin written by the publisher into a directory nginx serves: with the
+    S3 origin and every holder gone, a desktop reads from it alone."""
+    from p2pfs.lab.servers import start_nginx
+
+    lab: EstateLab = world["lab"]
+    d1, d2, n = lab.nodes[1], lab.nodes[2], lab.nodes[3]
+    work: Path = world["work"]
+    root = work / "www"
+    (root / "tools").mkdir(parents=True)
+    web = start_nginx(lab.lab.add_host("web"), root)
+    url = web.url.rstrip("/") + "/tools/"
+    _cli(n, "origin", "add", "tools", url, "--dir", str(root / "tools"))
+    seq = _seq(n)
+    for d in (d1, d2):
+        wait_for(f"{d.name} to learn of the mirror", lambda d=d: _seq(d) == seq, 60)
+    wait_for(
+        "the mirror filled",
+        lambda: any(
+            r["url"] == url and r["seq"] == seq
+            for r in json.loads(_cli(n, "origin", "list", "--json").stdout)
+        ),
+        60,
+    )
+    n.stop()
+    moto: subprocess.Popen[bytes] = world["moto"]
+    moto.send_signal(signal.SIGSTOP)
+    try:
+        _reads(d2, world["digests"], ["http.bin"])
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    served = [r for r in web.requests() if "/tools/objects/" in r[1] and r[2] == 200]
+    assert sum(r[3] for r in served) >= 2 * MIB

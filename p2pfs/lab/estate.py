@@ -87,13 +87,14 @@ class Node:
         self.launch(*extra)
         self.wait_mounted()
 
-    def launch(self, *extra: str) -> None:
-        """Start the daemon in this host's namespace; ``wait_mounted`` waits for its mount."""
+    def launch(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start the daemon in this host's namespace (with ``env``, else ours);
+        ``wait_mounted`` waits for its mount."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115
         argv = [sys.executable, "-m", "p2pfs", "--home", str(self.home), "daemon"]
         argv += ["--mount", str(self.mountpoint), *extra]
-        self.proc = self.host.popen(argv, stdout=log, stderr=log)
+        self.proc = self.host.popen(argv, stdout=log, stderr=log, env=env)
         log.close()
         self.host.track_mount(self.mountpoint)
 

@@ -40,6 +40,9 @@ class S3Backend:
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=threads,
             signature_version=None if signed else UNSIGNED,
+            # MinIO, Ceph RGW and most S3-compatible servers serve buckets by path, not
+            # as a DNS name of their own; AWS itself is addressed as it prefers.
+            s3={"addressing_style": "path" if ref.endpoint else "auto"},
         )
         try:
             self.client: Any = session.client(

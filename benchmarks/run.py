@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench_live",
     "bench_appliance",
     "bench_private",
+    "bench_origins",
     "sim_estate",
 ]
 

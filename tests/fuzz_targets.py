@@ -32,6 +32,7 @@ from p2pfs.net import link, messages, wire
 from p2pfs.node import desktop_api, http
 from p2pfs.node.summary import NodeSummary, VolumeSummary
 from p2pfs.objects import codec, model
+from p2pfs.objects.origins import OriginRef
 from p2pfs.seal import seal_root
 from p2pfs.trust import access, backup, certs, desktop, enrolment, estate, revocation
 
@@ -190,6 +191,19 @@ PRIVATE_SNAPSHOT = model.Snapshot.create(
     epoch=2,
     root_key=b"k" * 48,
     ids=ID,
+)
+ORIGIN_SNAPSHOT = model.Snapshot.create(
+    VOLUME_KEY,
+    name="tools",
+    seq=3,
+    parent=ID,
+    root=ID2,
+    time_ns=124,
+    params=PARAMS,
+    origins=(
+        OriginRef("s3://bucket-1/tools", "http://10.213.9.2:9000", "us-east-1"),
+        OriginRef("https://mirror.example.org/p2pfs/tools/"),
+    ),
 )
 ID_LIST = model.IdList((ID, ID2), (5, 0), ID)
 
@@ -480,7 +494,11 @@ TARGETS: dict[str, Target] = {
         Target("unpack", _unpack, [BLOB.encode(), SNAPSHOT.encode(), codec.pack(HEADERS[0])]),
         Target("blob", model.decode_blob, [BLOB.encode(), model.Blob(0, 0, ()).encode()]),
         Target("tree", model.decode_tree, [TREE.encode(), SPECIAL_TREE.encode()]),
-        Target("snapshot", model.decode_snapshot, [SNAPSHOT.encode(), PRIVATE_SNAPSHOT.encode()]),
+        Target(
+            "snapshot",
+            model.decode_snapshot,
+            [SNAPSHOT.encode(), PRIVATE_SNAPSHOT.encode(), ORIGIN_SNAPSHOT.encode()],
+        ),
         Target("id-list", model.decode_id_list, [ID_LIST.encode()]),
         Target("access", _access, [ACCESS_LIST]),
         Target("access-body", _access_body, [_body_of(ACCESS_LIST)]),

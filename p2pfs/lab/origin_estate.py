@@ -63,6 +63,7 @@ def origin_estate(
     uplink_mbit: float = 100,
     peer_fetch: bool = True,
     deadline_s: float = 5.0,
+    poll_s: float = 60.0,
 ) -> Iterator[OriginEstate]:
     """The estate, the volume ``tools`` of ``tree`` at the S3 origin, every desktop
     mounted and following it, the publisher stopped."""
@@ -87,6 +88,7 @@ def origin_estate(
                         },
                         site=site,
                         deadline_s=deadline_s,
+                        origin_poll_s=poll_s,
                     )
             pub.configure({"static_peers": [f"{n.address}:7420" for n in every]}, site=CLOUD)
             world = OriginEstate(lab, estate, s3, desktops)

@@ -1,9 +1,11 @@
 """Reads through the mount against bindfs and native reads of the same bytes, in one run.
 
-- first sequential read of a 1 GiB file, not in the kernel's cache: p2pfs vs bindfs (goal 0.9)
-- re-read of the same file: p2pfs vs a native read of the file (goal 0.9)
-- 4 KiB random reads, one at a time (fio, psync, iodepth 1): p2pfs vs bindfs (goal 0.85),
-  and the same with four readers at once
+- first sequential read of a 1 GiB file, not in the kernel's cache: p2pfs vs bindfs (goal 0.95)
+- re-read of the same file: p2pfs vs a native read of the file (goal 0.9), both read by
+  ``dd`` (1 MiB blocks) so that the reader is the same C loop on either side
+- the daemon's resident memory idle and after the cold read (goals <= 64 MB / <= 256 MB)
+- 4 KiB random reads, one at a time (fio, psync, iodepth 1): p2pfs vs bindfs (goal 0.9),
+  and the same with four readers at once (goal 0.5)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import drop_caches, p2pfs, ratio_line, workdir
+from .common import ceiling_line, drop_caches, p2pfs, ratio_line, workdir
 
 MIB = 1024 * 1024
 
@@ -29,6 +31,20 @@ def read_all(path: Path, bs: int = MIB) -> float:
         while f.readinto(buf):
             pass
     return time.perf_counter() - t0
+
+
+def dd_read(path: Path) -> float:
+    """Seconds ``dd`` takes to read ``path`` in 1 MiB blocks (no Python in the loop)."""
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1000
+    return float("nan")
 
 
 def fio_randread(path: Path, jobs: int, seconds: int) -> float:
@@ -88,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         p2pfs(home, "init")
         p2pfs(home, "volume", "create", "bench")
         p2pfs(home, "import", str(data), "bench")
-        p2pfs(home, "mount", str(mnt))
+        # Read-only, as every desktop mounts a volume it follows (the publisher's own
+        # writable view has no keep_cache and no readahead: not what readers see).
+        p2pfs(home, "mount", "--read-only", str(mnt))
         subprocess.run(["bindfs", "--no-allow-other", str(data), str(bmnt)], check=True)
         try:
+            pid = int((home / "run" / "daemon.pid").read_text().split(":")[0].split()[0])
+            time.sleep(2)
+            rss_idle = rss_mb(pid)
             ours = mnt / "bench" / "big.bin"
             theirs = bmnt / "big.bin"
             ra_ours, ra_bind = bdi_readahead(mnt), bdi_readahead(bmnt)
@@ -99,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             t_bind = read_all(theirs)
             drop_caches()
             t_ours = read_all(ours)
+            time.sleep(1)
+            rss_read = rss_mb(pid)
             bdi_readahead(bmnt, 1024)
             drop_caches()
             t_bind_ra = read_all(theirs)
-            t_native = min(read_all(big) for _ in range(3))
-            t_reread = min(read_all(ours) for _ in range(3))
+            t_native = min(dd_read(big) for _ in range(3))
+            t_reread = min(dd_read(ours) for _ in range(3))
             print(
                 f"  file {args.size_mib} MiB; readahead p2pfs {ra_ours} KiB, bindfs {ra_bind} KiB; "
                 f"caches dropped: {cold}"
@@ -115,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 ratio_line(
-                    "p2pfs first sequential read vs bindfs", gbs(t_ours), gbs(t_bind), "GB/s", 0.9
+                    "p2pfs first sequential read vs bindfs", gbs(t_ours), gbs(t_bind), "GB/s", 0.95
                 )
             )
             print(
@@ -123,13 +146,23 @@ def main(argv: list[str] | None = None) -> int:
                     "  ... vs bindfs with 1 MiB readahead", gbs(t_ours), gbs(t_bind_ra), "GB/s"
                 )
             )
-            print(f"  reference native re-read: {gbs(t_native):.2f} GB/s")
-            print(ratio_line("p2pfs re-read vs native", gbs(t_reread), gbs(t_native), "GB/s", 0.9))
+            print(f"  reference native re-read (dd): {gbs(t_native):.2f} GB/s")
+            print(
+                ratio_line(
+                    "p2pfs re-read vs native (dd)", gbs(t_reread), gbs(t_native), "GB/s", 0.9
+                )
+            )
+            print(ceiling_line("daemon RSS idle", rss_idle, "MB", 64))
+            print(
+                ceiling_line(
+                    f"daemon RSS after a cold {args.size_mib} MiB read", rss_read, "MB", 256
+                )
+            )
             bdi_readahead(bmnt, int(ra_bind) if ra_bind.isdigit() else 128)
             for jobs in (1, 4):
                 iops_bind = fio_randread(theirs, jobs, args.seconds)
                 iops_ours = fio_randread(ours, jobs, args.seconds)
-                goal = 0.85 if jobs == 1 else None
+                goal = 0.9 if jobs == 1 else 0.5  # issue 14's goals
                 print(f"  reference bindfs 4 KiB random reads x{jobs}: {iops_bind:,.0f} IOPS")
                 print(
                     ratio_line(

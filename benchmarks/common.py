@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(os.environ.get("P2PFS_BENCH_DIR", "/var/tmp"))
@@ -46,9 +47,38 @@ def drop_caches() -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Row:
+    """One measured goal, for the summary ``make bench`` prints at its end."""
+
+    label: str
+    measured: str
+    goal: str
+    met: bool
+
+
+ROWS: list[Row] = []
+
+
 def ratio_line(
     label: str, value: float, reference: float, unit: str, goal: float | None = None
 ) -> str:
     r = value / reference if reference else float("nan")
     g = f" (goal >= {goal:.2f}: {'met' if r >= goal else 'MISSED'})" if goal is not None else ""
+    if goal is not None:
+        ROWS.append(
+            Row(
+                label,
+                f"{value:.3g} vs {reference:.3g} {unit} = {r:.2f}",
+                f">= {goal:.2f}",
+                r >= goal,
+            )
+        )
     return f"  {label}: {value:.3f} {unit}, ratio {r:.2f}{g}"
+
+
+def ceiling_line(label: str, value: float, unit: str, most: float) -> str:
+    """A measure with an upper bound (memory): recorded for the summary like a ratio."""
+    met = value <= most
+    ROWS.append(Row(label, f"{value:.0f} {unit}", f"<= {most:g} {unit}", met))
+    return f"  {label}: {value:.0f} {unit} (goal <= {most:g} {unit}: {'met' if met else 'MISSED'})"

@@ -30,7 +30,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
         status |= module.main([])
+    summary()
     return status
+
+
+def summary() -> None:
+    """Every goal measured in this run, each marked met or missed (issue 14's table)."""
+    from .common import ROWS
+
+    if not ROWS:
+        return
+    width = max(len(r.label) for r in ROWS)
+    print("== summary: every goal of this run")
+    for r in ROWS:
+        print(
+            f"  {r.label:<{width}}  {r.measured:<36} goal {r.goal:<10} {'met' if r.met else 'MISSED'}"
+        )
+    met = sum(r.met for r in ROWS)
+    print(f"  {met} of {len(ROWS)} goals met")
 
 
 if __name__ == "__main__":

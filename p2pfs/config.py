@@ -28,7 +28,8 @@ origin_poll_s = 60.0        # how often a follower asks its volumes' origins for
 [cache]
 max_bytes = "20G"           # hard quota of the local store (default: no quota)
 min_free = "2G"             # free disk space the store never takes (default 1G)
-memory = "1G"               # verified chunks kept in memory (default: 1/16 of RAM, 256M-2G)
+memory = "1G"               # verified chunks read at random kept in memory (default: 1/16
+                            # of RAM, 256M-2G; sequential reads use 64M of their own)
 scrub_interval_h = 24       # background verification of every stored chunk (0: off)
 scrub_rate_mb_s = 50        # its speed limit
 

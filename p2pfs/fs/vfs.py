@@ -534,7 +534,7 @@ class FileSystem(WritableRouting):
         # slightly out of order: near the last end still counts as sequential.
         sequential = abs(offset - f.next_offset) <= SEQUENTIAL_SLACK
         f.next_offset = max(end, f.next_offset) if sequential else end
-        data = await read_span(chunks, layout, offset, end)
+        data = await read_span(chunks, layout, offset, end, scan=sequential)
         if sequential and self._nursery is not None:
             read_ahead(chunks, layout, end, self._nursery, self.content.readahead_window())
         return data

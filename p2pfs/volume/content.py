@@ -64,6 +64,9 @@ class ContentStats:
 # Chunks fetched ahead of a sequential reader, in batches of PREFETCH_BATCH per
 # worker-thread trip (or concurrently from peers).
 READAHEAD_CHUNKS = 32
+# The scan LRU: what sequential readers have loaded and readahead loads ahead of them
+# (a window of READAHEAD_CHUNKS for several readers at once).
+SCAN_BYTES = 64 * 1024 * 1024
 PREFETCH_BATCH = 4
 # From the network: the chunks the measured rate moves in READAHEAD_SECONDS (at least
 # READAHEAD_MIN, so a fast link measured through a small window can show its speed;
@@ -88,7 +91,16 @@ class _Pending:
 
 
 class ChunkCache:
-    """A byte-bounded LRU of verified chunks with shared in-flight loads."""
+    """A byte-bounded LRU of verified chunks with shared in-flight loads.
+
+    Scan resistant (2Q's idea): chunks a sequential reader loads (``scan=True``, and
+    readahead) go to a small LRU of their own, ``scan_bytes``, since the kernel's page
+    cache keeps the pages read (keep_cache) and a second pass re-reads from there. Only
+    chunks read at random, whose other pages the kernel does not hold, stay in the main
+    LRU (``max_bytes``), and a scanned chunk read at random moves there. So one large
+    sequential read leaves the daemon at its idle size plus ``scan_bytes``, not at the
+    size of the file (docs/architecture.md, Memory).
+    """
 
     def __init__(
         self,
@@ -96,12 +108,16 @@ class ChunkCache:
         *,
         max_bytes: int = 256 * 1024 * 1024,
         batch_loader: BatchLoader | None = None,
+        scan_bytes: int = SCAN_BYTES,
     ) -> None:
         self.loader = loader
         self.batch_loader = batch_loader
         self.max_bytes = max_bytes
-        self.bytes = 0
+        self.scan_bytes = min(scan_bytes, max_bytes)
+        self.bytes = 0  # both LRUs
+        self._scanned = 0  # of which the scan LRU
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
+        self._scan: OrderedDict[bytes, bytes] = OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
         # Counters, touched on the event loop only (see statistics()).
         self._hits = self._misses = self._loaded_bytes = self._evictions = 0
@@ -109,24 +125,39 @@ class ChunkCache:
     def statistics(self) -> CacheStats:
         return CacheStats(self.bytes, self._hits, self._misses, self._loaded_bytes, self._evictions)
 
-    def get_cached(self, cid: bytes) -> bytes | None:
+    def get_cached(self, cid: bytes, *, scan: bool = False) -> bytes | None:
         data = self._lru.get(cid)
         if data is not None:
             self._lru.move_to_end(cid)
             self._hits += 1
+            return data
+        data = self._scan.get(cid)
+        if data is not None:
+            self._hits += 1
+            if scan:
+                self._scan.move_to_end(cid)
+            else:  # read at random after all: worth keeping
+                del self._scan[cid]
+                self._scanned -= len(data)
+                self.bytes -= len(data)
+                self._keep(cid, data, scan=False)
         return data
 
     def is_loading(self, cid: bytes) -> bool:
         return cid in self._pending
 
-    async def get(self, cid: bytes) -> bytes:
+    def holds(self, cid: bytes) -> bool:
+        """Whether the chunk is in memory (without counting a use of it)."""
+        return cid in self._lru or cid in self._scan
+
+    async def get(self, cid: bytes, *, scan: bool = False) -> bytes:
         while True:
-            data = self.get_cached(cid)
+            data = self.get_cached(cid, scan=scan)
             if data is not None:
                 return data
             pending = self._pending.get(cid)
             if pending is None:
-                return await self._load(cid)
+                return await self._load(cid, scan)
             await pending.done.wait()
             if isinstance(pending.error, _Abandoned):
                 continue
@@ -135,7 +166,7 @@ class ChunkCache:
             assert pending.result is not None
             return pending.result
 
-    async def _load(self, cid: bytes) -> bytes:
+    async def _load(self, cid: bytes, scan: bool = False) -> bytes:
         pending = self._pending[cid] = _Pending()
         self._misses += 1
         try:
@@ -145,29 +176,40 @@ class ChunkCache:
             raise
         else:
             pending.result = data
-            self._insert(cid, data)
+            self._insert(cid, data, scan=scan)
             return data
         finally:
             del self._pending[cid]
             pending.done.set()
 
-    def _insert(self, cid: bytes, data: bytes) -> None:
+    def _insert(self, cid: bytes, data: bytes, *, scan: bool = False) -> None:
         self._loaded_bytes += len(data)
-        if cid in self._lru:
+        if cid in self._lru or cid in self._scan:
             return
-        self._lru[cid] = data
+        self._keep(cid, data, scan=scan)
+
+    def _keep(self, cid: bytes, data: bytes, *, scan: bool) -> None:
+        lru = self._scan if scan else self._lru
+        lru[cid] = data
         self.bytes += len(data)
-        while self.bytes > self.max_bytes and len(self._lru) > 1:
-            _, old = self._lru.popitem(last=False)
+        if scan:
+            self._scanned += len(data)
+        while len(lru) > 1 and (
+            self._scanned > self.scan_bytes if scan else self.bytes - self._scanned > self.max_bytes
+        ):
+            _, old = lru.popitem(last=False)
             self.bytes -= len(old)
+            if scan:
+                self._scanned -= len(old)
             self._evictions += 1
 
     async def prefetch(self, cid: bytes) -> None:
-        """Load a chunk in the background; failures are left for the real read to report."""
-        if cid in self._lru or cid in self._pending:
+        """Load a chunk in the background (readahead: into the scan LRU); failures are
+        left for the real read to report."""
+        if cid in self._lru or cid in self._scan or cid in self._pending:
             return
         try:
-            await self._load(cid)
+            await self._load(cid, scan=True)
         except P2pfsError as e:
             log.debug("prefetch of %s failed: %s", cid.hex(), e)
 
@@ -177,7 +219,11 @@ class ChunkCache:
         Handing each chunk to a thread on its own made the thread handoffs and the
         GIL traffic they cause cost more than reading and hashing the chunk.
         """
-        todo = [c for c in dict.fromkeys(cids) if c not in self._lru and c not in self._pending]
+        todo = [
+            c
+            for c in dict.fromkeys(cids)
+            if c not in self._lru and c not in self._scan and c not in self._pending
+        ]
         if not todo:
             return
         if self.batch_loader is None:
@@ -201,7 +247,7 @@ class ChunkCache:
                     pending.error = result
                 else:
                     pending.result = result
-                    self._insert(cid, result)
+                    self._insert(cid, result, scan=True)
                 del self._pending[cid]
                 pending.done.set()
 
@@ -395,17 +441,18 @@ class Content:
 
 
 async def read_span(
-    chunks: ChunkCache, layout: FileLayout, offset: int, end: int
+    chunks: ChunkCache, layout: FileLayout, offset: int, end: int, *, scan: bool = False
 ) -> bytes | memoryview:
-    """Bytes ``offset`` to ``end`` of a file, from its verified chunks."""
+    """Bytes ``offset`` to ``end`` of a file, from its verified chunks (``scan``: read by
+    a sequential reader, see ChunkCache)."""
     i = layout.index_of(offset)
     parts: list[memoryview] = []
     pos = offset
     while pos < end:
         cid = layout.ids[i]
-        data = chunks.get_cached(cid)
+        data = chunks.get_cached(cid, scan=scan)
         if data is None:
-            data = await chunks.get(cid)
+            data = await chunks.get(cid, scan=scan)
         start = layout.start_of(i)
         stop = min(end, layout.ends[i])
         parts.append(memoryview(data)[pos - start : stop - start])
@@ -434,7 +481,7 @@ def read_ahead(
     ahead = [
         cid
         for cid in layout.ids[last + 1 : last + 1 + window]
-        if chunks.get_cached(cid) is None and not chunks.is_loading(cid)
+        if not chunks.holds(cid) and not chunks.is_loading(cid)
     ]
     for k in range(0, len(ahead), PREFETCH_BATCH):
         nursery.start_soon(chunks.prefetch_run, ahead[k : k + PREFETCH_BATCH])

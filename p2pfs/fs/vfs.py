@@ -521,7 +521,7 @@ class FileSystem(WritableRouting):
         self._fault("read")
         w = self._w(fh)
         if w is not None:
-            return await w.read(fh, offset, size)
+            return await w.read(fh, offset, size, self._nursery)
         f = self._files.get(fh)
         if f is None:
             raise FsError(errno.EBADF)

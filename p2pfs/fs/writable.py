@@ -23,7 +23,7 @@ import trio
 
 from p2pfs.errors import IntegrityError
 from p2pfs.objects.model import Kind
-from p2pfs.volume.content import Content, read_span
+from p2pfs.volume.content import SEQUENTIAL_SLACK, Content, read_ahead, read_span
 from p2pfs.volume.wnodes import ROOT, TreeError, WNode
 from p2pfs.volume.worktree import WorkTree
 
@@ -43,6 +43,7 @@ COPY_BATCH = 8 * 1024 * 1024
 class WOpenFile:
     node: WNode
     writable: bool
+    next_offset: int = 0  # where the last read ended (a sequential reader reads on from it)
 
 
 @dataclass
@@ -465,7 +466,11 @@ class WritableVolume:
         write into the deleted file)."""
         self._close_fd(n)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(
+        self, fh: int, offset: int, size: int, nursery: trio.Nursery | None = None
+    ) -> bytes:
+        """A committed file reads as a snapshot's does: its chunks verified, and for a
+        sequential reader loaded ahead in ``nursery`` (the scan LRU's, see ChunkCache)."""
         f = self._files.get(fh)
         if f is None:
             raise TreeError(errno.EBADF)
@@ -479,7 +484,13 @@ class WritableVolume:
             end = min(offset + size, layout.size)
             if offset >= end:
                 return b""
-            return bytes(await read_span(self.content.chunks, layout, offset, end))
+            sequential = abs(offset - f.next_offset) <= SEQUENTIAL_SLACK
+            f.next_offset = max(end, f.next_offset) if sequential else end
+            chunks = self.content.chunks
+            data = bytes(await read_span(chunks, layout, offset, end, scan=sequential))
+            if sequential and nursery is not None:
+                read_ahead(chunks, layout, end, nursery, self.content.readahead_window())
+            return data
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         f = self._files.get(fh)

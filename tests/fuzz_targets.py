@@ -31,7 +31,7 @@ from p2pfs.keys import SigningKey
 from p2pfs.net import link, messages, wire
 from p2pfs.node import desktop_api, http
 from p2pfs.node.summary import NodeSummary, VolumeSummary
-from p2pfs.objects import codec, model
+from p2pfs.objects import codec, id_list, model
 from p2pfs.objects.origins import OriginRef
 from p2pfs.seal import seal_root
 from p2pfs.trust import access, backup, certs, desktop, enrolment, estate, revocation
@@ -205,7 +205,7 @@ ORIGIN_SNAPSHOT = model.Snapshot.create(
         OriginRef("https://mirror.example.org/p2pfs/tools/"),
     ),
 )
-ID_LIST = model.IdList((ID, ID2), (5, 0), ID)
+ID_LIST = id_list.IdList((ID, ID2), (5, 0), ID)
 
 
 def _unpack(data: bytes) -> None:
@@ -499,7 +499,7 @@ TARGETS: dict[str, Target] = {
             model.decode_snapshot,
             [SNAPSHOT.encode(), PRIVATE_SNAPSHOT.encode(), ORIGIN_SNAPSHOT.encode()],
         ),
-        Target("id-list", model.decode_id_list, [ID_LIST.encode()]),
+        Target("id-list", id_list.decode_id_list, [ID_LIST.encode()]),
         Target("access", _access, [ACCESS_LIST]),
         Target("access-body", _access_body, [_body_of(ACCESS_LIST)]),
         Target("revocations", _revocations, [REVOCATIONS]),

@@ -21,7 +21,8 @@ from harness import require_lab
 
 from p2pfs.lab.estate import EstateLab, Node, estate_lab, wait_for, wait_until_meshed
 from p2pfs.node import control
-from p2pfs.objects.model import decode_id_list, decode_snapshot
+from p2pfs.objects.id_list import decode_id_list
+from p2pfs.objects.model import decode_snapshot
 
 pytestmark = [pytest.mark.lab, pytest.mark.fuse]
 MIB = 1024 * 1024

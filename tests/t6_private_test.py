@@ -15,7 +15,8 @@ from p2pfs.errors import DecodeError, IntegrityError, P2pfsError, SignatureError
 from p2pfs.home import Home
 from p2pfs.ids import content_id
 from p2pfs.keys import SigningKey, seal_box
-from p2pfs.objects.model import IdList, decode_id_list, decode_snapshot
+from p2pfs.objects.id_list import IdList, decode_id_list
+from p2pfs.objects.model import decode_snapshot
 from p2pfs.seal import (
     REF_SIZE,
     new_secret,

@@ -24,11 +24,11 @@ import trio
 
 from p2pfs.errors import P2pfsError
 from p2pfs.ids import matches
+from p2pfs.objects.id_list import decode_id_list
 from p2pfs.objects.model import (
     MAX_ID_LIST_BYTES,
     MAX_SNAPSHOT_BYTES,
     Snapshot,
-    decode_id_list,
     decode_snapshot,
     object_id,
 )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from p2pfs.errors import IntegrityError, P2pfsError
 from p2pfs.ids import matches
-from p2pfs.objects.model import MAX_ID_LIST_BYTES, Snapshot, decode_id_list, object_id
+from p2pfs.objects.id_list import decode_id_list
+from p2pfs.objects.model import MAX_ID_LIST_BYTES, Snapshot, object_id
 from p2pfs.store.cas import Store
 from p2pfs.volume.registry import VolumeRegistry
 

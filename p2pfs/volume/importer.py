@@ -28,6 +28,7 @@ from p2pfs.chunking.chunker import iter_chunks
 from p2pfs.chunking.params import ChunkParams
 from p2pfs.errors import IntegrityError, NotFound, P2pfsError
 from p2pfs.ids import keyed
+from p2pfs.objects.id_list import IdList
 from p2pfs.objects.model import (
     DEVICE_KINDS,
     MAX_BLOB_REFS,
@@ -37,7 +38,6 @@ from p2pfs.objects.model import (
     Blob,
     ChunkRef,
     Entry,
-    IdList,
     Kind,
     Snapshot,
     Tree,

@@ -29,7 +29,8 @@ from p2pfs.errors import IntegrityError, NotFound, P2pfsError, UsageError
 from p2pfs.fsutil import write_atomic
 from p2pfs.home import Home
 from p2pfs.names import check_volume_name
-from p2pfs.objects.model import Kind, Snapshot, decode_blob, decode_id_list
+from p2pfs.objects.id_list import decode_id_list
+from p2pfs.objects.model import Kind, Snapshot, decode_blob
 from p2pfs.seal import stored_id
 from p2pfs.store.cas import Store
 

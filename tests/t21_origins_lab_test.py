@@ -28,6 +28,7 @@ from harness import require_lab
 
 from p2pfs.lab.estate import EstateLab, Node, estate_lab, wait_for
 from p2pfs.lab.netns import Host
+from p2pfs.lab.servers import start_s3
 from p2pfs.origin.layout import LATEST, object_key
 
 pytestmark = [pytest.mark.lab, pytest.mark.fuse]
@@ -95,25 +96,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "later.bin": _write(tree / "later.bin", 2 * MIB, 4),
     }
     with estate_lab(work, ["a", "d1", "d2"]) as lab:
-        server = lab.lab.add_host("s3")
-        moto = Path(sys.executable).with_name("moto_server")
-        with open(work / "moto.log", "wb") as log:
-            moto_proc = server.popen(
-                [str(moto), "-H", server.address, "-p", str(S3_PORT)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        endpoint = f"http://{server.address}:{S3_PORT}"
+        s3 = start_s3(lab.lab.add_host("s3"), S3_PORT, workdir=work / "moto")
+        endpoint = s3.endpoint
+        assert s3.proc is not None
+        moto_proc = s3.proc
         a = lab.admin
-
-        def up() -> bool:
-            try:
-                _s3(a.host, endpoint, "s3.list_buckets()")
-            except AssertionError:
-                return False
-            return True
-
-        wait_for("the S3 server", up, 30)
         _s3(a.host, endpoint, "s3.create_bucket(Bucket=bucket)")
         lab.publish(tree)
         for node in lab.nodes:

@@ -9,6 +9,7 @@ waited for, as a slow peer is (``[fetch] deadline_s`` counts silence).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ import trio
 from p2pfs.errors import NotFound
 from p2pfs.net.connection import PeerUnavailable
 from p2pfs.objects.model import MAX_CHUNK_LENGTH, MAX_TREE_BYTES
+from p2pfs.objects.origins import OriginRef
 
 from .backend import Backend, OriginError
+from .kinds import open_backend
 from .layout import object_key
 
 MAX_OBJECT = max(MAX_CHUNK_LENGTH, MAX_TREE_BYTES) + 4096  # sealed objects carry a tag
@@ -38,16 +41,27 @@ class SourceStats:
 class OriginSource:
     """One origin as the fetcher sees it (``net.fetcher.ObjectSource``)."""
 
-    def __init__(self, backend: Backend, limiter: trio.CapacityLimiter) -> None:
-        self.backend = backend
+    def __init__(self, ref: OriginRef, limiter: trio.CapacityLimiter) -> None:
+        self.ref = ref
         self.limiter = limiter
-        self.url = backend.ref.url
+        self.url = ref.url
+        self._backend: Backend | None = None
+        self._opening = threading.Lock()
         self.node_id = b"origin:" + self.url.encode()  # its key among what a fetch tried
         self.label = self.url
         self.latency_s = 0.1
         self.bytes_from = self.objects_from = self.missing = self.errors = 0
         self.bad_objects = 0
         self.last_error: str | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """Opened on first use, in the worker thread that needs it: making a boto3
+        client takes a third of a second, which the event loop must not wait for."""
+        with self._opening:
+            if self._backend is None:
+                self._backend = open_backend(self.ref)
+            return self._backend
 
     async def fetch(self, cid: bytes, moved: Callable[[], None] = lambda: None) -> bytes:
         """The stored bytes the origin holds under ``cid``, unverified (the fetcher

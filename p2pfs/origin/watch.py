@@ -105,10 +105,7 @@ class OriginWatch:
                 del self._sources[url]
         for url, ref in wanted.items():
             if url not in self._sources:
-                try:
-                    self._sources[url] = OriginSource(open_backend(ref), self.limiter)
-                except P2pfsError as e:
-                    log.warning("origin %s unusable: %s", url, e)
+                self._sources[url] = OriginSource(ref, self.limiter)
         if self.fetcher is not None:
             self.fetcher.sources = list(self._sources.values())
         for name in changed:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -41,6 +40,7 @@ from p2pfs.store.cas import Store
 from p2pfs.store.quota import QuotaExceeded
 
 from . import messages
+from .cache_writer import CacheWriter, NotCached
 from .connection import Connection, PeerUnavailable
 from .peers import Peer, PeerTable
 
@@ -144,6 +144,7 @@ class Fetcher:
         self.store = store
         self.on_stored = on_stored
         self.disk = disk or trio.CapacityLimiter(4)
+        self._writer = CacheWriter(store, self.disk) if store is not None else None
         self.origins: set[bytes] = set()  # node ids of the publishers of the volumes we follow
         # The object-storage and HTTP origins of the volumes we hold (set by the daemon).
         self.sources: list[ObjectSource] = []
@@ -199,7 +200,7 @@ class Fetcher:
         publishers of what we follow are asked, so a peer cannot make us store bytes of
         its own choosing by serving them itself (cache stuffing).
         """
-        assert self.store is not None
+        assert self.store is not None and self._writer is not None
         store = self.store
         while (pending := self._inflight.get(cid)) is not None:
             if asked is not None:  # watch the fetch we wait for: its progress is ours
@@ -217,13 +218,8 @@ class Fetcher:
                 cid, proxy=proxy, origins_only=origins_only, urgent=urgent, asked=asked
             )
             try:
-                await trio.to_thread.run_sync(
-                    functools.partial(
-                        store.put, cid, data, verify=False, source="peer", durable=False
-                    ),
-                    limiter=self.disk,
-                )
-            except QuotaExceeded as e:
+                await self._writer.put(cid, data)
+            except (QuotaExceeded, NotCached) as e:
                 # Everything stored is pinned or in use: serve the read from memory, uncached.
                 log.debug("not caching %s: %s", cid.hex(), e)
             else:

@@ -487,21 +487,27 @@ class Store(FsckMixin):
         return self._commit(seqs, [(cid, tmp, size)], size, source) == 1
 
     def put_many(
-        self, items: Iterable[tuple[bytes, bytes | memoryview]], *, source: str = "local"
+        self,
+        items: Iterable[tuple[bytes, bytes | memoryview]],
+        *,
+        source: str = "local",
+        verify: bool = True,
+        durable: bool = True,
     ) -> int:
         """Store many verified chunks with one durability barrier; returns how many were new.
 
         Every item is verified before anything is written (IntegrityError names
-        the first bad one). Then: one reservation for the whole batch (all or
-        nothing: QuotaExceeded stores none), temp files, one barrier, renames,
-        one index transaction.
+        the first bad one; ``verify=False`` for bytes the caller has just hashed).
+        Then: one reservation for the whole batch (all or nothing: QuotaExceeded
+        stores none), temp files, one barrier (none with ``durable=False``, as for
+        ``put``), renames, one index transaction.
         """
         todo: dict[bytes, bytes | memoryview] = {}
         for cid, data in items:
             _check_id(cid)
             if cid in todo:
                 continue
-            if not matches(cid, data):
+            if verify and not matches(cid, data):
                 raise IntegrityError(
                     f"data does not hash to chunk id {cid.hex()}; batch not stored"
                 )
@@ -519,11 +525,11 @@ class Store(FsckMixin):
                 written.append((cid, tmp, size))
                 try:
                     write_all(fd, data)
-                    if BATCH_BARRIER == "fsync":
+                    if durable and BATCH_BARRIER == "fsync":
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-            if BATCH_BARRIER == "syncfs":
+            if durable and BATCH_BARRIER == "syncfs":
                 dfd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     _syncfs(dfd)

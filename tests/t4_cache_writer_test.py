@@ -67,3 +67,26 @@ async def test_a_full_quota_fails_every_chunk_of_the_batch(tmp_path: Path) -> No
         assert all(isinstance(r, QuotaExceeded) or r == "stored" for r in results)
         assert any(isinstance(r, QuotaExceeded) for r in results)
         assert store.statistics().bytes <= 10_000
+
+
+async def test_a_failed_batch_fails_only_its_own_chunks(tmp_path: Path) -> None:
+    with Store(tmp_path / "store") as store:
+        put_many = store.put_many
+        calls = 0
+
+        def second_fails(items, **kw):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError(28, "No space left on device")
+            return put_many(items, **kw)
+
+        store.put_many = second_fails  # type: ignore[method-assign]
+        writer = CacheWriter(store, trio.CapacityLimiter(4))
+        items = chunks(10)
+        results = await put_all(writer, items)
+        # The first put to run is a batch alone; the other nine form the second, which
+        # fails: only they see the error, and the first chunk is stored.
+        stored = [i for i, r in enumerate(results) if r == "stored"]
+        assert len(stored) == 1 and store.get(items[stored[0]][0]) == items[stored[0]][1]
+        assert sum(isinstance(r, OSError) for r in results) == 9

@@ -10,6 +10,7 @@ address can be reached from.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -61,7 +62,7 @@ def _workdir(host: Host, kind: str, port: int, workdir: Path | None) -> Path:
     return d
 
 
-class _Server:
+class _Server(abc.ABC):
     """A server process in a lab host: started, probed until it answers, stopped."""
 
     kind = "server"
@@ -77,8 +78,9 @@ class _Server:
     def address(self) -> str:
         return self.host.address
 
+    @abc.abstractmethod
     def _argv(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
     def _env(self) -> dict[str, str]:
         return _clean_env()

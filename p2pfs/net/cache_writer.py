@@ -81,9 +81,14 @@ class CacheWriter:
                 ),
                 limiter=self.limiter,
             )
-        except BaseException as e:
+        except Exception as e:
+            # This batch's chunks only: the writer goes on with the next batch, and
+            # whoever wrote an earlier one is not told of this failure.
             for entry in batch:
-                entry.error = e if isinstance(e, Exception) else NotCached("cancelled")
+                entry.error = e
+        except BaseException:
+            for entry in batch:
+                entry.error = NotCached("the cache writer was cancelled")
             raise
         finally:
             for entry in batch:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import os
 import secrets
@@ -124,11 +125,11 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, f"syncfs failed: {os.strerror(err)}")
 
 
-def _discard(paths: Iterable[Path | None]) -> None:
+def _discard(paths: Iterable[str | Path | None]) -> None:
     for p in paths:
         if p is not None:
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                os.unlink(p)
 
 
 class Store(FsckMixin):
@@ -149,6 +150,10 @@ class Store(FsckMixin):
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self.index_path = self.root / "index.sqlite"
+        # The per-chunk paths as plain strings: pathlib cost a fifth of a small-file import.
+        self._chunks_str = str(self.chunks_dir)
+        self._tmp_prefix = f"{self.tmp_dir}/{os.getpid()}-{secrets.token_hex(8)}-"
+        self._tmp_seq = itertools.count()
         for d in (self.root, self.chunks_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()  # re-entrant: fsck and recovery quarantine under it
@@ -321,6 +326,11 @@ class Store(FsckMixin):
         _check_id(cid)
         return self._shard_dir(cid) / cid.hex()
 
+    def _file_of(self, cid: bytes) -> str:
+        """``path_of`` for an id already checked, as a str: the put and read paths."""
+        h = cid.hex()
+        return f"{self._chunks_str}/{h[0:2]}/{h[2:4]}/{h}"
+
     def _id_of(self, path: Path) -> bytes | None:
         """The id a file under chunks/ is named by, or None if it is not in its place."""
         try:
@@ -331,8 +341,8 @@ class Store(FsckMixin):
             return None
         return cid
 
-    def _temp(self) -> tuple[int, Path]:
-        path = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.tmp"
+    def _temp(self) -> tuple[int, str]:
+        path = f"{self._tmp_prefix}{next(self._tmp_seq)}.tmp"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return fd, path
 
@@ -444,7 +454,8 @@ class Store(FsckMixin):
         return self.index.tagged()
 
     def has(self, cid: bytes) -> bool:
-        return self.path_of(cid).exists()
+        _check_id(cid)
+        return os.path.exists(self._file_of(cid))
 
     def put(
         self,
@@ -467,11 +478,11 @@ class Store(FsckMixin):
         _check_id(cid)
         if verify and not matches(cid, data):
             raise IntegrityError(f"data does not hash to chunk id {cid.hex()}; not stored")
-        if self.path_of(cid).exists():
+        if os.path.exists(self._file_of(cid)):
             return False
         size = len(memoryview(data).cast("B"))
         seqs = self.quota.reserve([(cid, size)])
-        tmp: Path | None = None
+        tmp: str | None = None
         try:
             fd, tmp = self._temp()
             try:
@@ -511,14 +522,14 @@ class Store(FsckMixin):
                 raise IntegrityError(
                     f"data does not hash to chunk id {cid.hex()}; batch not stored"
                 )
-            if not self.path_of(cid).exists():
+            if not os.path.exists(self._file_of(cid)):
                 todo[cid] = data
         if not todo:
             return 0
         sizes = [(cid, len(memoryview(data).cast("B"))) for cid, data in todo.items()]
         need = sum(size for _, size in sizes)
         seqs = self.quota.reserve(sizes)
-        written: list[tuple[bytes, Path, int]] = []
+        written: list[tuple[bytes, str, int]] = []
         try:
             for (cid, size), data in zip(sizes, todo.values(), strict=True):
                 fd, tmp = self._temp()
@@ -542,28 +553,30 @@ class Store(FsckMixin):
         return self._commit(seqs, written, need, source)
 
     def _commit(
-        self, seqs: list[int], written: list[tuple[bytes, Path, int]], need: int, source: str
+        self, seqs: list[int], written: list[tuple[bytes, str, int]], need: int, source: str
     ) -> int:
         """Rename durable temp files into place, index them and end their reservation;
         returns how many were new. Whatever was renamed is indexed even if a later
         rename fails; temp files not renamed are deleted before the reservation
         ends, so they never count outside the quota."""
         rows: list[tuple[bytes, int, str, int]] = []
+        renamed: set[str] = set()
         with self._lock:
             try:
                 for cid, tmp, size in written:
-                    final = self.path_of(cid)
-                    if final.exists():
-                        continue
-                    try:
-                        os.rename(tmp, final)
-                    except FileNotFoundError:
-                        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                        os.rename(tmp, final)
-                    rows.append((cid, size, source, self._now()))  # batch order is LRU order
+                    final = self._file_of(cid)
+                    if not os.path.exists(final):
+                        try:
+                            os.rename(tmp, final)
+                        except FileNotFoundError:  # a new shard (nearly always, on a cold store)
+                            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+                            os.rename(tmp, final)
+                        renamed.add(tmp)
+                        rows.append((cid, size, source, self._now()))  # batch order: LRU order
             finally:
                 try:
-                    _discard(tmp for _, tmp, _ in written)
+                    # Temp files not renamed (already stored, or a rename failed) go.
+                    _discard(tmp for _, tmp, _ in written if tmp not in renamed)
                     self.index.commit_puts(seqs, rows)
                 finally:
                     self.quota.end_reservation(need)
@@ -589,7 +602,8 @@ class Store(FsckMixin):
         return data
 
     def _read(self, cid: bytes) -> bytes:
-        path = self.path_of(cid)
+        _check_id(cid)
+        path = self._file_of(cid)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -597,12 +611,12 @@ class Store(FsckMixin):
             # Under the lock: a put renames and indexes as one step, so a file that
             # appeared since our open is seen here and its fresh row is kept.
             with self._lock:
-                if not path.exists() and self.index.has_chunk(cid):
+                if not os.path.exists(path) and self.index.has_chunk(cid):
                     log.warning("chunk %s is indexed but its file is gone", cid.hex())
                     self.index.remove_chunk(cid)
             raise MissingChunk(f"chunk {cid.hex()} is not in the local store") from None
         if not matches(cid, data):
-            self._quarantine(path, cid)
+            self._quarantine(Path(path), cid)
             raise CorruptChunk(f"chunk {cid.hex()} in the local store is corrupt (quarantined)")
         return data
 

@@ -55,6 +55,10 @@ class FuseStats:
 
     calls: tuple[tuple[str, int], ...]
     errors: tuple[tuple[str, int], ...]
+    # Bytes of verified chunks handed to the page cache after random reads, and the
+    # offers dropped because the thread handing them was behind (fs/page_cache.py).
+    page_cache_pushed_bytes: int = 0
+    page_cache_dropped: int = 0
 
 
 @dataclass(frozen=True)

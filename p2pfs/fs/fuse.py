@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import queue
+import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -94,9 +96,16 @@ class Operations(pyfuse3.Operations):
         # Touched only on the trio thread, where pyfuse3 runs every handler.
         self.calls: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.pages: PagePusher | None = None  # set once mounted (init)
 
     def statistics(self) -> FuseStats:
-        return FuseStats(tuple(sorted(self.calls.items())), tuple(sorted(self.errors.items())))
+        pages = self.pages
+        return FuseStats(
+            tuple(sorted(self.calls.items())),
+            tuple(sorted(self.errors.items())),
+            pages.pushed_bytes if pages is not None else 0,
+            pages.dropped if pages is not None else 0,
+        )
 
     @_failsafe
     async def lookup(
@@ -313,6 +322,66 @@ class Operations(pyfuse3.Operations):
         await self.fs.removexattr(inode, name)
 
 
+class PagePusher:
+    """Hands bytes to the kernel's page cache (``pyfuse3.notify_store``) from a thread of
+    its own, never from the event loop: the kernel locks each page it stores into, and
+    the pages of a read still waiting for our answer stay locked until the loop answers
+    it. ``offer`` never blocks: when the queue is full an offer is dropped (the pages
+    are then read through the daemon, as without it)."""
+
+    MAX_QUEUED = 32
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(self.MAX_QUEUED)
+        self._thread = threading.Thread(target=self._run, name="p2pfs-pages", daemon=True)
+        self.enabled = True
+        self.pushed_bytes = self.dropped = 0  # (read on the trio thread: ints, one step)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, ino: int, offset: int, data: memoryview) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._queue.put_nowait((ino, offset, data))
+        except queue.Full:
+            self.dropped += 1
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Before the session is closed: the thread must not touch it after."""
+        self.enabled = False
+        if not self._thread.is_alive():
+            return
+        while True:  # make room for the end mark: what is queued is not worth pushing now
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("page cache thread still busy at unmount")
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            ino, offset, data = item
+            try:
+                # (Any buffer will do: it takes the bytes by PyObject_GetBuffer.)
+                pyfuse3.notify_store(pyfuse3.InodeT(ino), offset, data)  # type: ignore[arg-type]
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    log.info("this kernel cannot take pages from FUSE: random reads go on without")
+                    self.enabled = False
+                # ENOENT and the like: the kernel has forgotten the inode meanwhile.
+                log.debug("notify_store of inode %d at %d: %s", ino, offset, e)
+            else:
+                self.pushed_bytes += len(data)
+
+
+_pusher: PagePusher | None = None
+
+
 def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
     opts = set(pyfuse3.default_options) | {"fsname=p2pfs", "subtype=p2pfs"}
     if read_only:
@@ -325,8 +394,11 @@ def mount_options(*, allow_other: bool, read_only: bool = True) -> set[str]:
 def init(fs: Filesystem, mountpoint: str, *, allow_other: bool) -> Operations:
     """Mount ``fs``; the adapter is returned for its request counts (``statistics``)."""
     opts = mount_options(allow_other=allow_other, read_only=fs.read_only)
+    global _pusher
     ops = Operations(fs)
     pyfuse3.init(ops, mountpoint, opts)
+    _pusher = ops.pages = PagePusher()
+    _pusher.start()
     return ops
 
 
@@ -346,4 +418,8 @@ def terminate() -> None:
 
 
 def close(*, unmount: bool = True) -> None:
+    global _pusher
+    if _pusher is not None:
+        _pusher.stop()
+        _pusher = None
     pyfuse3.close(unmount=unmount)

@@ -34,6 +34,7 @@ from p2pfs.volume.history import snapshot_dirs
 
 from .api import BLOCK_SIZE, TYPE_BITS, Attr, FsError, Opened, attr_timeout, check_name_length
 from .changes import WritableRouting
+from .page_cache import PageOffers
 from .writable import SLOT_SHIFT
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class FileSystem(WritableRouting):
         self._next_fh = 1
         WritableRouting.__init__(self)
         self._nursery: trio.Nursery | None = None
+        # Set by the mount: where a random read's verified chunks go to the page cache.
+        self.page_offers: PageOffers | None = None
         self.errors = 0  # unexpected failures turned into EIO (reported by the adapter)
         # Handlers armed to fail with an unexpected exception until disarmed (the kernel
         # retries a failed readahead with a second read): a test hook, reachable only
@@ -537,6 +540,8 @@ class FileSystem(WritableRouting):
         data = await read_span(chunks, layout, offset, end, scan=sequential)
         if sequential and self._nursery is not None:
             read_ahead(chunks, layout, end, self._nursery, self.content.readahead_window())
+        elif not sequential and self.page_offers is not None:
+            self.page_offers.after_random_read(f.node.ino, layout, chunks, offset, end)
         return data
 
     def unexpected(self, handler: str) -> None:

@@ -25,6 +25,7 @@ from p2pfs.errors import Busy, P2pfsError
 from p2pfs.fs import fuse
 from p2pfs.fs.fuse import Operations as FuseOperations
 from p2pfs.fs.mount import ReadyLine, check_mountpoint, mount_answers, set_readahead
+from p2pfs.fs.page_cache import PageOffers
 from p2pfs.fs.vfs import ROOT_INO, FileSystem, Head
 from p2pfs.fsutil import locked
 from p2pfs.home import Home
@@ -290,6 +291,8 @@ class Daemon:
         except RuntimeError as e:
             raise Busy(f"cannot mount on {self.mountpoint}: {e}") from None
         self.mounted = True
+        if self.fuse_ops.pages is not None:
+            self.fs.page_offers = PageOffers(self.fuse_ops.pages.offer)
 
         async def serve_then_stop() -> None:
             await fuse.serve()

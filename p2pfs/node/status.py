@@ -132,6 +132,8 @@ class NodeStatus:
             out["fuse_requests"] = {
                 "calls": dict(self.fuse.calls),
                 "errors": dict(self.fuse.errors),
+                "page_cache_pushed_bytes": self.fuse.page_cache_pushed_bytes,
+                "page_cache_dropped": self.fuse.page_cache_dropped,
             }
         if self.network is not None:
             n, f = self.network, self.network.fetch

@@ -125,6 +125,11 @@ class ChunkCache:
     def statistics(self) -> CacheStats:
         return CacheStats(self.bytes, self._hits, self._misses, self._loaded_bytes, self._evictions)
 
+    def peek(self, cid: bytes) -> bytes | None:
+        """A chunk held now, without counting a hit or moving it (to hand it on)."""
+        data = self._lru.get(cid)
+        return data if data is not None else self._scan.get(cid)
+
     def get_cached(self, cid: bytes, *, scan: bool = False) -> bytes | None:
         data = self._lru.get(cid)
         if data is not None:

@@ -327,7 +327,9 @@ class PagePusher:
     its own, never from the event loop: the kernel locks each page it stores into, and
     the pages of a read still waiting for our answer stay locked until the loop answers
     it. ``offer`` never blocks: when the queue is full an offer is dropped (the pages
-    are then read through the daemon, as without it)."""
+    are then read through the daemon, as without it; a later read offers them again).
+    The kernel takes pages this way at only a few hundred MB/s (it copies and locks
+    them one by one), so many random readers at once can outrun it."""
 
     MAX_QUEUED = 32
 
@@ -340,13 +342,16 @@ class PagePusher:
     def start(self) -> None:
         self._thread.start()
 
-    def offer(self, ino: int, offset: int, data: memoryview) -> None:
+    def offer(self, ino: int, offset: int, data: memoryview) -> bool:
+        """Queue bytes for the page cache; False if they were not (full, or disabled)."""
         if not self.enabled:
-            return
+            return False
         try:
             self._queue.put_nowait((ino, offset, data))
         except queue.Full:
             self.dropped += 1
+            return False
+        return True
 
     def stop(self, timeout: float = 2.0) -> None:
         """Before the session is closed: the thread must not touch it after."""

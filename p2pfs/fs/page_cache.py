@@ -29,8 +29,9 @@ PAGE = mmap.PAGESIZE
 AGAIN_AFTER_S = 1.0
 MAX_RECENT = 4096
 
-# (inode, offset, bytes): queue them for the kernel; must not block.
-PagePush = Callable[[int, int, memoryview], None]
+# (inode, offset, bytes): queue them for the kernel; must not block. False: not queued
+# (the thread handing pages over is behind), so a later read offers the chunk again.
+PagePush = Callable[[int, int, memoryview], bool]
 
 
 class PageOffers:
@@ -67,7 +68,8 @@ class PageOffers:
             data = chunks.peek(layout.ids[i])
             if data is None:
                 continue
-            self.push(ino, first, memoryview(data)[first - start : last - start])
+            if not self.push(ino, first, memoryview(data)[first - start : last - start]):
+                return
             self._recent[key] = now
             self._recent.move_to_end(key)
             if len(self._recent) > MAX_RECENT:

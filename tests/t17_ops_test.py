@@ -444,6 +444,8 @@ def test_a_scrape_matches_status_after_a_read(home: Path, tmp_path: Path) -> Non
     assert got[("p2pfs_volume_snapshot_seq", (("volume", "tools"),))] == 1
     calls = after["fuse_requests"]["calls"]
     assert calls["read"] > 0
+    pushed = after["fuse_requests"]["page_cache_pushed_bytes"]
+    assert got[("p2pfs_page_cache_pushed_bytes_total", ())] == pushed
     for op, n in calls.items():
         assert got[("p2pfs_fuse_requests_total", (("operation", op),))] == n
     for op, n in after["fuse_requests"]["errors"].items():

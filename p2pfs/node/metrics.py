@@ -227,6 +227,11 @@ def families(s: NodeStatus) -> Iterator[Metric]:
             "operation",
             s.fuse.errors,
         )
+        yield _counter(
+            "p2pfs_page_cache_pushed_bytes",
+            "Bytes of verified chunks handed to the kernel's page cache after random reads.",
+            s.fuse.page_cache_pushed_bytes,
+        )
 
     if s.network is not None:
         n = s.network

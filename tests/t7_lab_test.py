@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from harness import require_lab
 
-from p2pfs.lab.netns import STATE_DIR, Host, Lab, LabError, cleanup_stale
+from p2pfs.lab.netns import STATE_DIR, Host, Lab, cleanup_stale
+from p2pfs.lab.plumbing import LabError
 
 pytestmark = pytest.mark.lab
 

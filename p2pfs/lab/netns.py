@@ -41,26 +41,32 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from p2pfs.errors import P2pfsError
 from p2pfs.fsutil import locked
 from p2pfs.fsutil import process_start as _process_start
+
+from .plumbing import (
+    MULTICAST_ROUTE,
+    NETNS_DIR,
+    LabError,
+    ip_cmd,
+    link_bytes,
+    new_netns,
+    new_switch,
+    nsenter_argv,
+    run_cmd,
+    shape_ends,
+    unshape_ends,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = Path("/run/p2pfs-lab")
-NETNS_DIR = Path("/run/netns")
 SUBNET = "10.213.{k}.0/24"
 HOST_ADDRESS = "10.213.{k}.{i}"
-MULTICAST_ROUTE = "224.0.0.0/4"
 MAX_HOSTS = 250
 ID_ALPHABET = string.ascii_lowercase + string.digits
 ID_LEN = 4
 TERM_GRACE_S = 5.0
-CMD_TIMEOUT_S = 30.0
-
-
-class LabError(P2pfsError):
-    """The lab could not be built or changed (missing tool, kernel feature, permission)."""
 
 
 def _names_pattern(prefix: str) -> re.Pattern[str]:
@@ -82,37 +88,13 @@ def _check_prefix(prefix: str) -> None:
 # -- commands ---------------------------------------------------------------------
 
 
-def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL
-    )
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
-    argv = ["ip"] + (["-n", netns] if netns else []) + list(args)
-    return _run(argv, check=check).stdout
-
-
-def _nsenter(netns: str) -> list[str]:
-    return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
-
-
-def _write_sysctl(netns: str, path: str, value: str) -> None:
-    """A per-namespace sysctl, written from inside the namespace (``/proc/sys/net`` is per netns)."""
-    f = f"/proc/sys/{path}"
-    _run([*_nsenter(netns), "sh", "-c", f"[ ! -e {f} ] || echo {value} > {f}"])
-
-
 def _list_netns() -> list[str]:
-    proc = _run(["ip", "netns", "list"], check=False)
+    proc = run_cmd(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
 def _netns_pids(netns: str) -> list[int]:
-    proc = _run(["ip", "netns", "pids", netns], check=False)
+    proc = run_cmd(["ip", "netns", "pids", netns], check=False)
     return [int(p) for p in proc.stdout.split() if p.isdigit() and int(p) != os.getpid()]
 
 
@@ -157,14 +139,14 @@ def _mounted(path: str) -> bool:
 
 def _lazy_unmount(path: str) -> None:
     if _mounted(path) and shutil.which("fusermount3"):
-        _run(["fusermount3", "-u", "-z", path], check=False)
+        run_cmd(["fusermount3", "-u", "-z", path], check=False)
     if _mounted(path):
-        _run(["umount", "-l", path], check=False)
+        run_cmd(["umount", "-l", path], check=False)
 
 
 def _delete_netns(netns: str) -> None:
     if (NETNS_DIR / netns).exists():
-        _run(["ip", "netns", "del", netns], check=False)
+        run_cmd(["ip", "netns", "del", netns], check=False)
 
 
 # -- owners and state files -------------------------------------------------------
@@ -260,11 +242,11 @@ def _probe(prefix: str) -> str | None:
             return f"{tool} is not installed (Debian package {package})"
     ns = f"{prefix}probe{os.getpid()}"
     try:
-        _run(["ip", "netns", "add", ns])
-        _ip("link", "add", "br0", "type", "bridge", netns=ns)
-        _ip("link", "add", "v0", "type", "veth", "peer", "name", "v1", netns=ns)
-        _ip("link", "set", "v0", "master", "br0", netns=ns)
-        _run([*_nsenter(ns), "true"])
+        run_cmd(["ip", "netns", "add", ns])
+        ip_cmd("link", "add", "br0", "type", "bridge", netns=ns)
+        ip_cmd("link", "add", "v0", "type", "veth", "peer", "name", "v1", netns=ns)
+        ip_cmd("link", "set", "v0", "master", "br0", netns=ns)
+        run_cmd([*nsenter_argv(ns), "true"])
     except (LabError, OSError, subprocess.SubprocessError) as e:
         return f"cannot build a network namespace with a bridge and veths: {e}"
     finally:
@@ -275,41 +257,23 @@ def _probe(prefix: str) -> str | None:
 # -- building blocks (Lab here, SitesLab in sites.py) -----------------------------------
 
 
-def _new_netns(netns: str) -> None:
-    """An empty namespace: IPv6 off (the lab is IPv4, like discovery), ``lo`` up."""
-    _run(["ip", "netns", "add", netns])
-    _write_sysctl(netns, "net/ipv6/conf/all/disable_ipv6", "1")
-    _write_sysctl(netns, "net/ipv6/conf/default/disable_ipv6", "1")
-    _ip("link", "set", "lo", "up", netns=netns)
-
-
-def _new_switch(netns: str) -> None:
-    """A namespace holding ``br0``: no STP (ports forward at once), no multicast snooping
-    (mDNS floods to every port)."""
-    _new_netns(netns)
-    _ip(
-        "link", "add", "br0", "type", "bridge", "stp_state", "0", "mcast_snooping", "0", netns=netns
-    )
-    _ip("link", "set", "br0", "up", netns=netns)
-
-
-def _plug_host(host: Host, routes: Sequence[tuple[str, str]] = ()) -> None:
+def plug_host(host: Host, routes: Sequence[tuple[str, str]] = ()) -> None:
     """Create ``host``'s namespace with ``eth0`` cabled to its switch's ``br0``.
 
     ``routes`` are (subnet, gateway) pairs beyond the host's own /24 and the multicast
     route; there is never a default route.
     """
     ns, sw = host.netns, host.switch_netns
-    _new_netns(ns)
+    new_netns(ns)
     # Both ends are born in their namespaces: nothing appears in ours, even briefly.
-    _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns, netns=sw)
-    _ip("link", "set", host.veth, "master", "br0", netns=sw)
-    _ip("link", "set", host.veth, "up", netns=sw)
-    _ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=ns)
-    _ip("link", "set", "eth0", "multicast", "on", "up", netns=ns)
-    _ip("route", "add", MULTICAST_ROUTE, "dev", "eth0", netns=ns)
+    ip_cmd("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns, netns=sw)
+    ip_cmd("link", "set", host.veth, "master", "br0", netns=sw)
+    ip_cmd("link", "set", host.veth, "up", netns=sw)
+    ip_cmd("addr", "add", f"{host.address}/24", "dev", "eth0", netns=ns)
+    ip_cmd("link", "set", "eth0", "multicast", "on", "up", netns=ns)
+    ip_cmd("route", "add", MULTICAST_ROUTE, "dev", "eth0", netns=ns)
     for subnet, gateway in routes:
-        _ip("route", "add", subnet, "via", gateway, "dev", "eth0", netns=ns)
+        ip_cmd("route", "add", subnet, "via", gateway, "dev", "eth0", netns=ns)
 
 
 # -- hosts ----------------------------------------------------------------------------
@@ -332,7 +296,7 @@ class Host:
 
     def nsenter_prefix(self) -> list[str]:
         """Run a command in this host's network namespace, in this machine's mount namespace."""
-        return _nsenter(self.netns)
+        return nsenter_argv(self.netns)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a process in this host; the lab kills it (and its process group) at exit."""
@@ -388,10 +352,10 @@ class Host:
 
     def link_down(self) -> None:
         """Cut this host's cable at the switch: it keeps its address but reaches no one."""
-        _ip("link", "set", self.veth, "down", netns=self.switch_netns)
+        ip_cmd("link", "set", self.veth, "down", netns=self.switch_netns)
 
     def link_up(self) -> None:
-        _ip("link", "set", self.veth, "up", netns=self.switch_netns)
+        ip_cmd("link", "set", self.veth, "up", netns=self.switch_netns)
 
     def link_bytes(self) -> tuple[int, int]:
         """(received, sent): bytes through this host's ``eth0`` so far, per its kernel."""
@@ -399,40 +363,6 @@ class Host:
 
     def _cable_ends(self) -> list[tuple[str, str]]:
         return [(self.netns, "eth0"), (self.switch_netns, self.veth)]
-
-
-def shape_ends(ends: Sequence[tuple[str, str]], rate_mbit: float, delay_ms: float = 0) -> None:
-    """Shape the egress of every (namespace, device): ``tbf`` for a rate, ``netem`` with a delay."""
-    if rate_mbit <= 0 or delay_ms < 0:
-        raise LabError(f"bad shape: rate {rate_mbit} Mbit/s, delay {delay_ms} ms")
-    if delay_ms > 0:
-        qdisc = ["netem", "delay", f"{delay_ms:g}ms", "rate", f"{rate_mbit:g}mbit"]
-        qdisc += ["limit", "100000"]
-    else:
-        # 10 ms worth of bytes (at least 64 KiB so GSO segments pass unsplit).
-        burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 / 100))
-        qdisc = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", "200ms"]
-    for ns, dev in ends:
-        proc = _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *qdisc], check=False)
-        if proc.returncode != 0:
-            if "unknown" in proc.stderr.lower() and qdisc[0] == "netem":
-                raise LabError(
-                    "a delay needs the netem qdisc, which this kernel lacks "
-                    "(CONFIG_NET_SCH_NETEM); shape with a rate only"
-                )
-            raise LabError(f"tc qdisc on {ns}/{dev} failed: {proc.stderr.strip()}")
-
-
-def unshape_ends(ends: Sequence[tuple[str, str]]) -> None:
-    for ns, dev in ends:
-        _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
-
-
-def link_bytes(netns: str, dev: str) -> tuple[int, int]:
-    """(rx, tx) byte counters of ``dev`` in ``netns`` (``ip -s -j link``)."""
-    info = json.loads(_ip("-s", "-j", "link", "show", "dev", dev, netns=netns))
-    stats = info[0].get("stats64") or info[0]["stats"]
-    return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
 
 # -- the lab ---------------------------------------------------------------------------
@@ -588,7 +518,7 @@ class Lab:
         host = Host(self, *self._new_host_slot(name))
         self.hosts.append(host)
         self._save()  # recorded before it exists, so a crash leaves nothing unrecorded
-        _plug_host(host)
+        plug_host(host)
         return host
 
     def _new_host_slot(self, name: str | None) -> tuple[int, str]:
@@ -606,7 +536,7 @@ class Lab:
 
     def _build(self) -> None:
         """The switch and the first hosts (a subclass builds another topology here)."""
-        _new_switch(self.switch_netns)
+        new_switch(self.switch_netns)
         for i in range(self._n):
             self._add(self._names[i] if self._names else None)
 

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .netns import Host, LabError
+from .netns import Host
+from .plumbing import LabError
 
 S3_PORT = 9000
 HTTP_PORT = 8080

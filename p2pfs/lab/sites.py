@@ -26,19 +26,16 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 
-from .netns import (
-    MAX_HOSTS,
-    Host,
-    Lab,
+from .netns import MAX_HOSTS, Host, Lab, plug_host
+from .plumbing import (
     LabError,
-    _ip,
-    _new_netns,
-    _new_switch,
-    _plug_host,
-    _write_sysctl,
+    ip_cmd,
     link_bytes,
+    new_netns,
+    new_switch,
     shape_ends,
     unshape_ends,
+    write_sysctl,
 )
 
 log = logging.getLogger(__name__)
@@ -162,10 +159,10 @@ class SitesLab(Lab):
 
     def uplink_down(self, site: str) -> None:
         """Cut the site off: its hosts still reach each other, no one else."""
-        _ip("link", "set", "wan", "down", netns=self.switch_netns_of(site))
+        ip_cmd("link", "set", "wan", "down", netns=self.switch_netns_of(site))
 
     def uplink_up(self, site: str) -> None:
-        _ip("link", "set", "wan", "up", netns=self.switch_netns_of(site))
+        ip_cmd("link", "set", "wan", "up", netns=self.switch_netns_of(site))
 
     def uplink_bytes(self, site: str) -> tuple[int, int]:
         """(into the site, out of the site): bytes through its uplink so far."""
@@ -198,18 +195,18 @@ class SitesLab(Lab):
         self.hosts_of[site].append(host)
         self._save()  # recorded before it exists, so a crash leaves nothing unrecorded
         others = [(self.subnet_of(s), host.gateway) for s in self.segments if s != site]
-        _plug_host(host, others)
+        plug_host(host, others)
         return host
 
     def _build(self) -> None:
         router = self.router_netns
-        _new_netns(router)
-        _write_sysctl(router, "net/ipv4/ip_forward", "1")
+        new_netns(router)
+        write_sysctl(router, "net/ipv4/ip_forward", "1")
         for j, site in enumerate(self.segments):
             sw = self.switch_netns_of(site)
-            _new_switch(sw)
+            new_switch(sw)
             # Born in their namespaces, like a host's cable: nothing appears in ours.
-            _ip(
+            ip_cmd(
                 "link",
                 "add",
                 "wan",
@@ -222,11 +219,11 @@ class SitesLab(Lab):
                 router,
                 netns=sw,
             )
-            _ip("link", "set", "wan", "master", "br0", netns=sw)
-            _ip("link", "set", "wan", "up", netns=sw)
+            ip_cmd("link", "set", "wan", "master", "br0", netns=sw)
+            ip_cmd("link", "set", "wan", "up", netns=sw)
             gateway = f"10.213.{self.subnet_index_of(site)}.{GATEWAY}/24"
-            _ip("addr", "add", gateway, "dev", f"up{j}", netns=router)
-            _ip("link", "set", f"up{j}", "up", netns=router)
+            ip_cmd("addr", "add", gateway, "dev", f"up{j}", netns=router)
+            ip_cmd("link", "set", f"up{j}", "up", netns=router)
         for site, name in self._layout:
             self._add_to(site, name)
         rate, delay = self._uplink

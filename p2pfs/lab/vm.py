@@ -32,7 +32,8 @@ from pathlib import Path
 from p2pfs.appliance.image import BuiltImage
 from p2pfs.errors import P2pfsError
 
-from .netns import NETNS_DIR, Host
+from .netns import Host
+from .plumbing import NETNS_DIR
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002

@@ -7,6 +7,8 @@ accept a short block at start-up where the daemon is not serving yet.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import os
 import secrets
@@ -144,3 +146,16 @@ def token_alive(token: str) -> bool:
     except OSError:
         return pid_alive(pid)
     return now is not None and (not start or now == start)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2) on the file system holding ``fd``: one barrier for many files."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs failed: {os.strerror(err)}")

@@ -35,8 +35,6 @@ is called without that lock held.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
@@ -54,7 +52,7 @@ from p2pfs.errors import (
     NotFound,
     UsageError,
 )
-from p2pfs.fsutil import pid_alive, token_alive, write_all
+from p2pfs.fsutil import pid_alive, syncfs, token_alive, write_all
 from p2pfs.ids import ID_SIZE, ChunkId, matches
 from p2pfs.objects.model import object_id
 
@@ -110,19 +108,6 @@ def _check_pin_name(name: str) -> None:
         raise UsageError(f"a pin name must be at most {MAX_PIN_NAME} bytes of UTF-8")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise UsageError("a pin name must not contain control characters")
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2) on the file system holding ``fd``; falls back to sync(2)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs failed: {os.strerror(err)}")
 
 
 def _discard(paths: Iterable[str | Path | None]) -> None:
@@ -543,7 +528,7 @@ class Store(FsckMixin):
             if durable and BATCH_BARRIER == "syncfs":
                 dfd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    _syncfs(dfd)
+                    syncfs(dfd)
                 finally:
                     os.close(dfd)
         except BaseException:

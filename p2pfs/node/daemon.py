@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,7 @@ from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 log = logging.getLogger(__name__)
 
 DISK_THREADS = 4  # worker threads reading and writing the store at once
+SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval: see Daemon.run
 
 
 @contextlib.contextmanager
@@ -109,6 +111,10 @@ class Daemon:
         self.notifier = Notifier()
 
     def run(self) -> int:
+        # A thread waiting for the GIL gets it after this long at the latest. CPython's
+        # 5 ms made the page-cache thread and the store's workers wait on a busy event
+        # loop for whole intervals (docs/architecture.md, "Concurrency").
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             return trio.run(self._main)
         except P2pfsError as e:

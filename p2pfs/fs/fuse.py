@@ -328,8 +328,8 @@ class PagePusher:
     the pages of a read still waiting for our answer stay locked until the loop answers
     it. ``offer`` never blocks: when the queue is full an offer is dropped (the pages
     are then read through the daemon, as without it; a later read offers them again).
-    The kernel takes pages this way at only a few hundred MB/s (it copies and locks
-    them one by one), so many random readers at once can outrun it."""
+    The thread needs the GIL between pushes: the daemon's short switch interval
+    (``node/daemon.SWITCH_INTERVAL_S``) is what keeps a busy event loop from starving it."""
 
     MAX_QUEUED = 32
 

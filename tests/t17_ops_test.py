@@ -451,6 +451,7 @@ def test_a_scrape_matches_status_after_a_read(home: Path, tmp_path: Path) -> Non
     for op, n in after["fuse_requests"]["errors"].items():
         assert got[("p2pfs_fuse_errors_total", (("operation", op),))] == n
     assert got[("p2pfs_mounted", ())] == 1
+    assert got[("p2pfs_event_loop_stalls_total", ())] == after["daemon"]["loop_stalls"]
     assert got[("p2pfs_scrub_checked_chunks_total", ())] == after["scrub"]["chunks_checked"]
 
 

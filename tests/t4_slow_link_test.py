@@ -50,10 +50,13 @@ class Trickle(trio.abc.Stream):
 
 
 CHUNKS = {content_id(bytes([i]) * 256 * 1024): bytes([i]) * 256 * 1024 for i in range(8)}
+STUCK = content_id(b"never answered")
 
 
 async def _serve(conn: Connection, header: dict[str, Any], payload: bytes) -> Any:
     if header["t"] == "get":
+        if messages.parse_get(header) == STUCK:  # a peer that takes the request and stalls
+            await trio.sleep_forever()
         data = CHUNKS.get(messages.parse_get(header))
         if data is None:
             return messages.answer(header["id"], error="missing"), b""
@@ -186,6 +189,24 @@ async def test_a_fetch_over_a_slow_peer_finishes_and_one_with_nobody_fails_in_ti
         nursery.cancel_scope.cancel()
     # With no peer at all, the same.
     start = trio.current_time()
-    with pytest.raises(MissingChunk):
+    with pytest.raises(MissingChunk, match="0 of 0 known peers connected"):
         await _fetcher(PeerTable(), deadline_s=2.0).fetch(cid)
     assert 2.0 <= trio.current_time() - start < 2.5
+
+
+async def test_a_fetch_given_up_names_the_peer_that_stayed_silent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = _slow_pair(rate=1024 * 1024)
+    table = PeerTable()
+    table.get(b"S" * 16).conns.append(client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        nursery.start_soon(server.run)
+        with pytest.raises(MissingChunk) as failed:
+            await _fetcher(table, deadline_s=2.0).fetch(STUCK)
+        nursery.cancel_scope.cancel()
+    said = str(failed.value)
+    # Its request's own timeout or the fetch's watchdog, whichever ends first, says so.
+    assert (b"S" * 16).hex()[:8] + ": " in said and "no answer" in said, said
+    assert "reachable" not in said, said

@@ -312,11 +312,18 @@ class Fetcher:
         start = trio.current_time()
         got: tuple[bytes, Source] | None = None
 
+        # Who is being asked now, since when: said when the fetch gives up on them.
+        waiting: dict[str, tuple[float, Connection | None]] = {}
+
         async def watchdog(scope: trio.CancelScope) -> None:
             while True:
                 quiet_until = max([start, *(c.progress_at for c in asked.values())])
                 quiet_until += self.deadline_s
-                if trio.current_time() >= quiet_until:
+                now = trio.current_time()
+                if now >= quiet_until:
+                    errors.extend(
+                        _silence(who, since, conn, now) for who, (since, conn) in waiting.items()
+                    )
                     scope.cancel()
                     return
                 await trio.sleep_until(quiet_until)
@@ -330,7 +337,7 @@ class Fetcher:
                     if c[0].node_id not in tried
                 ]
                 if order:
-                    got = await self._race(cid, order, tried, errors, asked, urgent)
+                    got = await self._race(cid, order, tried, errors, asked, urgent, waiting)
                     if got is not None:
                         nursery.cancel_scope.cancel()
                         break
@@ -352,7 +359,7 @@ class Fetcher:
                 self._bytes_from_peers += len(data)
             return data, peer
         self._failed += 1
-        detail = "; ".join(errors[-3:]) or "no peer or origin reachable"
+        detail = "; ".join(errors[-3:]) or self._nobody()
         log.info("chunk %s: nothing arrived for %g s (%s)", cid.hex(), self.deadline_s, detail)
         raise MissingChunk(
             f"chunk {cid.hex()}: nothing arrived for {self.deadline_s:g} s ({detail})"
@@ -366,6 +373,7 @@ class Fetcher:
         errors: list[str],
         asked: dict[int, Progressing],
         urgent: bool,
+        waiting: dict[str, tuple[float, Connection | None]],
     ) -> tuple[bytes, Source] | None:
         result: tuple[bytes, Source] | None = None
         async with trio.open_nursery() as nursery:
@@ -373,6 +381,8 @@ class Fetcher:
             async def attempt(peer: Source, fetch: bool, ended: trio.Event) -> None:
                 nonlocal result
                 who = peer.node_id.hex()[:8] if isinstance(peer, Peer) else peer.label
+                conn = peer.conn if isinstance(peer, Peer) else None
+                waiting[who] = (trio.current_time(), conn)
                 try:
                     if isinstance(peer, Peer):
                         data = await self._ask(peer, cid, fetch, asked, urgent)
@@ -387,6 +397,7 @@ class Fetcher:
                         result = (data, peer)
                         nursery.cancel_scope.cancel()
                 finally:
+                    waiting.pop(who, None)
                     ended.set()
 
             for i, (peer, fetch) in enumerate(order):
@@ -424,6 +435,11 @@ class Fetcher:
                     with trio.move_on_at(heard + patience):
                         await ended.wait()
         return result
+
+    def _nobody(self) -> str:
+        known = len(self.table.peers)
+        usable = sum(1 for p in self.table.peers.values() if p.usable)
+        return f"no peer or origin reachable: {usable} of {known} known peers connected"
 
     async def _ask_source(
         self, source: ObjectSource, cid: bytes, asked: dict[int, Progressing]
@@ -481,3 +497,13 @@ class Fetcher:
         peer.bytes_from += len(payload)
         peer.chunks_from += 1
         return payload
+
+
+def _silence(who: str, since: float, conn: Connection | None, now: float) -> str:
+    """What a source asked and given up on was doing, for the fetch's error."""
+    said = f"{who}: no answer bytes {now - since:.1f} s after asking"
+    if conn is None:
+        return said
+    if conn.closed.is_set():
+        return f"{said} (connection closed: {conn.close_reason})"
+    return f"{said} (last frame from it {now - conn.last_received:.1f} s ago)"

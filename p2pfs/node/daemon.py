@@ -51,6 +51,7 @@ from .live import LiveVolumes, work_dir
 from .metrics import MetricsServer
 from .notify import Notifier
 from .operations import Operations
+from .stalls import StallWatch
 from .status import NodeStatus, VolumeInfo, daemon_info, read_disk
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Daemon:
         self.watch: EstateWatch | None = None
         self.fuse_ops: FuseOperations | None = None
         self.notifier = Notifier()
+        self.stalls = StallWatch()
 
     def run(self) -> int:
         # A thread waiting for the GIL gets it after this long at the latest. CPython's
@@ -219,6 +221,7 @@ class Daemon:
             await self.metrics.listen()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            await nursery.start(self.stalls.run)
             self.fs.attach(nursery)
             await nursery.start(self.notifier.run, self.describe)
             await nursery.start(control.run)
@@ -479,7 +482,12 @@ class Daemon:
             disk=disk,
             volumes=self._volumes(),
             estate=self.estate.estate_id.hex() if self.estate else None,
-            daemon=daemon_info(self.started, str(self.mountpoint) if self.mounted else None),
+            daemon=daemon_info(
+                self.started,
+                str(self.mountpoint) if self.mounted else None,
+                self.stalls.stalls,
+                self.stalls.longest_s,
+            ),
             content=self.content.statistics(),
             scrub=self.keeper.statistics(),
             fs=self.fs.statistics(),

@@ -75,6 +75,11 @@ def families(s: NodeStatus) -> Iterator[Metric]:
         yield _gauge(
             "p2pfs_mounted", "1 while the volumes are mounted.", float(bool(s.daemon.mountpoint))
         )
+        yield _counter(
+            "p2pfs_event_loop_stalls",
+            "Times the daemon's event loop was blocked for a second or more (each logged).",
+            s.daemon.loop_stalls,
+        )
 
     local = s.content.bytes_from_local if s.content else 0
     fetch = s.network.fetch if s.network else None

@@ -40,6 +40,8 @@ class DaemonInfo:
     pid: int
     started: float  # time.time() at start
     mountpoint: str | None  # while mounted
+    loop_stalls: int = 0  # times the event loop was blocked (node/stalls.py)
+    longest_loop_stall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class NodeStatus:
                 "pid": self.daemon.pid,
                 "uptime_s": round(time.time() - self.daemon.started, 1),
                 "mountpoint": self.daemon.mountpoint,
+                "loop_stalls": self.daemon.loop_stalls,
+                "longest_loop_stall_s": round(self.daemon.longest_loop_stall_s, 1),
             }
         if self.content is not None:
             c = self.content.chunks
@@ -246,5 +250,7 @@ def offline(home: Home) -> NodeStatus:
     )
 
 
-def daemon_info(started: float, mountpoint: str | None) -> DaemonInfo:
-    return DaemonInfo(os.getpid(), started, mountpoint)
+def daemon_info(
+    started: float, mountpoint: str | None, stalls: int = 0, longest_stall_s: float = 0.0
+) -> DaemonInfo:
+    return DaemonInfo(os.getpid(), started, mountpoint, stalls, longest_stall_s)

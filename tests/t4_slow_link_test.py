@@ -210,3 +210,35 @@ async def test_a_fetch_given_up_names_the_peer_that_stayed_silent(
     # Its request's own timeout or the fetch's watchdog, whichever ends first, says so.
     assert (b"S" * 16).hex()[:8] + ": " in said and "no answer" in said, said
     assert "reachable" not in said, said
+
+
+async def _stall(conn: Connection, header: dict[str, Any], payload: bytes) -> Any:
+    await trio.sleep_forever()  # takes every request, answers none
+
+
+async def test_a_peer_slow_on_a_busy_link_is_hedged_before_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer whose chunks took 10 s each (a slow link shared by a window of readahead)
+    and whose next answer is stuck: the fetch asks another within its deadline, rather
+    than waiting four of those latencies and failing with nobody else asked."""
+    a, b = trio.testing.memory_stream_pair()
+    stuck_client = Connection(a, b"H" * 16, on_request=_serve, on_notice=_quiet)
+    stuck_server = Connection(b, b"C" * 16, on_request=_stall, on_notice=_quiet)
+    client, server = _slow_pair(rate=1024 * 1024)
+    table = PeerTable()
+    stuck = table.get(b"H" * 16)
+    stuck.conns.append(stuck_client)
+    stuck.latency_s = 10.0
+    good = table.get(b"S" * 16)
+    good.conns.append(client)
+    fetcher = _fetcher(table, deadline_s=2.0)
+    fetcher.origins = {stuck.node_id}  # asked first: a publisher holds every chunk
+    cid = next(iter(CHUNKS))
+    async with trio.open_nursery() as nursery:
+        for conn in (stuck_client, stuck_server, client, server):
+            nursery.start_soon(conn.run)
+        data, who = await fetcher.fetch(cid)
+        nursery.cancel_scope.cancel()
+    assert data == CHUNKS[cid] and who is good
+    assert fetcher.statistics().hedged_requests == 1

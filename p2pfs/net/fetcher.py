@@ -407,19 +407,21 @@ class Fetcher:
                 ended = trio.Event()
                 nursery.start_soon(attempt, peer, fetch, ended)
                 # Move on when this one failed, or hedge when it is slow: slow for this
-                # peer, as a busy link makes every answer slower. A home gets longer:
-                # it may be fetching the chunk for everyone, and asking the origin
-                # behind its back costs the origin a copy.
-                patience = max(self.hedge_after_s, 4 * peer.latency_s)
+                # peer, as a busy link makes every answer slower. But never wait out
+                # the deadline on one peer: its latency is the time to a whole chunk,
+                # which on a slow shared link grows to seconds, and a peer whose
+                # answer is stuck (TCP backing off on a full queue) must not hold the
+                # fetch until its watchdog gives up without asking anyone else.
+                cap = self.deadline_s / 2
                 if not fetch:
-                    with trio.move_on_after(patience):
+                    with trio.move_on_after(min(max(self.hedge_after_s, 4 * peer.latency_s), cap)):
                         await ended.wait()
                     continue
                 # A home is waited for as long as it says it is getting the chunk
                 # (interim answers), and half a deadline of its silence: asking the
                 # origin behind its back costs the origin a copy, and a slow origin
                 # that every desktop asks at once gets slower for all of them.
-                patience = max(patience, self.deadline_s / 2)
+                patience = cap
                 began = trio.current_time()
                 assert isinstance(peer, Peer)  # only a peer is asked to fetch
                 while not ended.is_set():

@@ -2,8 +2,9 @@
 
 Order (DESIGN.md, Network): peers whose digest says they hold it, then up to k
 other peers, then the origin. One peer is asked at a time; if it has not
-answered after ``hedge_after_s`` a second is asked too, and the first verified
-answer wins (the Tail at Scale's hedged requests). A "missing" answer moves on
+answered after ``hedge_after_s`` (longer for a peer whose answers are slow, never
+more than half the deadline) a second is asked too, and the first verified answer
+wins (the Tail at Scale's hedged requests). A "missing" answer moves on
 at once. Bytes that do not hash to the id quarantine the peer that sent them and
 are never stored or returned. A fetch fails (EIO) once no byte of an answer has
 arrived from any peer it asked for ``deadline_s`` (nobody to ask counts as silence):

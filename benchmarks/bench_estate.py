@@ -8,7 +8,8 @@
    1.5x the time of N = 1.
 2. One peer, unshaped link: a cold read of a 1 GiB file through B's mount from A,
    against curl fetching the same file from nginx on A over the same link (goal
-   at least 0.5).
+   at least 0.5), and against Syncthing sending it from A to B once A has hashed it
+   (goal at least 1.0; skipped with a note when syncthing is not installed).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from p2pfs.lab.estate import EstateLab, Node, wait_until_meshed
 from p2pfs.lab.netns import Lab, lab_unavailable
 
-from .common import drop_caches, ratio_line, workdir
+from . import syncthing
+from .common import drop_caches, ratio_line, unmeasured_line, workdir
 
 MIB = 1024 * 1024
 
@@ -94,7 +96,7 @@ def fan_out(
             estate.stop_all()
 
 
-def one_peer(work: Path, size_mib: int) -> tuple[float, float]:
+def one_peer(work: Path, size_mib: int) -> tuple[float, float, float | None]:
     src = work / "big"
     src.mkdir()
     with open(src / "big.bin", "wb") as f:
@@ -135,11 +137,14 @@ def one_peer(work: Path, size_mib: int) -> tuple[float, float]:
             got = read_tree(b.mountpoint / "tools")
             t_p2p = time.perf_counter() - t0
             assert got == size_mib * MIB
-            return t_p2p, t_curl
         finally:
             nginx.terminate()
             nginx.wait()
             estate.stop_all()
+        t_sync = None
+        if shutil.which("syncthing"):
+            t_sync = syncthing.transfer_seconds(a.host, b.host, work / "syncthing", src)
+        return t_p2p, t_curl, t_sync
 
 
 def main(argv: list[str]) -> int:
@@ -190,7 +195,7 @@ def main(argv: list[str]) -> int:
         if args.no_nginx:
             return 0
         print(f"one peer, unshaped link: cold read of a {args.big_mib} MiB file")
-        t_p2p, t_curl = one_peer(work, args.big_mib)
+        t_p2p, t_curl, t_sync = one_peer(work, args.big_mib)
         mb = args.big_mib * MIB / 1e6
         print(
             ratio_line(
@@ -201,6 +206,20 @@ def main(argv: list[str]) -> int:
                 0.5,
             )
         )
+        if t_sync is None:
+            print(
+                unmeasured_line(
+                    "1 GiB from a LAN peer vs Syncthing",
+                    ">= 1.00",
+                    "syncthing not installed (Debian package syncthing)",
+                )
+            )
+        else:
+            print(
+                ratio_line(
+                    "1 GiB from a LAN peer vs Syncthing", mb / t_p2p, mb / t_sync, "MB/s", 1.0
+                )
+            )
     return 0
 
 

@@ -77,6 +77,12 @@ def ratio_line(
     return f"  {label}: {value:.3f} {unit}, ratio {r:.2f}{g}"
 
 
+def unmeasured_line(label: str, goal: str, why: str) -> str:
+    """A goal this run could not measure: in the summary as missed, not left out."""
+    ROWS.append(Row(label, f"not measured: {why}", goal, False))
+    return f"  {label}: not measured ({why})"
+
+
 def ceiling_line(label: str, value: float, unit: str, most: float) -> str:
     """A measure with an upper bound (memory): recorded for the summary like a ratio."""
     met = value <= most

@@ -241,6 +241,31 @@ def test_unexpected_handler_error_gives_eio_and_mount_survives(home: Path, tmp_p
         assert control.call(sock, "status")["fuse_errors"] > errors
 
 
+def test_the_kernel_asks_flush_once_and_every_close_still_succeeds(
+    home: Path, tmp_path: Path
+) -> None:
+    # flush answers ENOSYS, so the kernel stops sending FLUSH at close(): a round trip
+    # less per file. close() must still return 0 and nothing may count as an error.
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(5).randbytes(100 * KIB)
+    (src / "f").write_bytes(data)
+    run_cli(home, "volume", "create", "tools", check=True)
+    run_cli(home, "import", str(src), "tools", check=True)
+    with mounted(home, tmp_path / "mnt") as mp:
+        for _ in range(20):
+            fd = os.open(mp / "tools" / "f", os.O_RDONLY)
+            try:
+                assert os.read(fd, len(data) + 1) == data
+            finally:
+                os.close(fd)  # raises if close() failed
+        requests = json.loads(run_cli(home, "status", "--json", check=True).stdout)
+        calls, errors = requests["fuse_requests"]["calls"], requests["fuse_requests"]["errors"]
+        assert calls["open"] >= 20
+        assert calls.get("flush", 0) == 1, calls
+        assert "flush" not in errors and requests["fuse_errors"] == 0
+
+
 def test_mount_errors_are_clear(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -13,11 +13,18 @@ measured in the same run (the same fsync/close/sync points): write+close alone, 
 write+close+commit (what it takes until the data is a snapshot peers can follow). The data
 is random (generated before the clocks start), so nothing deduplicates. Rounds alternate
 native and p2pfs (``--repeat``, default 2); each figure is the best of its rounds.
+
+The small files are also written through bindfs over a directory of the same disk (when
+installed), and the bench prints one FUSE round trip (a readlink, which the kernel does
+not cache) on both mounts: every FUSE file system pays that round trip for each of the five or six
+requests a small file costs (lookup, create, getattr, getxattr, write, release), which
+bounds any of them against native writes on a machine where a round trip is slow.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -25,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .common import p2pfs, ratio_line, workdir
@@ -64,6 +72,36 @@ def write_small(root: Path, files: list[tuple[str, bytes]]) -> float:
             os.close(fd)
     os.sync()
     return time.perf_counter() - t0
+
+
+def round_trip_us(directory: Path, n: int = 3000) -> float:
+    """Microseconds for one FUSE request the kernel cannot answer from its caches: a
+    readlink (symlinks are cached only on request, FUSE_CACHE_SYMLINKS, neither asks)."""
+    link = directory / ".bench-round-trip"
+    link.symlink_to("target")
+    os.lstat(link)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.readlink(link)
+    elapsed = time.perf_counter() - t0
+    link.unlink()
+    return elapsed / n * 1e6
+
+
+@contextlib.contextmanager
+def bindfs_mount(base: Path) -> Iterator[Path | None]:
+    """bindfs over ``base/bind-src`` at ``base/bind-mnt``, or None without bindfs."""
+    if shutil.which("bindfs") is None:
+        yield None
+        return
+    src, mnt = base / "bind-src", base / "bind-mnt"
+    src.mkdir()
+    mnt.mkdir()
+    subprocess.run(["bindfs", str(src), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
 def commit(home: Path) -> tuple[float, dict[str, object]]:
@@ -110,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         p2pfs(home, "volume", "create", VOLUME)
         p2pfs(home, "import", str(empty), VOLUME)
         p2pfs(home, "mount", str(mnt))
+        bind_stack = contextlib.ExitStack()
         try:
+            bind = bind_stack.enter_context(bindfs_mount(base))
             ours = mnt / VOLUME
             if not os.access(ours, os.W_OK) or not _writable(ours):
                 print(f"  skipped: {ours} is not writable (no writable mount in this build)")
@@ -145,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 t_native = write_small(native / prefix, files)
                 best(small, "native", t_native)
                 shutil.rmtree(native / prefix)
+                if bind is not None:
+                    best(small, "bindfs", write_small(bind / prefix, files))
+                    shutil.rmtree(bind / prefix)
                 t_write = write_small(ours / prefix, files)
                 t_commit, report = commit(home)
                 best(small, "write", t_write)
@@ -187,7 +230,22 @@ def main(argv: list[str] | None = None) -> int:
                         goal,
                     )
                 )
+            if bind is not None:
+                print(f"  bindfs (same files, same disk): {fps(small['bindfs']):,.0f} files/s")
+                print(
+                    ratio_line(
+                        "p2pfs small files write+close vs bindfs",
+                        fps(small["write"]),
+                        fps(small["bindfs"]),
+                        "files/s",
+                    )
+                )
+                print(
+                    f"  one FUSE round trip (readlink): p2pfs {round_trip_us(ours):.0f} us, "
+                    f"bindfs {round_trip_us(bind):.0f} us"
+                )
         finally:
+            bind_stack.close()
             subprocess.run(
                 [sys.executable, "-m", "p2pfs", "--home", str(home), "umount", str(mnt)],
                 check=False,

@@ -16,6 +16,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -327,24 +328,33 @@ class Operations(pyfuse3.Operations):
 
 
 class PagePusher:
-    """Hands bytes to the kernel's page cache (``pyfuse3.notify_store``) from a thread of
+    """Hands bytes to the kernel's page cache (``pyfuse3.notify_store``) from threads of
     its own, never from the event loop: the kernel locks each page it stores into, and
     the pages of a read still waiting for our answer stay locked until the loop answers
     it. ``offer`` never blocks: when the queue is full an offer is dropped (the pages
     are then read through the daemon, as without it; a later read offers them again).
-    The thread needs the GIL between pushes: the daemon's short switch interval
-    (``node/daemon.SWITCH_INTERVAL_S``) is what keeps a busy event loop from starving it."""
+    notify_store lets go of the GIL while the kernel copies, so ``THREADS`` threads push
+    at once: the copy into new page-cache pages is what holds back how fast the cache
+    warms under random reads. Each thread needs the GIL between pushes: the daemon's short
+    switch interval (``node/daemon.SWITCH_INTERVAL_S``) is what keeps a busy event loop
+    from starving them."""
 
     MAX_QUEUED = 32
+    THREADS = 2
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(self.MAX_QUEUED)
-        self._thread = threading.Thread(target=self._run, name="p2pfs-pages", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"p2pfs-pages-{i}", daemon=True)
+            for i in range(self.THREADS)
+        ]
+        self._count = threading.Lock()
         self.enabled = True
         self.pushed_bytes = self.dropped = 0  # (read on the trio thread: ints, one step)
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def offer(self, ino: int, offset: int, data: memoryview) -> bool:
         """Queue bytes for the page cache; False if they were not (full, or disabled)."""
@@ -358,18 +368,22 @@ class PagePusher:
         return True
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Before the session is closed: the thread must not touch it after."""
+        """Before the session is closed: no thread may touch it after."""
         self.enabled = False
-        if not self._thread.is_alive():
+        alive = [t for t in self._threads if t.is_alive()]
+        if not alive:
             return
-        while True:  # make room for the end mark: what is queued is not worth pushing now
+        while True:  # make room for the end marks: what is queued is not worth pushing now
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        for _ in alive:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in alive:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in alive):
             log.warning("page cache thread still busy at unmount")
 
     def _run(self) -> None:
@@ -385,7 +399,8 @@ class PagePusher:
                 # ENOENT and the like: the kernel has forgotten the inode meanwhile.
                 log.debug("notify_store of inode %d at %d: %s", ino, offset, e)
             else:
-                self.pushed_bytes += len(data)
+                with self._count:  # two threads add: += is not one step
+                    self.pushed_bytes += len(data)
 
 
 _pusher: PagePusher | None = None

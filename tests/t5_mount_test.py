@@ -266,6 +266,42 @@ def test_the_kernel_asks_flush_once_and_every_close_still_succeeds(
         assert "flush" not in errors and requests["fuse_errors"] == 0
 
 
+def test_the_publishers_mount_keeps_re_reads_in_the_page_cache_and_in_step_with_writes(
+    home: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(6).randbytes(3 * MIB + 5)
+    (src / "f").write_bytes(data)
+    run_cli(home, "volume", "create", "tools", check=True)  # this node publishes: writable
+    run_cli(home, "import", str(src), "tools", check=True)
+
+    def reads() -> int:
+        status = json.loads(run_cli(home, "status", "--json", check=True).stdout)
+        return int(status["fuse_requests"]["calls"].get("read", 0))
+
+    with mounted(home, tmp_path / "mnt") as mp:
+        f = mp / "tools" / "f"
+        assert f.read_bytes() == data
+        before = reads()
+        assert f.read_bytes() == data  # a new open keeps the pages: no read reaches us
+        assert reads() == before
+        # Bytes changed through the mount are what every later open reads.
+        with open(f, "r+b") as w:
+            w.seek(MIB)
+            w.write(b"changed in place")
+        changed = data[:MIB] + b"changed in place" + data[MIB + 16 :]
+        assert f.read_bytes() == changed
+        os.truncate(f, 10)
+        assert f.read_bytes() == data[:10]
+        with open(f, "ab") as w:
+            w.write(b"+tail")
+        assert f.read_bytes() == data[:10] + b"+tail"
+    # And after a remount, from the daemon.
+    with mounted(home, tmp_path / "mnt") as mp:
+        assert (mp / "tools" / "f").read_bytes() == data[:10] + b"+tail"
+
+
 def test_mount_errors_are_clear(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -482,7 +482,12 @@ class FileSystem(WritableRouting):
     async def open(self, ino: int, flags: int) -> Opened:
         w = self._w(ino)
         if w is not None:
-            return Opened(await w.open(ino, flags), keep_cache=False)
+            # Every change to a work-tree file's bytes goes through this kernel (writes,
+            # truncation, fallocate, copy_file_range keep its page cache in step), and a
+            # reset to a snapshot made elsewhere gives every file a new inode: the pages
+            # the kernel holds for an inode stay right, and a re-read of a clean file
+            # need not come back through the daemon.
+            return Opened(await w.open(ino, flags), keep_cache=True)
         node = self._node(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)

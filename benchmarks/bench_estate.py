@@ -9,7 +9,7 @@
 2. One peer, unshaped link: a cold read of a 1 GiB file through B's mount from A,
    against curl fetching the same file from nginx on A over the same link (goal
    at least 0.5), and against Syncthing sending it from A to B once A has hashed it
-   (goal at least 1.0; skipped with a note when syncthing is not installed).
+   (goal at least 1.0; a missed row naming why when syncthing is not installed).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,6 @@ class Device:
         for device in (self.device_id, other.device_id):
             ET.SubElement(folder, "device", id=device)
         ET.SubElement(folder, "paused").text = "true" if paused else "false"
-        # Before the first <device>: Syncthing reads the folders wherever they are, but
-        # keeps its own order when it rewrites the file.
         root.insert(0, folder)
         tree.write(path)
 
@@ -151,7 +150,7 @@ class Device:
         return bool(conns.get(other.device_id, {}).get("connected"))
 
 
-def wait_for(what: str, check: Any, timeout: float, interval: float = 0.2) -> None:
+def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:

@@ -316,8 +316,13 @@ class Fetcher:
         # Who is being asked now, since when: said when the fetch gives up on them.
         waiting: dict[str, tuple[float, Connection | None]] = {}
 
+        # Ended by ``finished``, not cancelled: a fetch is a few hundred microseconds of
+        # the event loop, and cancelling a sleeping task (an exception through its
+        # frames) was a fifth of it.
+        finished = trio.Event()
+
         async def watchdog(scope: trio.CancelScope) -> None:
-            while True:
+            while not finished.is_set():
                 quiet_until = max([start, *(c.progress_at for c in asked.values())])
                 quiet_until += self.deadline_s
                 now = trio.current_time()
@@ -327,27 +332,30 @@ class Fetcher:
                     )
                     scope.cancel()
                     return
-                await trio.sleep_until(quiet_until)
+                with trio.move_on_at(quiet_until):
+                    await finished.wait()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog, nursery.cancel_scope)
-            while True:
-                order = [
-                    c
-                    for c in self.candidates(cid, proxy=proxy, origins_only=origins_only)
-                    if c[0].node_id not in tried
-                ]
-                if order:
-                    got = await self._race(cid, order, tried, errors, asked, urgent, waiting)
-                    if got is not None:
-                        nursery.cancel_scope.cancel()
-                        break
-                # Nobody had it (or nobody is connected yet): wait a moment for peers to
-                # appear or reconnect, then ask again the ones not asked yet or all anew.
-                await trio.sleep(0.2)
-                again = self.candidates(cid, proxy=proxy, origins_only=origins_only)
-                if not [c for c in again if c[0].node_id not in tried]:
-                    tried.clear()
+            try:
+                while True:
+                    order = [
+                        c
+                        for c in self.candidates(cid, proxy=proxy, origins_only=origins_only)
+                        if c[0].node_id not in tried
+                    ]
+                    if order:
+                        got = await self._race(cid, order, tried, errors, asked, urgent, waiting)
+                        if got is not None:
+                            break
+                    # Nobody had it (or nobody is connected yet): wait a moment for peers to
+                    # appear or reconnect, then ask again the ones not asked yet or all anew.
+                    await trio.sleep(0.2)
+                    again = self.candidates(cid, proxy=proxy, origins_only=origins_only)
+                    if not [c for c in again if c[0].node_id not in tried]:
+                        tried.clear()
+            finally:
+                finished.set()
         if got is not None:
             data, peer = got
             self._chunks_fetched += 1
@@ -377,10 +385,11 @@ class Fetcher:
         waiting: dict[str, tuple[float, Connection | None]],
     ) -> tuple[bytes, Source] | None:
         result: tuple[bytes, Source] | None = None
+        running = 0  # attempts under way
         async with trio.open_nursery() as nursery:
 
             async def attempt(peer: Source, fetch: bool, ended: trio.Event) -> None:
-                nonlocal result
+                nonlocal result, running
                 who = peer.node_id.hex()[:8] if isinstance(peer, Peer) else peer.label
                 conn = peer.conn if isinstance(peer, Peer) else None
                 waiting[who] = (trio.current_time(), conn)
@@ -396,8 +405,12 @@ class Fetcher:
                 else:
                     if result is None:
                         result = (data, peer)
-                        nursery.cancel_scope.cancel()
+                        # Others still asking are stopped; a lone attempt just ends (the
+                        # loop below sees the result): a cancel costs an exception.
+                        if running > 1:
+                            nursery.cancel_scope.cancel()
                 finally:
+                    running -= 1
                     waiting.pop(who, None)
                     ended.set()
 
@@ -406,6 +419,7 @@ class Fetcher:
                 if i:
                     self._hedged += 1
                 ended = trio.Event()
+                running += 1
                 nursery.start_soon(attempt, peer, fetch, ended)
                 # Move on when this one failed, or hedge when it is slow: slow for this
                 # peer, as a busy link makes every answer slower. But never wait out
@@ -417,6 +431,8 @@ class Fetcher:
                 if not fetch:
                     with trio.move_on_after(min(max(self.hedge_after_s, 4 * peer.latency_s), cap)):
                         await ended.wait()
+                    if result is not None:
+                        break
                     continue
                 # A home is waited for as long as it says it is getting the chunk
                 # (interim answers), and half a deadline of its silence: asking the
@@ -437,6 +453,8 @@ class Fetcher:
                         break
                     with trio.move_on_at(heard + patience):
                         await ended.wait()
+                if result is not None:
+                    break
         return result
 
     def _nobody(self) -> str:

@@ -316,9 +316,9 @@ class Fetcher:
         # Who is being asked now, since when: said when the fetch gives up on them.
         waiting: dict[str, tuple[float, Connection | None]] = {}
 
-        # Ended by ``finished``, not cancelled: a fetch is a few hundred microseconds of
-        # the event loop, and cancelling a sleeping task (an exception through its
-        # frames) was a fifth of it.
+        # Ended by ``finished``, not cancelled: cancelling a sleeping task throws an
+        # exception through its frames, and with the lone attempt below ending without
+        # a cancel too, a fetch's own trio work went from 89 to 56 us a chunk.
         finished = trio.Event()
 
         async def watchdog(scope: trio.CancelScope) -> None:

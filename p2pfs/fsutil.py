@@ -1,4 +1,5 @@
-"""Files and processes, done once: atomic writes, lock files, whether a process lives.
+"""Files and processes, done once: atomic writes, lock files, whether a process lives,
+which file system holds a path.
 
 Everything here blocks (fsync, flock): trio callers run it in a worker thread, or
 accept a short block at start-up where the daemon is not serving yet.
@@ -159,3 +160,33 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+
+
+def filesystem_of(path: Path | str) -> tuple[str, str]:
+    """(type, block device name) of the file system holding ``path``, from
+    /proc/self/mountinfo and /sys/dev/block ("" for a device that has no block device,
+    as tmpfs); ("", "") if the mount is not found."""
+    dev = os.stat(path).st_dev
+    number = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return "", ""
+    for line in lines:
+        fields = line.split()
+        # id parent major:minor root mountpoint options [optional...] - type source ...
+        if len(fields) > 7 and fields[2] == number and "-" in fields[6:]:
+            fstype = fields[fields.index("-", 6) + 1]
+            block = Path(f"/sys/dev/block/{number}")
+            return fstype, block.resolve().name if block.exists() else ""
+    return "", ""
+
+
+def ext4_has_journal(device: str) -> bool | None:
+    """Whether the mounted ext4 on ``device`` (a name as in /sys/fs/ext4) keeps a
+    journal; None when the kernel does not say."""
+    try:
+        task = Path(f"/sys/fs/ext4/{device}/journal_task").read_text().strip()
+    except OSError:
+        return None
+    return task != "<none>"

@@ -262,6 +262,49 @@ def test_doctor_on_a_full_disk(root: None, tmp_path: Path) -> None:
     assert checks["home"]["status"] == "ok"
 
 
+@contextlib.contextmanager
+def ext4(where: Path, *, journal: bool) -> Iterator[Path]:
+    """A small ext4 of its own, with or without a journal, loop-mounted at ``where``."""
+    image = where.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    features = [] if journal else ["-O", "^has_journal"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        image.unlink()
+
+
+def test_doctor_warns_of_a_store_that_forgets_its_pins_or_crawls(
+    root: None, tmp_path: Path
+) -> None:
+    found = {}
+    for kind in ("ext4", "ext4-nojournal", "tmpfs"):
+        where = tmp_path / kind
+        with (
+            tmpfs(where, "64m") if kind == "tmpfs" else ext4(where, journal=kind == "ext4")
+        ) as disk:
+            home = disk / "home"
+            run_cli(home, "init", check=True)
+            _, checks = doctor(home)
+        found[kind] = checks["store-fs"]
+    assert found["ext4"]["status"] == "ok", found["ext4"]
+    assert "the store is on ext4" in found["ext4"]["detail"]
+    bare = found["ext4-nojournal"]
+    assert bare["status"] == "warn", bare
+    assert bare["ok"]  # a warning: the node works, slower
+    assert "ext4 without a journal (/dev/loop" in bare["detail"]
+    assert "tune2fs -O has_journal /dev/loop" in bare["fix"]
+    memory = found["tmpfs"]
+    assert memory["status"] == "warn", memory
+    assert "every pinned file are gone at the next reboot" in memory["detail"]
+
+
 def expire_node_cert(home: Path) -> datetime.datetime:
     """Replace the node certificate by the same one, re-signed by the estate CA with its
     validity wholly in the past."""

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from p2pfs import config as config_mod
 from p2pfs.chunking import chunker
 from p2pfs.errors import NotRunning, P2pfsError
+from p2pfs.fsutil import ext4_has_journal, filesystem_of
 from p2pfs.home import Home
 from p2pfs.sizes import format_size
 from p2pfs.trust.certs import CLOCK_SKEW, EXPIRY_WARNING, utc_now
@@ -344,6 +345,33 @@ def check_free_space(setup: Setup, daemon: DaemonView) -> Check:
     return Check(name, "ok", f"{facts}{quota}")
 
 
+def check_store_filesystem(setup: Setup, daemon: DaemonView) -> Check:
+    name = "store-fs"
+    home = setup.home
+    where = home.store_dir if home.store_dir.exists() else home.root
+    fstype, device = filesystem_of(where)
+    if fstype == "tmpfs":
+        return Check(
+            name,
+            "warn",
+            f"the store is on tmpfs ({where}): the cache and every pinned file are gone at "
+            "the next reboot",
+            f"move {home.root} to a disk (--home or P2PFS_HOME) to keep pins for offline use",
+        )
+    if fstype == "ext4" and ext4_has_journal(device) is False:
+        # (docs/performance.md) The store makes a file per chunk and its quota deletes them.
+        return Check(
+            name,
+            "warn",
+            f"the store is on an ext4 without a journal (/dev/{device}): each file created "
+            "there passes over every inode freed in the last minutes, one by one, so caching "
+            "and imports slow down while the cache evicts",
+            f"add a journal ('tune2fs -O has_journal /dev/{device}' while it is unmounted) "
+            f"or move {home.root} to another file system",
+        )
+    return Check(name, "ok", f"the store is on {fstype or 'an unknown file system'} ({where})")
+
+
 # -- the estate -----------------------------------------------------------------------
 
 
@@ -595,6 +623,7 @@ CHECKS: tuple[tuple[str, Callable[[Setup, DaemonView], Check]], ...] = (
     ("mountpoint", check_mountpoint),
     ("home", check_home),
     ("free-space", check_free_space),
+    ("store-fs", check_store_filesystem),
     ("clock", check_clock),
     ("certificate", check_certificate),
     ("mdns", check_mdns),

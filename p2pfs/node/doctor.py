@@ -359,7 +359,6 @@ def check_store_filesystem(setup: Setup, daemon: DaemonView) -> Check:
             f"move {home.root} to a disk (--home or P2PFS_HOME) to keep pins for offline use",
         )
     if fstype == "ext4" and ext4_has_journal(device) is False:
-        # (docs/performance.md) The store makes a file per chunk and its quota deletes them.
         return Check(
             name,
             "warn",

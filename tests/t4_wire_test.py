@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import struct
@@ -139,6 +140,64 @@ async def test_many_requests_in_flight_both_ways() -> None:
         with pytest.raises(PeerUnavailable):
             await a.request(messages.get(b"y" * 32), within=10)
         nursery.cancel_scope.cancel()
+
+
+class _GatedStream(trio.abc.Stream):
+    """Records each write; the first waits for ``gate`` (a link busy with a bulk frame)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.gate = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.writes:
+            self.writes.append(bytes(data))
+            await self.gate.wait()
+        else:
+            self.writes.append(bytes(data))
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_small_urgent_frames_queued_together_leave_in_one_write() -> None:
+    stream = _GatedStream()
+    conn = Connection(stream, b"B" * 16, on_request=_echo_request, on_notice=_ignore)
+    sent: list[int] = []
+
+    async def small(i: int, scope: trio.CancelScope) -> None:
+        with scope:
+            await conn.send({"t": "ping", "id": i})
+            sent.append(i)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(conn.send, {"t": "answer", "id": 99}, b"x" * 100_000, urgent=False)
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        scopes = [trio.CancelScope() for _ in range(6)]
+        for i, scope in enumerate(scopes):
+            nursery.start_soon(small, i, scope)
+            await trio.testing.wait_all_tasks_blocked()
+        # The one that leads the batch and one that follows give up before it leaves:
+        # their frames stay home, and the lead passes to another.
+        scopes[0].cancel()
+        scopes[3].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        stream.gate.set()
+    assert sorted(sent) == [1, 2, 4, 5]
+    assert len(stream.writes) == 2  # the bulk frame, then every small one in one write
+    frames = wire.Decoder().feed(stream.writes[1])
+    assert [h["id"] for h, _ in frames] == [1, 2, 4, 5]
+    assert conn.statistics().frames_out == 5
 
 
 async def test_garbage_closes_only_that_connection() -> None:

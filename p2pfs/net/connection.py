@@ -16,7 +16,8 @@ silent one fails as fast as before.
 Frames go out one at a time, urgent ones first: requests, notices and the answers
 to requests marked urgent (the chunk an application is blocked on) pass answers
 queued for readahead, so a reader waiting on one chunk does not wait behind a
-window of chunks it asked for ahead.
+window of chunks it asked for ahead. Small urgent frames queued together leave in one
+write (COMBINE_BYTES).
 
 Any protocol violation closes this connection only (and ``broke_protocol`` says
 so, for the node to back the peer off).
@@ -46,6 +47,11 @@ from .rpc import FrameReader, Pending
 log = logging.getLogger(__name__)
 
 FRAME_TIMEOUT = 30.0
+# Urgent frames this small (requests, pings, notices, short answers) sent while the
+# queue is busy, or in the same scheduling round, go out in one write: a readahead asks
+# for several chunks at once, and on a busy link each write is a system call and a
+# packet the peer wakes for. Bulk chunk answers are far larger and go alone.
+COMBINE_BYTES = 16 * 1024
 
 
 class PeerUnavailable(P2pfsError):
@@ -102,6 +108,34 @@ class SendQueue:
         self._busy = False
 
 
+class _Batch:
+    """Small urgent frames that leave in one write (see Connection._send_combined)."""
+
+    __slots__ = ("changed", "done", "error", "frames", "led", "taken")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.led = False  # a member waits for the send queue on the batch's behalf
+        self.taken = False  # its leader holds the queue: no frame joins or leaves now
+        self.done = False
+        self.error: PeerUnavailable | None = None
+        self.changed = trio.Event()
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+    def withdraw(self, frame: bytes, conn: Connection) -> None:
+        if self.taken:
+            return  # it leaves (or left) with the others
+        for i, f in enumerate(self.frames):
+            if f is frame:
+                del self.frames[i]
+                break
+        if not self.frames and conn._batch is self:
+            conn._batch = None
+
+
 class Connection:
     def __init__(
         self,
@@ -130,6 +164,7 @@ class Connection:
         self.close_reason = ""
         self.broke_protocol = False
         self._send_queue = SendQueue()
+        self._batch: _Batch | None = None  # small urgent frames waiting to go out together
         self.sending = 0  # sends under way (blocked on a full socket buffer, perhaps)
         self._pending = Pending()
         self._frames_out = self._bytes_out = 0
@@ -178,28 +213,77 @@ class Connection:
         frame = wire.encode(header, payload)
         if self.closed.is_set():
             raise PeerUnavailable(f"connection to {self.peer_id.hex()} is closed")
+        if urgent and len(frame) <= COMBINE_BYTES:
+            await self._send_combined(frame)
+            return
+        async with self._send_queue.hold(urgent):
+            await self._transmit(frame, 1)
+
+    async def _send_combined(self, frame: bytes) -> None:
+        """Send a small urgent frame with the others queued meanwhile, in one write.
+
+        The first of a batch waits for the send queue; frames sent until it gets its
+        turn join the batch. A sender cancelled before the batch left takes its frame
+        back out (and, if it led, hands the lead to another member).
+        """
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+        batch.frames.append(frame)
+        while not batch.done:
+            if not batch.led:
+                await self._lead(batch, frame)
+                return
+            changed = batch.changed
+            try:
+                await changed.wait()
+            except BaseException:
+                batch.withdraw(frame, self)
+                raise
+        if batch.error is not None:
+            raise PeerUnavailable(str(batch.error))
+
+    async def _lead(self, batch: _Batch, frame: bytes) -> None:
+        batch.led = True
         try:
-            async with self._send_queue.hold(urgent):
-                self.sending += 1
-                # A frame once begun is finished even if its sender is cancelled (a
-                # hedged request that lost its race): half a frame would break the
-                # stream for everyone. A frame that cannot leave in time closes it.
-                try:
-                    with (
-                        trio.CancelScope(shield=True),
-                        trio.move_on_after(self.frame_timeout) as sent,
-                    ):
-                        await self.stream.send_all(frame)
-                finally:
-                    self.sending -= 1
-                if sent.cancelled_caught:
-                    self._abort(f"a frame could not be sent within {self.frame_timeout:g} s")
-                    raise PeerUnavailable(f"connection to {self.peer_id.hex()} is stuck")
+            async with self._send_queue.hold(True):
+                # Ours now: later frames start the next batch.
+                if self._batch is batch:
+                    self._batch = None
+                batch.taken = True
+                await self._transmit(b"".join(batch.frames), len(batch.frames))
+        except PeerUnavailable as e:
+            batch.error = e
+            raise
+        except BaseException:
+            if not batch.taken:
+                batch.led = False
+                batch.withdraw(frame, self)
+            raise
+        finally:
+            if batch.taken:
+                batch.done = True
+            batch.wake()
+
+    async def _transmit(self, data: bytes, frames: int) -> None:
+        """Write ``data`` (whole frames) while holding the send queue."""
+        self.sending += 1
+        try:
+            # A frame once begun is finished even if its sender is cancelled (a hedged
+            # request that lost its race): half a frame would break the stream for
+            # everyone. A frame that cannot leave in time closes it.
+            with trio.CancelScope(shield=True), trio.move_on_after(self.frame_timeout) as sent:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._close(f"send failed: {e}")
             raise PeerUnavailable(f"connection to {self.peer_id.hex()} broke") from None
-        self._frames_out += 1
-        self._bytes_out += len(frame)
+        finally:
+            self.sending -= 1
+        if sent.cancelled_caught:
+            self._abort(f"a frame could not be sent within {self.frame_timeout:g} s")
+            raise PeerUnavailable(f"connection to {self.peer_id.hex()} is stuck")
+        self._frames_out += frames
+        self._bytes_out += len(data)
 
     async def request(
         self, header: dict[str, Any], *, within: float, payload: bytes = b""

@@ -8,6 +8,7 @@ fast this machine is. The same behaviour over real shaped links is in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from p2pfs.net import messages
 from p2pfs.net.connection import Connection, PeerUnavailable, SendQueue
 from p2pfs.net.fetcher import Fetcher
 from p2pfs.net.peers import Peer, PeerTable
+from p2pfs.store.cas import Store
 
 pytestmark = pytest.mark.unit
 
@@ -242,3 +244,70 @@ async def test_a_peer_slow_on_a_busy_link_is_hedged_before_the_deadline(
         nursery.cancel_scope.cancel()
     assert data == CHUNKS[cid] and who is good
     assert fetcher.statistics().hedged_requests == 1
+
+
+async def test_a_readers_fetch_returns_before_the_store_write_and_a_second_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """A reader's fetch (``wait_stored=False``) hands back its verified chunk while the
+    store is still busy; a second fetch of the chunk asks no peer again: it waits for
+    the write and reads the chunk from the store. A pin's fetch waits for its write."""
+    asked: list[bytes] = []
+
+    async def counting(conn: Connection, header: dict[str, Any], payload: bytes) -> Any:
+        if header["t"] == "get":
+            asked.append(messages.parse_get(header))
+        return await _serve(conn, header, payload)
+
+    a, b = trio.testing.memory_stream_pair()
+    client = Connection(a, b"S" * 16, on_request=_serve, on_notice=_quiet)
+    server = Connection(b, b"C" * 16, on_request=counting, on_notice=_quiet)
+    table = PeerTable()
+    table.get(b"S" * 16).conns.append(client)
+    first, second = list(CHUNKS)[:2]
+    with Store(tmp_path / "store") as store:
+
+        class NoQuarantine:
+            def quarantine(self, peer: Peer, reason: str) -> None:
+                raise AssertionError(reason)
+
+        fetcher = Fetcher(b"M" * 16, table, NoQuarantine(), deadline_s=10.0, store=store)
+        got: dict[str, bytes] = {}
+
+        async def fetch(name: str, cid: bytes, wait_stored: bool) -> None:
+            got[name] = await fetcher.fetch_into_store(cid, wait_stored=wait_stored)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            nursery.start_soon(server.run)
+            await nursery.start(fetcher.run)
+            store._lock.acquire()  # the store is busy: no chunk file can be renamed in
+            locked = True
+
+            def unlock() -> None:
+                nonlocal locked
+                if locked:
+                    locked = False
+                    store._lock.release()  # on the trio thread, which holds it
+
+            async def at_the_latest() -> None:  # a fetch that waits fails, not hangs
+                await trio.sleep(5)
+                unlock()
+
+            nursery.start_soon(at_the_latest)
+            try:
+                data = await fetcher.fetch_into_store(first, wait_stored=False)
+                assert locked, "the reader's fetch waited for the store"
+                assert data == CHUNKS[first] and not store.has(first)
+                async with trio.open_nursery() as both:
+                    both.start_soon(fetch, "again", first, False)
+                    both.start_soon(fetch, "pin", second, True)
+                    await trio.sleep(0.3)
+                    assert got == {}  # both wait for the store
+                    unlock()
+            finally:
+                unlock()
+            nursery.cancel_scope.cancel()
+        assert got == {"again": CHUNKS[first], "pin": CHUNKS[second]}
+        assert store.has(first) and store.has(second)
+        assert asked == [first, second]  # the second read of ``first`` asked nobody

@@ -5,8 +5,9 @@ reservation, a temp file, a rename and an index transaction each, and a thread
 handoff): on a fast link that was a third of a peer read's CPU. Chunks that
 arrive while a batch is being written wait for the next one, which then takes
 them all with one reservation and one index transaction (``Store.put_many``). A
-fetch still returns only once its chunk is stored (or could not be), so a second
-reader that waited for the fetch finds it in the store.
+reader's fetch does not wait for its batch (``Fetcher.fetch_into_store``), but the
+chunk stays in flight until it is stored (or could not be), so a second reader that
+waits for the fetch finds it in the store.
 
 The bytes are verified by the fetcher before they get here; nothing is fsynced
 (see ``Store.put``: peers and origins still hold what a power cut tears).

@@ -18,7 +18,10 @@ urgent, so the peer sends that answer ahead of readahead queued before it.
 the local store. Our own reads and peers that made us a chunk's home share one
 fetch per chunk: a second fetch of a chunk already on its way would cost the origin
 a copy. (Concurrent reads through the mount already share one load in
-``content.ChunkCache``; this is the network's side of it.)
+``content.ChunkCache``; this is the network's side of it.) A reader's fetch
+(``wait_stored=False``) returns as soon as its chunk is verified; the store write
+goes on in ``run``'s nursery, and the chunk stays in flight until it is stored, so a
+second fetch of it waits and then finds it in the store. Pins wait for the write.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class Fetcher:
         # The object-storage and HTTP origins of the volumes we hold (set by the daemon).
         self.sources: list[ObjectSource] = []
         self._inflight: dict[bytes, trio.Event] = {}
+        self._behind: trio.Nursery | None = None  # store writes readers do not wait for
         self._watching: dict[bytes, dict[int, Progressing]] = {}  # what each inflight asked
         self._recent: deque[tuple[float, int]] = deque()  # (when, bytes) of recent answers
         self._recent_bytes = 0  # their sum: rate() runs on every read, so it must be O(1)
@@ -185,6 +189,16 @@ class Fetcher:
         while recent and (recent[0][0] < when or len(recent) > MAX_RECENT):
             self._recent_bytes -= recent.popleft()[1]
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the store writes of fetches that returned before them, until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._behind = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._behind = None
+
     async def fetch_into_store(
         self,
         cid: bytes,
@@ -192,6 +206,7 @@ class Fetcher:
         proxy: bool = True,
         origins_only: bool = False,
         urgent: bool = False,
+        wait_stored: bool = True,
         asked: dict[int, Progressing] | None = None,
     ) -> bytes:
         """A chunk or object the store lacks: fetched verified, stored, then returned.
@@ -199,7 +214,8 @@ class Fetcher:
         ``proxy=False`` when a peer made us the chunk's home (see ``fetch``);
         ``origins_only`` when nothing we follow vouches for the id: then only the
         publishers of what we follow are asked, so a peer cannot make us store bytes of
-        its own choosing by serving them itself (cache stuffing).
+        its own choosing by serving them itself (cache stuffing). ``wait_stored=False``
+        (a reader's fetch): returned once verified, stored behind (while ``run`` runs).
         """
         assert self.store is not None and self._writer is not None
         store = self.store
@@ -214,22 +230,44 @@ class Fetcher:
         event = self._inflight[cid] = trio.Event()
         asked = {} if asked is None else asked
         self._watching[cid] = asked
+        behind = False
         try:
             data, _peer = await self.fetch(
                 cid, proxy=proxy, origins_only=origins_only, urgent=urgent, asked=asked
             )
-            try:
-                await self._writer.put(cid, data)
-            except (QuotaExceeded, NotCached) as e:
-                # Everything stored is pinned or in use: serve the read from memory, uncached.
-                log.debug("not caching %s: %s", cid.hex(), e)
+            if not wait_stored and self._behind is not None:
+                # The reader has its verified bytes; the store write costs it nothing.
+                self._behind.start_soon(self._store_behind, cid, data, event)
+                behind = True
             else:
-                self.on_stored()
+                await self._store(cid, data)
             return data
         finally:
-            del self._inflight[cid]
-            self._watching.pop(cid, None)
-            event.set()
+            if not behind:
+                self._landed(cid, event)
+
+    async def _store(self, cid: bytes, data: bytes) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.put(cid, data)
+        except (QuotaExceeded, NotCached) as e:
+            # Everything stored is pinned or in use: serve the read from memory, uncached.
+            log.debug("not caching %s: %s", cid.hex(), e)
+        else:
+            self.on_stored()
+
+    async def _store_behind(self, cid: bytes, data: bytes, event: trio.Event) -> None:
+        try:
+            await self._store(cid, data)
+        except P2pfsError as e:  # its reader was served; the next read fetches again
+            log.warning("could not cache chunk %s: %s", cid.hex(), e)
+        finally:
+            self._landed(cid, event)
+
+    def _landed(self, cid: bytes, event: trio.Event) -> None:
+        del self._inflight[cid]
+        self._watching.pop(cid, None)
+        event.set()
 
     async def fetch_for_peer(
         self, conn: Connection, rid: int, header: dict[str, Any], *, origins_only: bool

@@ -153,6 +153,7 @@ class Network:
         self._networks = await trio.to_thread.run_sync(local_ipv4_networks)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.fetcher.run)
             nursery.start_soon(trio.serve_listeners, self._accept, listeners)
             if self.config.discovery:
                 discovery = Discovery(self.node_id, self.estate.estate_id, self.port)

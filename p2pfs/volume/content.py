@@ -43,7 +43,9 @@ BatchLoader = Callable[[list[bytes]], Awaitable[list[bytes | BaseException]]]
 # Fetches verified bytes the local store lacks (from peers or the origin); ``urgent``
 # when a reader is blocked on them (readahead and pins are not).
 class RemoteLoader(Protocol):
-    def __call__(self, cid: bytes, *, urgent: bool = ...) -> Awaitable[bytes]: ...
+    def __call__(
+        self, cid: bytes, *, urgent: bool = ..., wait_stored: bool = ...
+    ) -> Awaitable[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -306,23 +308,26 @@ class Content:
     def statistics(self) -> ContentStats:
         return ContentStats(self.bytes_from_local, self.chunks.statistics())
 
-    async def load_stored(self, cid: bytes, *, urgent: bool = False) -> bytes:
+    async def load_stored(
+        self, cid: bytes, *, urgent: bool = False, wait_stored: bool = True
+    ) -> bytes:
         """Verified stored bytes of ``cid`` (a plain id): from the local store, else
-        (missing or corrupt here) from the network. Never opened: what pins fetch."""
+        (missing or corrupt here) from the network. Never opened: what pins fetch.
+        ``wait_stored=False``: a fetched chunk is returned before it is stored (a read)."""
         try:
             # Store.get hashes what it read and quarantines a mismatch.
             data = await trio.to_thread.run_sync(self.store.get, cid, limiter=self.limiter)
         except (MissingChunk, CorruptChunk):
             if self.remote is None:
                 raise
-            return await self.remote(cid, urgent=urgent)
+            return await self.remote(cid, urgent=urgent, wait_stored=wait_stored)
         self.bytes_from_local += len(data)
         return data
 
     async def load_chunk(self, ref: bytes) -> bytes:
         """The verified plaintext of a chunk or object by its ref."""
         if not is_sealed(ref):
-            return await self.load_stored(ref, urgent=True)
+            return await self.load_stored(ref, urgent=True, wait_stored=False)
         sid = stored_id(ref)
 
         def read_open() -> tuple[bytes, int] | None:
@@ -338,7 +343,7 @@ class Content:
             return found[0]
         if self.remote is None:
             raise MissingChunk(f"chunk {sid.hex()} is not here")
-        data = await self.remote(sid, urgent=True)
+        data = await self.remote(sid, urgent=True, wait_stored=False)
         return await trio.to_thread.run_sync(unseal, ref, data, limiter=self.limiter)
 
     async def load_chunks(self, cids: list[bytes]) -> list[bytes | BaseException]:
@@ -364,7 +369,7 @@ class Content:
 
             async def fetch(i: int) -> None:
                 try:
-                    data = await remote(stored_id(cids[i]))
+                    data = await remote(stored_id(cids[i]), wait_stored=False)
                     if is_sealed(cids[i]):
                         data = await trio.to_thread.run_sync(
                             unseal, cids[i], data, limiter=self.limiter

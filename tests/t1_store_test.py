@@ -49,6 +49,37 @@ def test_put_get_has(store: Store) -> None:
     assert list((store.root / "tmp").iterdir()) == []
 
 
+def test_a_miss_does_not_wait_for_a_batch_being_renamed_in(store: Store) -> None:
+    """A cold read checks the store before it fetches each chunk; while a batch of
+    fetched chunks holds the store's lock, those checks must not queue behind it. An
+    indexed chunk whose file is gone still waits, so a put renaming it in is seen."""
+    absent, _ = chunk(1)
+    gone, data = chunk(2)
+    store.put(gone, data)
+    os.unlink(store._file_of(gone))
+    outcome: dict[str, BaseException] = {}
+
+    def get(cid: bytes, name: str) -> None:
+        try:
+            store.get(cid)
+        except BaseException as e:
+            outcome[name] = e
+
+    with store._lock:  # a batch being renamed in
+        quick = threading.Thread(target=get, args=(absent, "absent"))
+        quick.start()
+        quick.join(timeout=10)
+        assert not quick.is_alive(), "a miss waited for the store's lock"
+        held = threading.Thread(target=get, args=(gone, "gone"))
+        held.start()
+        held.join(timeout=0.3)
+        assert held.is_alive()  # an indexed chunk's miss waits for the lock
+    held.join(timeout=10)
+    assert isinstance(outcome["absent"], MissingChunk)
+    assert isinstance(outcome["gone"], MissingChunk)
+    assert not store.index.has_chunk(gone)  # its stale row went
+
+
 def test_wrong_id_is_refused(store: Store) -> None:
     cid, data = chunk(1)
     other, _ = chunk(2)

@@ -594,7 +594,11 @@ class Store(FsckMixin):
                 data = f.read()
         except FileNotFoundError:
             # Under the lock: a put renames and indexes as one step, so a file that
-            # appeared since our open is seen here and its fresh row is kept.
+            # appeared since our open is seen here and its fresh row is kept. A chunk
+            # with no row (a cold read's every miss) skips the lock, which a batch of
+            # fetched chunks holds while it is renamed in.
+            if not self.index.has_chunk(cid):
+                raise MissingChunk(f"chunk {cid.hex()} is not in the local store") from None
             with self._lock:
                 if not os.path.exists(path) and self.index.has_chunk(cid):
                     log.warning("chunk %s is indexed but its file is gone", cid.hex())

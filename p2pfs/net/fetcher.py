@@ -259,7 +259,7 @@ class Fetcher:
     async def _store_behind(self, cid: bytes, data: bytes, event: trio.Event) -> None:
         try:
             await self._store(cid, data)
-        except P2pfsError as e:  # its reader was served; the next read fetches again
+        except Exception as e:  # an OSError too: its reader was served, the network stays up
             log.warning("could not cache chunk %s: %s", cid.hex(), e)
         finally:
             self._landed(cid, event)

@@ -157,12 +157,12 @@ async def test_send_queue_hands_over_urgent_first_and_survives_cancellation() ->
         pass
 
 
-def _fetcher(table: PeerTable, deadline_s: float) -> Fetcher:
+def _fetcher(table: PeerTable, deadline_s: float, store: Store | None = None) -> Fetcher:
     class NoQuarantine:
         def quarantine(self, peer: Peer, reason: str) -> None:
             raise AssertionError(reason)
 
-    return Fetcher(b"M" * 16, table, NoQuarantine(), deadline_s=deadline_s)
+    return Fetcher(b"M" * 16, table, NoQuarantine(), deadline_s=deadline_s, store=store)
 
 
 async def test_a_fetch_over_a_slow_peer_finishes_and_one_with_nobody_fails_in_time(
@@ -266,12 +266,7 @@ async def test_a_readers_fetch_returns_before_the_store_write_and_a_second_waits
     table.get(b"S" * 16).conns.append(client)
     first, second = list(CHUNKS)[:2]
     with Store(tmp_path / "store") as store:
-
-        class NoQuarantine:
-            def quarantine(self, peer: Peer, reason: str) -> None:
-                raise AssertionError(reason)
-
-        fetcher = Fetcher(b"M" * 16, table, NoQuarantine(), deadline_s=10.0, store=store)
+        fetcher = _fetcher(table, deadline_s=10.0, store=store)
         got: dict[str, bytes] = {}
 
         async def fetch(name: str, cid: bytes, wait_stored: bool) -> None:
